@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each prints figures and writes them to bench/results/."""

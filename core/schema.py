@@ -1,0 +1,211 @@
+"""Database tables (SQLAlchemy Core). Migrations in migrations/ create exactly these."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+metadata = MetaData()
+
+
+def _created() -> Column:
+    return Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+# Job statuses; terminal ones never change again.
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", String(40), primary_key=True),  # "ten_<hex>"
+    Column("name", String(200), nullable=False, unique=True),
+    Column("webhook_secret", String(200), nullable=False),  # whsec_...
+    Column("webhook_secret_previous", String(200)),  # still signs until the overlap ends
+    Column("webhook_secret_previous_expires_at", DateTime(timezone=True)),
+    _created(),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),  # sha256 hex of the full key
+    Column("prefix", String(16), nullable=False),  # first characters, for display
+    Column("scopes", ARRAY(String(20)), nullable=False),  # submit, read, admin
+    _created(),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("object_key", Text, nullable=False),
+    Column("content_type", String(100), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    _created(),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("webhook_url", Text),
+    Column("webhook_events", ARRAY(String(40))),  # None: the default set
+    Column("total_jobs", Integer, nullable=False),
+    Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
+    _created(),
+    Column("completed_at", DateTime(timezone=True)),  # set once, when the last job ends
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(40), primary_key=True),  # "job_<hex>"
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("batch_id", String(40), ForeignKey("batches.id", ondelete="CASCADE")),
+    Column("custom_id", String(200)),
+    Column("task", String(20), nullable=False),  # generate | edit | understand
+    Column("prompt", Text, nullable=False),  # the prompt (generate) or instruction (edit, understand)
+    Column("upload_id", String(40), ForeignKey("uploads.id")),
+    Column("params", JSONB, nullable=False),  # normalised: width, height, steps, cfg_scale, guidance, seed, ...
+    Column("bucket", String(200), nullable=False),  # jobs of one bucket can share a model call
+    Column("priority", Integer, nullable=False, server_default=text("0")),  # higher first
+    Column("status", String(20), nullable=False, server_default=text("'queued'")),
+    Column("stage", String(40), nullable=False, server_default=text("'queued'")),
+    Column("step", Integer),
+    Column("total_steps", Integer),
+    Column("progress", Float, nullable=False, server_default=text("0")),
+    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    Column("lease_owner", String(200)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
+    Column("error_code", String(60)),
+    Column("error_message", Text),
+    Column("provenance", JSONB),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("webhook_url", Text),
+    Column("webhook_events", ARRAY(String(40))),
+    _created(),
+    Column("enqueued_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("batch_id", "custom_id", name="uq_jobs_batch_custom_id"),
+)
+# The claim query: queued jobs of a bucket by priority then age.
+Index("ix_jobs_claim", jobs.c.status, jobs.c.task, jobs.c.bucket, jobs.c.priority.desc(), jobs.c.created_at)
+Index("ix_jobs_tenant_created", jobs.c.tenant_id, jobs.c.created_at, jobs.c.id)
+Index("ix_jobs_batch", jobs.c.batch_id, jobs.c.status)
+Index("ix_jobs_lease", jobs.c.status, jobs.c.lease_expires_at)
+
+results = Table(
+    "results",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, unique=True),
+    Column("kind", String(10), nullable=False),  # image | text
+    Column("object_key", Text),
+    Column("content_type", String(100)),
+    Column("size_bytes", BigInteger),
+    Column("sha256", String(64)),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("text", Text),
+    _created(),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),  # sha256 of method, path and body
+    Column("response_status", Integer),  # None while the first request is still being served
+    Column("response_body", JSONB),
+    _created(),
+)
+
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("disabled_at", DateTime(timezone=True)),
+    Column("disabled_reason", Text),
+    _created(),
+    UniqueConstraint("tenant_id", "url", name="uq_webhook_endpoints_tenant_url"),
+)
+
+# The outbox: one row per event, written in the same transaction as the state change it announces.
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", String(40), primary_key=True),  # "msg_<hex>": the webhook-id header, stable across retries
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("type", String(40), nullable=False),
+    Column("payload", JSONB, nullable=False),  # {type, timestamp, data}
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE")),
+    Column("batch_id", String(40), ForeignKey("batches.id", ondelete="CASCADE")),
+    _created(),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("event_id", String(40), ForeignKey("webhook_events.id", ondelete="CASCADE"), nullable=False),
+    Column("endpoint_id", String(40), ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False),
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("job_id", String(40)),
+    Column("status", String(20), nullable=False, server_default=text("'pending'")),  # pending|succeeded|dead|refused|disabled
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("locked_until", DateTime(timezone=True)),
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    _created(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("delivered_at", DateTime(timezone=True)),
+)
+Index("ix_webhook_deliveries_due", webhook_deliveries.c.status, webhook_deliveries.c.next_attempt_at)
+Index("ix_webhook_deliveries_job", webhook_deliveries.c.tenant_id, webhook_deliveries.c.job_id)
+
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(40), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("status_code", Integer),
+    Column("latency_ms", Float),
+    Column("error", Text),
+    Column("response_excerpt", Text),
+)

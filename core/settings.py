@@ -1,0 +1,154 @@
+"""Every environment variable the service reads, read in one place into one frozen Settings object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+TASKS = ("generate", "edit", "understand")
+
+
+def _bool(value: str | None, default: bool = False) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service configuration. Build it with `Settings.from_env()`; tests build it directly."""
+
+    # infrastructure (None means "not configured": `nexusgen up` starts an embedded server)
+    database_url: str | None = None
+    broker_url: str | None = None
+    result_backend: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = "nexusgen"
+    s3_region: str = "us-east-1"
+    # model workers
+    model_dir: str | None = None
+    device: str = "cpu"
+    engine: str = "torch"
+    dtype: str | None = None  # None: bf16 on cuda, fp32 on cpu
+    max_batch: int = 8
+    tasks: tuple[str, ...] = TASKS
+    prefix_mode: str = "natural"  # natural | forced (forced for the tiny random checkpoint)
+    batch_window_s: float = 0.2  # how long a worker waits for batch mates after the first job
+    lease_s: float = 120.0
+    heartbeat_s: float = 10.0
+    max_attempts: int = 3
+    sweep_interval_s: float = 15.0
+    requeue_after_s: float = 30.0  # queued jobs older than this with no claim are re-published
+    progress_interval_s: float = 0.3
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    public_base_url: str = "http://127.0.0.1:8080"
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_prompt_chars: int = 4000
+    max_batch_jobs: int = 50_000
+    presign_ttl_s: int = 3600
+    idempotency_ttl_s: int = 24 * 3600
+    # webhooks
+    webhook_allow_private_networks: bool = False
+    webhook_timeout_s: float = 10.0
+    webhook_retry_schedule_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000, 36000, 36000, 36000, 36000, 36000)
+    # local state for the embedded default
+    state_dir: Path = field(default_factory=lambda: Path(".nexusgen"))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the environment (design.md, Settings) into a Settings object."""
+        env = os.environ if environ is None else environ
+        tasks = tuple(t.strip() for t in env.get("NEXUSGEN_TASKS", ",".join(TASKS)).split(",") if t.strip())
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"NEXUSGEN_TASKS has unknown tasks {unknown}; choose from {list(TASKS)}")
+        schedule = env.get("WEBHOOK_RETRY_SCHEDULE")
+        engine = env.get("NEXUSGEN_ENGINE", "torch")
+        if engine not in ("torch", "deepspeed"):
+            raise ValueError(f"NEXUSGEN_ENGINE must be torch or deepspeed, got {engine!r}")
+        prefix_mode = env.get("NEXUSGEN_PREFIX_MODE", "natural")
+        if prefix_mode not in ("natural", "forced"):
+            raise ValueError(f"NEXUSGEN_PREFIX_MODE must be natural or forced, got {prefix_mode!r}")
+        api_port = _int(env, "NEXUSGEN_API_PORT", 8080)
+        api_host = env.get("NEXUSGEN_API_HOST", "127.0.0.1")
+        return cls(
+            database_url=env.get("DATABASE_URL") or None,
+            broker_url=env.get("CELERY_BROKER_URL") or None,
+            result_backend=env.get("CELERY_RESULT_BACKEND") or None,
+            s3_endpoint_url=env.get("S3_ENDPOINT_URL") or None,
+            s3_access_key=env.get("S3_ACCESS_KEY", ""),
+            s3_secret_key=env.get("S3_SECRET_KEY", ""),
+            s3_bucket=env.get("S3_BUCKET", "nexusgen"),
+            s3_region=env.get("S3_REGION", "us-east-1"),
+            model_dir=env.get("NEXUSGEN_MODEL_DIR") or None,
+            device=env.get("NEXUSGEN_DEVICE", "cpu"),
+            engine=engine,
+            dtype=env.get("NEXUSGEN_DTYPE") or None,
+            max_batch=_int(env, "NEXUSGEN_MAX_BATCH", 8),
+            tasks=tasks,
+            prefix_mode=prefix_mode,
+            batch_window_s=_float(env, "NEXUSGEN_BATCH_WINDOW_S", 0.2),
+            lease_s=_float(env, "NEXUSGEN_LEASE_S", 120.0),
+            heartbeat_s=_float(env, "NEXUSGEN_HEARTBEAT_S", 10.0),
+            max_attempts=_int(env, "NEXUSGEN_MAX_ATTEMPTS", 3),
+            sweep_interval_s=_float(env, "NEXUSGEN_SWEEP_INTERVAL_S", 15.0),
+            requeue_after_s=_float(env, "NEXUSGEN_REQUEUE_AFTER_S", 30.0),
+            progress_interval_s=_float(env, "NEXUSGEN_PROGRESS_INTERVAL_S", 0.3),
+            api_host=api_host,
+            api_port=api_port,
+            public_base_url=env.get("NEXUSGEN_PUBLIC_URL", f"http://{api_host}:{api_port}"),
+            max_body_bytes=_int(env, "NEXUSGEN_MAX_BODY_BYTES", 64 * 1024 * 1024),
+            max_upload_bytes=_int(env, "NEXUSGEN_MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
+            max_image_pixels=_int(env, "NEXUSGEN_MAX_IMAGE_PIXELS", 40_000_000),
+            max_prompt_chars=_int(env, "NEXUSGEN_MAX_PROMPT_CHARS", 4000),
+            max_batch_jobs=_int(env, "NEXUSGEN_MAX_BATCH_JOBS", 50_000),
+            presign_ttl_s=_int(env, "NEXUSGEN_PRESIGN_TTL_S", 3600),
+            idempotency_ttl_s=_int(env, "NEXUSGEN_IDEMPOTENCY_TTL_S", 24 * 3600),
+            webhook_allow_private_networks=_bool(env.get("WEBHOOK_ALLOW_PRIVATE_NETWORKS")),
+            webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", 10.0),
+            webhook_retry_schedule_s=(
+                tuple(float(x) for x in schedule.split(",") if x.strip())
+                if schedule
+                else Settings.webhook_retry_schedule_s
+            ),
+            state_dir=Path(env.get("NEXUSGEN_STATE_DIR", ".nexusgen")),
+        )
+
+    def with_overrides(self, **changes: object) -> Settings:
+        """Return a copy with some fields changed (used by `nexusgen up` after starting embedded servers)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def require(self, *names: str) -> None:
+        """Raise a clear error if a needed service URL is not configured."""
+        missing = [n for n in names if getattr(self, n) in (None, "")]
+        if missing:
+            env = {"database_url": "DATABASE_URL", "broker_url": "CELERY_BROKER_URL", "s3_endpoint_url": "S3_ENDPOINT_URL"}
+            raise RuntimeError("not configured: " + ", ".join(env.get(n, n) for n in missing))

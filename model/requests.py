@@ -1,0 +1,81 @@
+"""Request and result dataclasses of the model entry point (`model.NexusGen`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+Language = Literal["en", "zh"]
+Decoder = Literal["edit", "generation"]
+
+
+@dataclass
+class GenerateRequest:
+    """Text-to-image. Defaults follow the reference `image_generation.py` (512², 50 steps, cfg 3, guidance 3.5)."""
+
+    prompt: str
+    width: int = 512
+    height: int = 512
+    steps: int = 50
+    cfg_scale: float = 3.0
+    guidance: float = 3.5
+    seed: int | None = None  # None: a random seed, recorded in the provenance
+    language: Language = "en"
+    negative_prompt: str = ""
+
+
+@dataclass
+class EditRequest:
+    """Image editing. Defaults follow the reference `image_editing.py` (512², 50 steps, cfg 1, edit decoder)."""
+
+    instruction: str
+    image: Image.Image
+    width: int = 512
+    height: int = 512
+    steps: int = 50
+    cfg_scale: float = 1.0
+    guidance: float = 3.5
+    seed: int | None = None
+    decoder: Decoder = "edit"
+    language: Language = "en"
+    negative_prompt: str = ""
+
+
+@dataclass
+class UnderstandRequest:
+    """Image understanding: free text about an image."""
+
+    instruction: str
+    image: Image.Image
+    max_new_tokens: int = 1024
+
+
+Request = GenerateRequest | EditRequest | UnderstandRequest
+
+
+@dataclass
+class RequestError:
+    """Why one request of a batch failed; the rest of its batch is unaffected."""
+
+    code: str  # machine-readable, e.g. "no_image_token", "canceled"
+    message: str
+
+
+@dataclass
+class Result:
+    """One result per request, in request order: an image, a text, or an error."""
+
+    image: Image.Image | None = None
+    text: str | None = None
+    error: RequestError | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)  # seed, params, checkpoint hash, timings per stage
+
+
+# progress(request_index, stage, step, total_steps); stage is one of
+# "encoding", "denoising", "decoding" (step/total_steps set for denoising).
+ProgressCallback = Callable[[int, str, int | None, int | None], None]
+# should_cancel(request_index) -> True to drop that request at the next step boundary.
+CancelCallback = Callable[[int], bool]
