@@ -1,1 +1,1 @@
-"""api package."""
+"""The HTTP API (Flask + apiflask): jobs, batches, uploads and operations; imports only core/."""

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, RowMapping, and_, exists, func, select, updat
 
 from core.ids import new_id
 from core.schema import TERMINAL_STATUSES, batches, jobs, results
-from core.webhooks import enqueue_event
+from core.webhooks import enqueue_event, enqueue_progress_event
 
 ACTIVE = ("queued", "running")
 
@@ -71,12 +71,16 @@ def maybe_complete_batch(conn: Connection, batch_id: str) -> bool:
     # Lock the batch row so two transactions ending the last two jobs cannot both miss the completion.
     conn.execute(select(batches.c.id).where(batches.c.id == batch_id).with_for_update())
     active = exists().where(jobs.c.batch_id == batch_id, jobs.c.status.in_(ACTIVE))
-    row = conn.execute(
-        update(batches)
-        .where(batches.c.id == batch_id, batches.c.completed_at.is_(None), ~active)
-        .values(completed_at=func.now())
-        .returning(*batches.c)
-    ).mappings().first()
+    row = (
+        conn.execute(
+            update(batches)
+            .where(batches.c.id == batch_id, batches.c.completed_at.is_(None), ~active)
+            .values(completed_at=func.now())
+            .returning(*batches.c)
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
         return False
     counts = dict(
@@ -128,7 +132,9 @@ def claim_batch(
     ids = (
         conn.execute(
             select(jobs.c.id)
-            .where(jobs.c.status == "queued", jobs.c.bucket == head.bucket, jobs.c.cancel_requested.is_(False))
+            .where(
+                jobs.c.status == "queued", jobs.c.bucket == head.bucket, jobs.c.cancel_requested.is_(False)
+            )
             .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
             .limit(max_batch)
             .with_for_update(skip_locked=True)
@@ -136,21 +142,25 @@ def claim_batch(
         .scalars()
         .all()
     )
-    rows = conn.execute(
-        update(jobs)
-        .where(jobs.c.id.in_(ids), jobs.c.status == "queued")
-        .values(
-            status="running",
-            stage="starting",
-            step=None,
-            attempt=jobs.c.attempt + 1,
-            lease_owner=worker_id,
-            lease_expires_at=func.now() + timedelta(seconds=lease_s),
-            started_at=func.coalesce(jobs.c.started_at, func.now()),
-            updated_at=func.now(),
+    rows = (
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(ids), jobs.c.status == "queued")
+            .values(
+                status="running",
+                stage="starting",
+                step=None,
+                attempt=jobs.c.attempt + 1,
+                lease_owner=worker_id,
+                lease_expires_at=func.now() + timedelta(seconds=lease_s),
+                started_at=func.coalesce(jobs.c.started_at, func.now()),
+                updated_at=func.now(),
+            )
+            .returning(*jobs.c)
         )
-        .returning(*jobs.c)
-    ).mappings().all()
+        .mappings()
+        .all()
+    )
     order = {job_id: i for i, job_id in enumerate(ids)}
     return sorted(rows, key=lambda r: order[r["id"]])
 
@@ -179,17 +189,25 @@ def record_progress(
     lease_s: float | None = None,
 ) -> Ack:
     """Record the stage and step (and extend the lease); tell the worker whether to go on."""
-    values: dict[str, Any] = {"stage": stage, "step": step, "total_steps": total_steps, "updated_at": func.now()}
+    values: dict[str, Any] = {
+        "stage": stage,
+        "step": step,
+        "total_steps": total_steps,
+        "updated_at": func.now(),
+    }
     if progress is not None:
         values["progress"] = progress
     if lease_s is not None:
         values["lease_expires_at"] = func.now() + timedelta(seconds=lease_s)
-    row = conn.execute(
-        update(jobs).where(_owned(job_id, attempt)).values(**values).returning(jobs.c.cancel_requested)
-    ).first()
+    row = (
+        conn.execute(update(jobs).where(_owned(job_id, attempt)).values(**values).returning(*jobs.c))
+        .mappings()
+        .first()
+    )
     if row is None:
         return Ack.LOST
-    return Ack.CANCEL_REQUESTED if row.cancel_requested else Ack.OWNED
+    enqueue_progress_event(conn, row, stage, step, total_steps)  # only if asked for, at most every few s
+    return Ack.CANCEL_REQUESTED if row["cancel_requested"] else Ack.OWNED
 
 
 def heartbeat(conn: Connection, claims: Sequence[tuple[str, int]], lease_s: float) -> dict[str, Ack]:
@@ -220,21 +238,25 @@ def complete_job(
     `result` holds the columns of the results table (kind, object_key, content_type, size_bytes, sha256,
     width, height, text).
     """
-    row = conn.execute(
-        update(jobs)
-        .where(_owned(job_id, attempt))
-        .values(
-            status="succeeded",
-            stage="done",
-            progress=1.0,
-            provenance=provenance,
-            lease_owner=None,
-            lease_expires_at=None,
-            finished_at=func.now(),
-            updated_at=func.now(),
+    row = (
+        conn.execute(
+            update(jobs)
+            .where(_owned(job_id, attempt))
+            .values(
+                status="succeeded",
+                stage="done",
+                progress=1.0,
+                provenance=provenance,
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=func.now(),
+                updated_at=func.now(),
+            )
+            .returning(*jobs.c)
         )
-        .returning(*jobs.c)
-    ).mappings().first()
+        .mappings()
+        .first()
+    )
     if row is None:
         return False
     conn.execute(results.insert().values(id=new_id("res"), job_id=job_id, **result))
@@ -252,7 +274,11 @@ def fail_job(
     provenance: dict[str, Any] | None = None,
 ) -> bool:
     """running (or queued, when attempt is None) -> failed with an error code; announce it."""
-    cond = _owned(job_id, attempt) if attempt is not None else and_(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE))
+    cond = (
+        _owned(job_id, attempt)
+        if attempt is not None
+        else and_(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE))
+    )
     values: dict[str, Any] = {
         "status": "failed",
         "stage": "failed",
@@ -273,7 +299,13 @@ def fail_job(
 
 
 def requeue_job(conn: Connection, job_id: str, attempt: int, *, reason: str) -> bool:
-    """running -> queued (transient error, batch split after OOM); the next claim counts a new attempt."""
+    """running -> queued (transient error, batch split after OOM); the next claim counts a new attempt.
+
+    A job whose cancel was requested ends `canceled` instead: claims skip such jobs, so requeued it
+    would wait forever.
+    """
+    if _cancel_running(conn, and_(_owned(job_id, attempt), jobs.c.cancel_requested.is_(True))):
+        return True
     row = conn.execute(
         update(jobs)
         .where(_owned(job_id, attempt))
@@ -292,25 +324,33 @@ def requeue_job(conn: Connection, job_id: str, attempt: int, *, reason: str) -> 
     return row is not None
 
 
+def _cancel_running(conn: Connection, cond: Any) -> list[RowMapping]:
+    """running -> canceled for the jobs matching `cond`; announce each."""
+    rows = (
+        conn.execute(
+            update(jobs)
+            .where(cond)
+            .values(
+                status="canceled",
+                stage="canceled",
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=func.now(),
+                updated_at=func.now(),
+            )
+            .returning(*jobs.c)
+        )
+        .mappings()
+        .all()
+    )
+    for row in rows:
+        _announce(conn, row, "job.canceled")
+    return list(rows)
+
+
 def mark_canceled(conn: Connection, job_id: str, attempt: int) -> bool:
     """running -> canceled, by the worker that stopped at a step boundary after a cancel request."""
-    row = conn.execute(
-        update(jobs)
-        .where(_owned(job_id, attempt))
-        .values(
-            status="canceled",
-            stage="canceled",
-            lease_owner=None,
-            lease_expires_at=None,
-            finished_at=func.now(),
-            updated_at=func.now(),
-        )
-        .returning(*jobs.c)
-    ).mappings().first()
-    if row is None:
-        return False
-    _announce(conn, row, "job.canceled")
-    return True
+    return bool(_cancel_running(conn, _owned(job_id, attempt)))
 
 
 def cancel_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping | None:
@@ -318,12 +358,22 @@ def cancel_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping | No
 
     Returns the job row after the change, or None if the tenant has no such job.
     """
-    row = conn.execute(
-        update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status == "queued")
-        .values(status="canceled", stage="canceled", cancel_requested=True, finished_at=func.now(), updated_at=func.now())
-        .returning(*jobs.c)
-    ).mappings().first()
+    row = (
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status == "queued")
+            .values(
+                status="canceled",
+                stage="canceled",
+                cancel_requested=True,
+                finished_at=func.now(),
+                updated_at=func.now(),
+            )
+            .returning(*jobs.c)
+        )
+        .mappings()
+        .first()
+    )
     if row is not None:
         _announce(conn, row, "job.canceled")
         return row
@@ -332,9 +382,11 @@ def cancel_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping | No
         .where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status == "running")
         .values(cancel_requested=True, updated_at=func.now())
     )
-    return conn.execute(
-        select(*jobs.c).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id)
-    ).mappings().first()
+    return (
+        conn.execute(select(*jobs.c).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))
+        .mappings()
+        .first()
+    )
 
 
 def cancel_batch(conn: Connection, tenant_id: str, batch_id: str) -> int | None:
@@ -344,12 +396,22 @@ def cancel_batch(conn: Connection, tenant_id: str, batch_id: str) -> int | None:
     ).first()
     if found is None:
         return None
-    rows = conn.execute(
-        update(jobs)
-        .where(jobs.c.batch_id == batch_id, jobs.c.status == "queued")
-        .values(status="canceled", stage="canceled", cancel_requested=True, finished_at=func.now(), updated_at=func.now())
-        .returning(*jobs.c)
-    ).mappings().all()
+    rows = (
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.batch_id == batch_id, jobs.c.status == "queued")
+            .values(
+                status="canceled",
+                stage="canceled",
+                cancel_requested=True,
+                finished_at=func.now(),
+                updated_at=func.now(),
+            )
+            .returning(*jobs.c)
+        )
+        .mappings()
+        .all()
+    )
     conn.execute(
         update(jobs)
         .where(jobs.c.batch_id == batch_id, jobs.c.status == "running")
@@ -377,37 +439,47 @@ def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[RowMappi
     Returns (requeued rows, failed rows); the caller re-publishes wake-ups for the requeued ones.
     """
     expired = and_(jobs.c.status == "running", jobs.c.lease_expires_at < func.now())
-    failed = conn.execute(
-        update(jobs)
-        .where(expired, jobs.c.attempt >= max_attempts)
-        .values(
-            status="failed",
-            stage="failed",
-            error_code="poison_job",
-            error_message=f"the job's worker was lost {max_attempts} times; not retried again",
-            lease_owner=None,
-            lease_expires_at=None,
-            finished_at=func.now(),
-            updated_at=func.now(),
+    # A job whose cancel was requested is not retried: it ends canceled (claims would skip it forever).
+    _cancel_running(conn, and_(expired, jobs.c.cancel_requested.is_(True)))
+    failed = (
+        conn.execute(
+            update(jobs)
+            .where(expired, jobs.c.attempt >= max_attempts)
+            .values(
+                status="failed",
+                stage="failed",
+                error_code="poison_job",
+                error_message=f"the job's worker was lost {max_attempts} times; not retried again",
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=func.now(),
+                updated_at=func.now(),
+            )
+            .returning(*jobs.c)
         )
-        .returning(*jobs.c)
-    ).mappings().all()
+        .mappings()
+        .all()
+    )
     for row in failed:
         _announce(conn, row, "job.failed")
-    requeued = conn.execute(
-        update(jobs)
-        .where(expired)
-        .values(
-            status="queued",
-            stage="queued",
-            step=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            enqueued_at=func.now(),
-            updated_at=func.now(),
+    requeued = (
+        conn.execute(
+            update(jobs)
+            .where(expired)
+            .values(
+                status="queued",
+                stage="queued",
+                step=None,
+                lease_owner=None,
+                lease_expires_at=None,
+                enqueued_at=func.now(),
+                updated_at=func.now(),
+            )
+            .returning(*jobs.c)
         )
-        .returning(*jobs.c)
-    ).mappings().all()
+        .mappings()
+        .all()
+    )
     return list(requeued), list(failed)
 
 
@@ -426,5 +498,7 @@ def take_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 1000) 
             .where(jobs.c.id.in_(stale))
             .values(enqueued_at=func.now())
             .returning(jobs.c.id, jobs.c.task, jobs.c.bucket)
-        ).mappings().all()
+        )
+        .mappings()
+        .all()
     )

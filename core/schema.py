@@ -93,7 +93,9 @@ jobs = Table(
     Column("task", String(20), nullable=False),  # generate | edit | understand
     Column("prompt", Text, nullable=False),  # the prompt (generate) or instruction (edit, understand)
     Column("upload_id", String(40), ForeignKey("uploads.id")),
-    Column("params", JSONB, nullable=False),  # normalised: width, height, steps, cfg_scale, guidance, seed, ...
+    Column(
+        "params", JSONB, nullable=False
+    ),  # normalised: width, height, steps, cfg_scale, guidance, seed, ...
     Column("bucket", String(200), nullable=False),  # jobs of one bucket can share a model call
     Column("priority", Integer, nullable=False, server_default=text("0")),  # higher first
     Column("status", String(20), nullable=False, server_default=text("'queued'")),
@@ -184,7 +186,9 @@ webhook_deliveries = Table(
     Column("endpoint_id", String(40), ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False),
     Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
     Column("job_id", String(40)),
-    Column("status", String(20), nullable=False, server_default=text("'pending'")),  # pending|succeeded|dead|refused|disabled
+    Column(
+        "status", String(20), nullable=False, server_default=text("'pending'")
+    ),  # pending|succeeded|dead|refused|disabled
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("locked_until", DateTime(timezone=True)),
@@ -201,7 +205,9 @@ webhook_attempts = Table(
     "webhook_attempts",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
-    Column("delivery_id", String(40), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), nullable=False),
+    Column(
+        "delivery_id", String(40), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), nullable=False
+    ),
     Column("attempt", Integer, nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("status_code", Integer),

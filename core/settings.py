@@ -68,6 +68,8 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     public_base_url: str = "http://127.0.0.1:8080"
+    flower_port: int = 5555  # `nexusgen up` runs Flower on 127.0.0.1 at this port
+    log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024 * 1024
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -78,7 +80,20 @@ class Settings:
     # webhooks
     webhook_allow_private_networks: bool = False
     webhook_timeout_s: float = 10.0
-    webhook_retry_schedule_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000, 36000, 36000, 36000, 36000, 36000)
+    webhook_retry_schedule_s: tuple[float, ...] = (
+        5,
+        300,
+        1800,
+        7200,
+        18000,
+        36000,
+        36000,
+        36000,
+        36000,
+        36000,
+        36000,
+        36000,
+    )
     # local state for the embedded default
     state_dir: Path = field(default_factory=lambda: Path(".nexusgen"))
 
@@ -125,6 +140,8 @@ class Settings:
             api_host=api_host,
             api_port=api_port,
             public_base_url=env.get("NEXUSGEN_PUBLIC_URL", f"http://{api_host}:{api_port}"),
+            flower_port=_int(env, "NEXUSGEN_FLOWER_PORT", 5555),
+            log_level=env.get("NEXUSGEN_LOG_LEVEL", "INFO").upper(),
             max_body_bytes=_int(env, "NEXUSGEN_MAX_BODY_BYTES", 64 * 1024 * 1024),
             max_upload_bytes=_int(env, "NEXUSGEN_MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
             max_image_pixels=_int(env, "NEXUSGEN_MAX_IMAGE_PIXELS", 40_000_000),
@@ -150,5 +167,9 @@ class Settings:
         """Raise a clear error if a needed service URL is not configured."""
         missing = [n for n in names if getattr(self, n) in (None, "")]
         if missing:
-            env = {"database_url": "DATABASE_URL", "broker_url": "CELERY_BROKER_URL", "s3_endpoint_url": "S3_ENDPOINT_URL"}
+            env = {
+                "database_url": "DATABASE_URL",
+                "broker_url": "CELERY_BROKER_URL",
+                "s3_endpoint_url": "S3_ENDPOINT_URL",
+            }
             raise RuntimeError("not configured: " + ", ".join(env.get(n, n) for n in missing))

@@ -56,7 +56,12 @@ class Storage:
         """Store `data` and return its sha256 hex digest."""
         digest = hashlib.sha256(data).hexdigest()
         self.client.put_object(
-            self.bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata={"sha256": digest}
+            self.bucket,
+            key,
+            io.BytesIO(data),
+            len(data),
+            content_type=content_type,
+            metadata={"sha256": digest},
         )
         return digest
 

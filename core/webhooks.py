@@ -1,18 +1,36 @@
-"""Outbox writes: an event row and its pending deliveries, inside the caller's transaction."""
+"""Webhook outbox and signing: event rows in the caller's transaction, secrets, Standard Webhooks headers.
+
+The delivery side (worker/delivery.py) reads the rows this module writes; the API and the CLI use the
+secret and redelivery helpers. Signing goes through the `standardwebhooks` package.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import base64
+import os
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, select
+from celery import Celery
+from sqlalchemy import Connection, RowMapping, func, select, update
 from sqlalchemy.dialects.postgresql import insert
+from standardwebhooks import Webhook
 
 from core.ids import new_id
-from core.schema import webhook_deliveries, webhook_endpoints, webhook_events
+from core.queue import TASK_DELIVER, WEBHOOK_QUEUE
+from core.schema import tenants, webhook_deliveries, webhook_endpoints, webhook_events
 
 DEFAULT_EVENTS = ("job.succeeded", "job.failed", "job.canceled", "batch.completed")
 ALL_EVENTS = (*DEFAULT_EVENTS, "job.progress")
+# At most one job.progress event per job in this many seconds.
+PROGRESS_EVENT_INTERVAL_S = 5.0
+DELIVERY_STATUSES = ("pending", "succeeded", "dead", "refused", "disabled")
+
+
+def new_secret() -> str:
+    """A fresh signing secret: `whsec_` + base64 of 32 random bytes (the Standard Webhooks format)."""
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode("ascii")
 
 
 def wants_event(event_type: str, events: list[str] | None) -> bool:
@@ -47,20 +65,187 @@ def enqueue_event(
     job_id: str | None = None,
     batch_id: str | None = None,
 ) -> str | None:
-    """Write the event and a pending delivery to `url` if it subscribes; return the event id or None."""
+    """Write the event and a pending delivery to `url` if it subscribes; return the event id or None.
+
+    A delivery to an endpoint disabled by a 410 is written as `disabled` (visible in the log, not sent).
+    """
     if not url or not wants_event(event_type, events):
         return None
     event_id = new_id("msg")
     payload = {"type": event_type, "timestamp": datetime.now(UTC).isoformat(), "data": data}
     conn.execute(
         webhook_events.insert().values(
-            id=event_id, tenant_id=tenant_id, type=event_type, payload=payload, job_id=job_id, batch_id=batch_id
+            id=event_id,
+            tenant_id=tenant_id,
+            type=event_type,
+            payload=payload,
+            job_id=job_id,
+            batch_id=batch_id,
         )
     )
     endpoint_id = ensure_endpoint(conn, tenant_id, url)
+    disabled = conn.execute(
+        select(webhook_endpoints.c.disabled_at).where(webhook_endpoints.c.id == endpoint_id)
+    ).scalar_one()
     conn.execute(
         webhook_deliveries.insert().values(
-            id=new_id("whd"), event_id=event_id, endpoint_id=endpoint_id, tenant_id=tenant_id, job_id=job_id
+            id=new_id("whd"),
+            event_id=event_id,
+            endpoint_id=endpoint_id,
+            tenant_id=tenant_id,
+            job_id=job_id,
+            status="pending" if disabled is None else "disabled",
+            last_error=None if disabled is None else "endpoint disabled",
         )
     )
     return event_id
+
+
+def enqueue_progress_event(
+    conn: Connection, job_row: RowMapping | dict[str, Any], stage: str, step: int | None, total: int | None
+) -> str | None:
+    """Write a job.progress event if the job asked for them and none was written in the last few seconds."""
+    if not job_row["webhook_url"] or not wants_event("job.progress", job_row["webhook_events"]):
+        return None
+    # The delivery index (tenant_id, job_id) finds this job's events without scanning the outbox.
+    recent = conn.execute(
+        select(func.max(webhook_events.c.created_at))
+        .select_from(
+            webhook_deliveries.join(webhook_events, webhook_events.c.id == webhook_deliveries.c.event_id)
+        )
+        .where(
+            webhook_deliveries.c.tenant_id == job_row["tenant_id"],
+            webhook_deliveries.c.job_id == job_row["id"],
+            webhook_events.c.type == "job.progress",
+            webhook_events.c.created_at > func.now() - timedelta(seconds=PROGRESS_EVENT_INTERVAL_S),
+        )
+    ).scalar()
+    if recent is not None:
+        return None
+    data = {
+        "id": job_row["id"],
+        "object": "job",
+        "batch_id": job_row["batch_id"],
+        "custom_id": job_row["custom_id"],
+        "task": job_row["task"],
+        "status": "running",
+        "stage": stage,
+        "step": step,
+        "total_steps": total,
+        "metadata": job_row["metadata"],
+        "links": {"self": f"/v1/jobs/{job_row['id']}"},
+    }
+    return enqueue_event(
+        conn,
+        tenant_id=job_row["tenant_id"],
+        event_type="job.progress",
+        data=data,
+        url=job_row["webhook_url"],
+        events=job_row["webhook_events"],
+        job_id=job_row["id"],
+        batch_id=job_row["batch_id"],
+    )
+
+
+def publish_delivery_kick(app: Celery) -> None:
+    """Ask a webhook worker to deliver now; call after committing events (beat also polls the outbox)."""
+    app.send_task(TASK_DELIVER, queue=WEBHOOK_QUEUE)
+
+
+# --- secrets -------------------------------------------------------------------------------------------
+
+
+def rotate_secret(conn: Connection, tenant_id: str, overlap_s: float = 86400) -> str:
+    """Give the tenant a new signing secret; the old one keeps signing too for `overlap_s` seconds."""
+    if overlap_s < 0:
+        raise ValueError(f"overlap_s must be >= 0, got {overlap_s}")
+    secret = new_secret()
+    row = conn.execute(
+        update(tenants)
+        .where(tenants.c.id == tenant_id)
+        .values(
+            webhook_secret_previous=tenants.c.webhook_secret,
+            webhook_secret_previous_expires_at=func.now() + timedelta(seconds=overlap_s),
+            webhook_secret=secret,
+        )
+        .returning(tenants.c.id)
+    ).first()
+    if row is None:
+        raise ValueError(f"no tenant {tenant_id!r}")
+    return secret
+
+
+def signing_secrets(conn: Connection, tenant_id: str) -> list[str]:
+    """The tenant's current secret, then the previous one while its overlap lasts."""
+    row = conn.execute(
+        select(
+            tenants.c.webhook_secret,
+            tenants.c.webhook_secret_previous,
+            tenants.c.webhook_secret_previous_expires_at > func.now(),
+        ).where(tenants.c.id == tenant_id)
+    ).first()
+    if row is None:
+        raise ValueError(f"no tenant {tenant_id!r}")
+    current, previous, previous_valid = row
+    return [current, previous] if previous and previous_valid else [current]
+
+
+def sign_headers(
+    secrets: Iterable[str], msg_id: str, body: str, timestamp: datetime | None = None
+) -> dict[str, str]:
+    """Standard Webhooks headers; one `v1,` signature per secret, space-separated (rotation overlap)."""
+    when = timestamp or datetime.now(UTC)
+    signatures = [Webhook(secret).sign(msg_id, when, body) for secret in secrets]
+    if not signatures:
+        raise ValueError("at least one signing secret is needed")
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(when.timestamp())),
+        "webhook-signature": " ".join(signatures),
+    }
+
+
+# --- redelivery (API) ----------------------------------------------------------------------------------
+
+
+def redeliver(conn: Connection, tenant_id: str, delivery_id: str) -> RowMapping | None:
+    """Reset a delivery to pending with a fresh retry schedule (same event, same webhook-id).
+
+    Re-enables its endpoint if a 410 had disabled it (the tenant asked explicitly). Returns the delivery
+    row, or None if the tenant has no such delivery. Raises ValueError while an attempt is in flight.
+    """
+    current = (
+        conn.execute(
+            select(webhook_deliveries, (webhook_deliveries.c.locked_until > func.now()).label("in_flight"))
+            .where(webhook_deliveries.c.id == delivery_id, webhook_deliveries.c.tenant_id == tenant_id)
+            .with_for_update()
+        )
+        .mappings()
+        .first()
+    )
+    if current is None:
+        return None
+    if current["status"] == "pending" and current["in_flight"]:
+        raise ValueError("an attempt of this delivery is in flight; try again later")
+    conn.execute(
+        update(webhook_endpoints)
+        .where(webhook_endpoints.c.id == current["endpoint_id"], webhook_endpoints.c.disabled_at.is_not(None))
+        .values(disabled_at=None, disabled_reason=None)
+    )
+    return (
+        conn.execute(
+            update(webhook_deliveries)
+            .where(webhook_deliveries.c.id == delivery_id)
+            .values(
+                status="pending",
+                attempts=0,
+                next_attempt_at=func.now(),
+                locked_until=None,
+                last_error=None,
+                updated_at=func.now(),
+            )
+            .returning(*webhook_deliveries.c)
+        )
+        .mappings()
+        .one()
+    )

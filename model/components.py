@@ -20,7 +20,9 @@ class Components:
     image_prefill_embeds: nn.Embedding  # [81, D]
     # generation decoder
     gen_dit: nn.Module  # diffusers FluxTransformer2DModel
-    adapter: nn.Sequential  # Linear(D,4096) LayerNorm ReLU Linear LayerNorm (sizes scaled in the tiny checkpoint)
+    adapter: (
+        nn.Sequential
+    )  # Linear(D,4096) LayerNorm ReLU Linear LayerNorm (sizes scaled in the tiny checkpoint)
     # editing decoder
     edit_dit: nn.Module  # diffusers FluxTransformer2DModel
     merger: nn.Module  # model.merger.ImageEmbeddingMerger

@@ -71,7 +71,9 @@ class Result:
     image: Image.Image | None = None
     text: str | None = None
     error: RequestError | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)  # seed, params, checkpoint hash, timings per stage
+    provenance: dict[str, Any] = field(
+        default_factory=dict
+    )  # seed, params, checkpoint hash, timings per stage
 
 
 # progress(request_index, stage, step, total_steps); stage is one of

@@ -1,0 +1,212 @@
+"""Batches: submit many jobs at once (JSON or JSONL, all or nothing), read counts, stream results, cancel."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import Response, jsonify, request, stream_with_context
+from sqlalchemy import Connection, RowMapping, func, select
+
+from api.auth import auth, current_principal
+from api.context import services
+from api.errors import fail
+from api.idempotency import Created, create_idempotently
+from api.jobs import parse_json_body, results_by_job
+from api.schemas import BatchIn, BatchOut, batch_json, describes_body, result_json
+from core.ids import new_id
+from core.jobs import cancel_batch
+from core.schema import batches, jobs
+from core.settings import Settings
+from core.submit import (
+    JobDraft,
+    SubmitError,
+    check_metadata,
+    insert_jobs,
+    missing_uploads,
+    parse_jsonl,
+    parse_webhook,
+    store_pending_uploads,
+    validate_many,
+)
+
+bp = APIBlueprint("batches", __name__, tag="Batches")
+
+JSONL_TYPES = (
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/x-jsonlines",
+    "application/json-lines",
+)
+RESULTS_PAGE = 1000
+
+
+def _parse_batch(
+    conn: Connection, tenant_id: str, settings: Settings
+) -> tuple[list[JobDraft], dict[str, Any], tuple[str | None, list[str] | None]]:
+    """Validate the whole body; raise one SubmitError naming EVERY bad line (or index) if any."""
+    jsonl = request.mimetype in JSONL_TYPES
+    position = "line" if jsonl else "index"
+    metadata: dict[str, Any] = {}
+    webhook: tuple[str | None, list[str] | None] = (None, None)
+    if jsonl:
+        items, errors = parse_jsonl(request.get_data(cache=True))
+    else:
+        body = parse_json_body()
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("jobs"), list)
+            or set(body) - {"jobs", "webhook", "metadata"}
+        ):
+            raise SubmitError("invalid_batch", "the body must be {jobs: [...], webhook?, metadata?}")
+        metadata = check_metadata(body.get("metadata"))
+        webhook = parse_webhook(body.get("webhook"), settings, {})
+        items, errors = list(enumerate(body["jobs"])), []
+    total = len(items) + len(errors)
+    if total == 0:
+        raise SubmitError("empty_batch", "the batch has no jobs")
+    if len(items) > settings.max_batch_jobs:
+        raise SubmitError(
+            "too_many_jobs", f"a batch takes at most {settings.max_batch_jobs} jobs", status=413
+        )
+    numbered, invalid = validate_many(
+        items, settings, position=position, require_custom_id=jsonl, inherited_webhook=webhook
+    )
+    errors += invalid + missing_uploads(conn, tenant_id, numbered, position)
+    if errors:
+        errors.sort(key=lambda e: e[position])
+        raise SubmitError(
+            "invalid_jsonl" if jsonl else "invalid_batch",
+            f"{len(errors)} of {total} jobs are invalid; nothing was created",
+            {"errors": errors},
+        )
+    return [draft for _, draft in numbered], metadata, webhook
+
+
+def _counts(conn: Connection, batch_id: str) -> dict[str, int]:
+    rows = conn.execute(
+        select(jobs.c.status, func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.status)
+    ).all()
+    return {status: int(n) for status, n in rows}
+
+
+def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> RowMapping:
+    row = (
+        conn.execute(select(batches).where(batches.c.id == batch_id, batches.c.tenant_id == tenant_id))
+        .mappings()
+        .first()
+    )
+    if row is None:
+        fail(404, "not_found", f"no batch {batch_id!r}")
+    return row
+
+
+@bp.post("/v1/batches")
+@bp.auth_required(auth, roles=["submit"])
+@describes_body(BatchIn)
+@bp.output(BatchOut, status_code=201, description="The batch with its job counts.")
+@bp.doc(responses=[400, 409, 413, 422])
+def create_batch() -> Response:
+    """Submit many jobs: JSON `{jobs, webhook, metadata}` or JSONL (`application/x-ndjson`, one job a line,
+    each with a unique custom_id). Any invalid line: 422 naming every bad line, and nothing is created."""
+    principal = current_principal()
+    svc = services()
+
+    def work(conn: Connection) -> Created:
+        drafts, metadata, (url, events) = _parse_batch(conn, principal.tenant_id, svc.settings)
+        batch_id = new_id("bat")
+        row = (
+            conn.execute(
+                batches.insert()
+                .values(
+                    id=batch_id,
+                    tenant_id=principal.tenant_id,
+                    metadata=metadata,
+                    webhook_url=url,
+                    webhook_events=events,
+                    total_jobs=len(drafts),
+                )
+                .returning(*batches.c)
+            )
+            .mappings()
+            .one()
+        )
+        store_pending_uploads(conn, svc.storage, principal.tenant_id, drafts)
+        wakeups = insert_jobs(conn, principal.tenant_id, batch_id, drafts)
+        return Created(201, batch_json(row, {"queued": len(drafts)}), wakeups)
+
+    return create_idempotently(principal.tenant_id, request.get_data(cache=True), work)
+
+
+@bp.get("/v1/batches/<batch_id>")
+@bp.auth_required(auth, roles=["read"])
+@bp.output(BatchOut)
+def get_batch(batch_id: str) -> Response:
+    """A batch and its job counts by status."""
+    principal = current_principal()
+    with services().engine.connect() as conn:
+        row = _load_batch(conn, principal.tenant_id, batch_id)
+        return jsonify(batch_json(row, _counts(conn, batch_id)))
+
+
+@bp.get("/v1/batches/<batch_id>/results")
+@bp.auth_required(auth, roles=["read"])
+@bp.doc(responses={200: "JSONL, one line a job: custom_id, job_id, status, result (URL or text), error."})
+def get_results(batch_id: str) -> Response:
+    """Stream the batch's results as JSONL, page by page (keyset on the job id), whatever its size."""
+    principal = current_principal()
+    svc = services()
+    with svc.engine.connect() as conn:
+        _load_batch(conn, principal.tenant_id, batch_id)
+
+    def lines() -> Iterator[str]:
+        last = ""
+        while True:
+            with svc.engine.connect() as conn:
+                page = (
+                    conn.execute(
+                        select(jobs)
+                        .where(jobs.c.batch_id == batch_id, jobs.c.id > last)
+                        .order_by(jobs.c.id)
+                        .limit(RESULTS_PAGE)
+                    )
+                    .mappings()
+                    .all()
+                )
+                by_job = results_by_job(conn, page)
+            for row in page:
+                result = by_job.get(row["id"]) if row["status"] == "succeeded" else None
+                error = (
+                    {"code": row["error_code"], "message": row["error_message"]}
+                    if row["status"] == "failed"
+                    else None
+                )
+                record = {
+                    "custom_id": row["custom_id"],
+                    "job_id": row["id"],
+                    "task": row["task"],
+                    "status": row["status"],
+                    "result": result_json(result, svc.storage, svc.settings.presign_ttl_s),
+                    "error": error,
+                }
+                yield json.dumps(record, ensure_ascii=False) + "\n"
+            if len(page) < RESULTS_PAGE:
+                return
+            last = page[-1]["id"]
+
+    return Response(stream_with_context(lines()), mimetype="application/x-ndjson")
+
+
+@bp.post("/v1/batches/<batch_id>/cancel")
+@bp.auth_required(auth, roles=["submit"])
+@bp.output(BatchOut)
+def cancel(batch_id: str) -> Response:
+    """Cancel every queued job of the batch and stop its running ones; finished jobs keep their results."""
+    principal = current_principal()
+    with services().engine.begin() as conn:
+        if cancel_batch(conn, principal.tenant_id, batch_id) is None:
+            fail(404, "not_found", f"no batch {batch_id!r}")
+        row = _load_batch(conn, principal.tenant_id, batch_id)
+        return jsonify(batch_json(row, _counts(conn, batch_id)))

@@ -1,0 +1,79 @@
+"""Every error answer is `{"error": {"code", "message", "details"}}` with a machine-readable code.
+
+Bad input never yields a 500: apiflask sends validation errors and werkzeug's 404, 405 and 413 through
+the error processor below; our own input errors (SubmitError, ImageError, ...) map to 4xx here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+from apiflask import APIFlask, HTTPError
+from flask import Response, jsonify
+
+from core.idempotency import IdempotencyConflict
+from core.images import ImageError
+from core.submit import SubmitError
+
+DEFAULT_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+# The OpenAPI description of every error answer (registered as apiflask's error schemas).
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {}},
+        }
+    },
+}
+
+
+def fail(status: int, code: str, message: str, details: Any = None) -> NoReturn:
+    """Stop the request with an error answer."""
+    raise HTTPError(status, message, detail=details, extra_data={"code": code})
+
+
+def error_response(status: int, code: str, message: str, details: Any = None) -> Response:
+    response = jsonify({"error": {"code": code, "message": message, "details": details}})
+    response.status_code = status
+    return response
+
+
+def register_error_handlers(app: APIFlask) -> None:
+    @app.error_processor
+    def _apiflask_error(error: HTTPError) -> Response:
+        code = (error.extra_data or {}).get("code") or DEFAULT_CODES.get(error.status_code, "error")
+        details = error.detail or None
+        response = error_response(error.status_code, code, str(error.message), details)
+        for name, value in (error.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.errorhandler(SubmitError)
+    def _submit_error(error: SubmitError) -> Response:
+        return error_response(error.status, error.code, error.message, error.details)
+
+    @app.errorhandler(ImageError)
+    def _image_error(error: ImageError) -> Response:
+        return error_response(422, error.code, error.message)
+
+    @app.errorhandler(IdempotencyConflict)
+    def _idempotency_conflict(error: IdempotencyConflict) -> Response:
+        return error_response(422, "idempotency_conflict", str(error))

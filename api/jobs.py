@@ -1,0 +1,179 @@
+"""Jobs: create one, read one, list with a cursor, cancel, and fetch the result."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import Response, jsonify, redirect, request
+from sqlalchemy import Connection, RowMapping, select, tuple_
+
+from api.auth import auth, current_principal
+from api.context import services
+from api.errors import fail
+from api.idempotency import Created, create_idempotently
+from api.schemas import JobIn, JobListOut, JobListQuery, JobOut, describes_body, job_json
+from core.jobs import cancel_job
+from core.schema import batches, jobs, results
+from core.submit import SubmitError, job_row, missing_uploads, store_pending_uploads, validate_job
+
+bp = APIBlueprint("jobs", __name__, tag="Jobs")
+
+
+def parse_json_body() -> Any:
+    """The request body as JSON, or a 400 `invalid_json` answer."""
+    try:
+        return json.loads(request.get_data(cache=True))
+    except (UnicodeDecodeError, ValueError) as exc:
+        fail(400, "invalid_json", f"the body is not valid JSON: {exc}")
+
+
+def results_by_job(conn: Connection, rows: Sequence[RowMapping]) -> dict[str, RowMapping]:
+    """The result rows of the succeeded jobs among `rows`, in one query."""
+    done = [r["id"] for r in rows if r["status"] == "succeeded"]
+    if not done:
+        return {}
+    found = conn.execute(select(results).where(results.c.job_id.in_(done))).mappings().all()
+    return {r["job_id"]: r for r in found}
+
+
+def render_jobs(conn: Connection, rows: Sequence[RowMapping]) -> list[dict[str, Any]]:
+    svc = services()
+    by_job = results_by_job(conn, rows)
+    return [job_json(r, by_job.get(r["id"]), svc.storage, svc.settings.presign_ttl_s) for r in rows]
+
+
+def load_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping:
+    row = (
+        conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))
+        .mappings()
+        .first()
+    )
+    if row is None:
+        fail(404, "not_found", f"no job {job_id!r}")
+    return row
+
+
+@bp.post("/v1/jobs")
+@bp.auth_required(auth, roles=["submit"])
+@describes_body(JobIn)
+@bp.output(JobOut, status_code=201, description="The queued job.")
+@bp.doc(responses=[400, 409, 413, 422])
+def create_job() -> Response:
+    """Submit one job; send an Idempotency-Key header to make retries safe."""
+    principal = current_principal()
+    svc = services()
+    body = request.get_data(cache=True)
+
+    def work(conn: Connection) -> Created:
+        draft = validate_job(parse_json_body(), svc.settings)
+        missing = missing_uploads(conn, principal.tenant_id, [(0, draft)], "index")
+        if missing:
+            raise SubmitError("upload_not_found", missing[0]["message"])
+        store_pending_uploads(conn, svc.storage, principal.tenant_id, [draft])
+        row = (
+            conn.execute(jobs.insert().values(job_row(principal.tenant_id, None, draft)).returning(*jobs.c))
+            .mappings()
+            .one()
+        )
+        return Created(201, render_jobs(conn, [row])[0], {(draft.task, draft.bucket)})
+
+    return create_idempotently(principal.tenant_id, body, work)
+
+
+@bp.get("/v1/jobs/<job_id>")
+@bp.auth_required(auth, roles=["read"])
+@bp.output(JobOut)
+def get_job(job_id: str) -> Response:
+    """A job: status, stage, progress, result link, provenance and error."""
+    principal = current_principal()
+    with services().engine.connect() as conn:
+        row = load_job(conn, principal.tenant_id, job_id)
+        return jsonify(render_jobs(conn, [row])[0])
+
+
+def encode_cursor(created_at: datetime, job_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at.isoformat(), job_id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(created), str(job_id)
+    except (binascii.Error, UnicodeError, ValueError, TypeError) as exc:
+        fail(400, "invalid_cursor", f"the cursor is not one this API gave out: {exc}")
+
+
+@bp.get("/v1/jobs")
+@bp.auth_required(auth, roles=["read"])
+@bp.input(JobListQuery, location="query", arg_name="query")
+@bp.output(JobListOut)
+@bp.doc(responses=[400, 404])
+def list_jobs(query: dict[str, Any]) -> Response:
+    """The tenant's jobs, oldest first, optionally of one batch and/or one status; follow `next_cursor`."""
+    principal = current_principal()
+    limit = query["limit"]
+    stmt = select(jobs).where(jobs.c.tenant_id == principal.tenant_id)
+    with services().engine.connect() as conn:
+        if query.get("batch_id"):
+            owned = conn.execute(
+                select(batches.c.id).where(
+                    batches.c.id == query["batch_id"], batches.c.tenant_id == principal.tenant_id
+                )
+            ).first()
+            if owned is None:
+                fail(404, "not_found", f"no batch {query['batch_id']!r}")
+            stmt = stmt.where(jobs.c.batch_id == query["batch_id"])
+        if query.get("status"):
+            stmt = stmt.where(jobs.c.status == query["status"])
+        if query.get("cursor"):
+            created_at, last_id = decode_cursor(query["cursor"])
+            stmt = stmt.where(tuple_(jobs.c.created_at, jobs.c.id) > tuple_(created_at, last_id))
+        rows = conn.execute(stmt.order_by(jobs.c.created_at, jobs.c.id).limit(limit + 1)).mappings().all()
+        page, more = rows[:limit], len(rows) > limit
+        data = render_jobs(conn, page)
+    next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None
+    return jsonify({"object": "list", "data": data, "next_cursor": next_cursor, "has_more": more})
+
+
+@bp.post("/v1/jobs/<job_id>/cancel")
+@bp.auth_required(auth, roles=["submit"])
+@bp.output(JobOut)
+def cancel(job_id: str) -> Response:
+    """Cancel a queued job at once; a running one stops at its next denoising step. Finished jobs stay."""
+    principal = current_principal()
+    with services().engine.begin() as conn:
+        row = cancel_job(conn, principal.tenant_id, job_id)
+        if row is None:
+            fail(404, "not_found", f"no job {job_id!r}")
+        return jsonify(render_jobs(conn, [row])[0])
+
+
+@bp.get("/v1/jobs/<job_id>/result")
+@bp.auth_required(auth, roles=["read"])
+@bp.doc(
+    responses={
+        200: "The text of an understand job (text/plain).",
+        302: "A redirect to a short-lived presigned URL of the image.",
+        409: "The job has no result (yet).",
+    }
+)
+def get_result(job_id: str) -> Response:
+    """The result: a redirect to the image, or the text of an understand job."""
+    principal = current_principal()
+    svc = services()
+    with svc.engine.connect() as conn:
+        row = load_job(conn, principal.tenant_id, job_id)
+        if row["status"] in ("queued", "running"):
+            fail(409, "not_ready", f"the job is {row['status']}; its result is not ready")
+        result = results_by_job(conn, [row]).get(job_id)
+    if result is None:
+        fail(409, "no_result", f"the job ended {row['status']} without a result")
+    if result["kind"] == "text":
+        return Response(result["text"] or "", mimetype="text/plain", content_type="text/plain; charset=utf-8")
+    return redirect(svc.storage.presign_get(result["object_key"], svc.settings.presign_ttl_s), code=302)

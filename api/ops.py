@@ -1,0 +1,144 @@
+"""Operations: liveness, readiness (database, broker, storage) and Prometheus metrics from the database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import Response, current_app, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from api.context import services
+from core.schema import JOB_STATUSES, jobs, webhook_deliveries
+from core.webhooks import DELIVERY_STATUSES
+
+bp = APIBlueprint("ops", __name__, tag="Operations")
+
+
+class DatabaseCollector:
+    """Gauges computed from the database at scrape time, so every API process reports the same truth."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to query at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        by_status = GaugeMetricFamily("nexusgen_jobs", "Jobs by task and status.", labels=["task", "status"])
+        depth = GaugeMetricFamily(
+            "nexusgen_queue_depth",
+            "Queued jobs by task, bucket and priority.",
+            labels=["task", "bucket", "priority"],
+        )
+        oldest = GaugeMetricFamily(
+            "nexusgen_queue_oldest_age_seconds", "Age of the oldest queued job by task.", labels=["task"]
+        )
+        deliveries = GaugeMetricFamily(
+            "nexusgen_webhook_deliveries", "Webhook deliveries by status.", labels=["status"]
+        )
+        up = GaugeMetricFamily("nexusgen_metrics_database_up", "1 if the database answered this scrape.")
+        try:
+            with self.engine.connect() as conn:
+                counts = {
+                    (t, s): n
+                    for t, s, n in conn.execute(
+                        select(jobs.c.task, jobs.c.status, func.count()).group_by(jobs.c.task, jobs.c.status)
+                    )
+                }
+                queued = conn.execute(
+                    select(jobs.c.task, jobs.c.bucket, jobs.c.priority, func.count())
+                    .where(jobs.c.status == "queued")
+                    .group_by(jobs.c.task, jobs.c.bucket, jobs.c.priority)
+                ).all()
+                ages = conn.execute(
+                    select(jobs.c.task, func.extract("epoch", func.now() - func.min(jobs.c.enqueued_at)))
+                    .where(jobs.c.status == "queued")
+                    .group_by(jobs.c.task)
+                ).all()
+                delivered = dict(
+                    conn.execute(
+                        select(webhook_deliveries.c.status, func.count()).group_by(
+                            webhook_deliveries.c.status
+                        )
+                    ).all()
+                )
+        except SQLAlchemyError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        tasks = sorted({t for t, _ in counts} | {"generate", "edit", "understand"})
+        for task in tasks:
+            for status in JOB_STATUSES:
+                by_status.add_metric([task, status], counts.get((task, status), 0))
+        for task, bucket, priority, n in queued:
+            depth.add_metric([task, bucket, str(priority)], n)
+        for task, age in ages:
+            oldest.add_metric([task], float(age or 0))
+        for status in sorted(set(DELIVERY_STATUSES) | set(delivered)):
+            deliveries.add_metric([status], delivered.get(status, 0))
+        yield from (up, by_status, depth, oldest, deliveries)
+
+
+def make_registry(engine: Engine) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(engine))  # type: ignore[arg-type]
+    return registry
+
+
+@bp.get("/healthz")
+@bp.doc(responses={200: "The process is up."})
+def healthz() -> Response:
+    """Liveness: answers without touching any dependency."""
+    return jsonify({"status": "ok"})
+
+
+def _check(probe: Any) -> dict[str, Any]:
+    started = time.monotonic()
+    try:
+        ok = bool(probe())
+        error = None if ok else "not ready"
+    except Exception as exc:  # any failure of a dependency means "not ready"; it is reported, not hidden
+        ok, error = False, f"{type(exc).__name__}: {exc}"
+    return {"ok": ok, "error": error, "latency_ms": round((time.monotonic() - started) * 1000, 1)}
+
+
+def _database_ready() -> bool:
+    with services().engine.connect() as conn:
+        return conn.execute(text("SELECT 1")).scalar() == 1
+
+
+def _broker_ready() -> bool:
+    with services().publisher().connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=2)
+    return True
+
+
+@bp.get("/readyz")
+@bp.doc(responses={200: "Database, broker and storage answer.", 503: "A dependency does not answer."})
+def readyz() -> Response:
+    """Readiness: the database, the broker and object storage are reachable."""
+    checks = {
+        "database": _check(_database_ready),
+        "broker": _check(_broker_ready),
+        "storage": _check(services().storage.ping),
+    }
+    ready = all(c["ok"] for c in checks.values())
+    response = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
+    response.status_code = 200 if ready else 503
+    return response
+
+
+@bp.get("/metrics")
+@bp.doc(responses={200: "Prometheus text format."})
+def metrics() -> Response:
+    """Prometheus metrics: jobs by status, queue depth per bucket and priority, webhook deliveries."""
+    registry: CollectorRegistry = current_app.extensions["nexusgen_metrics"]
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

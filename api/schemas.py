@@ -1,0 +1,237 @@
+"""What goes over the wire: request and response schemas (they generate the OpenAPI spec) and renderers.
+
+Request bodies are described here but validated by core.submit, which gives every problem its own
+machine-readable code; responses are rendered by the functions at the bottom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apiflask import Schema
+from apiflask.fields import Boolean, DateTime, Dict, File, Float, Integer, List, Nested, Raw, String
+from apiflask.validators import Length, OneOf, Range
+from sqlalchemy import RowMapping
+
+from core.schema import JOB_STATUSES
+from core.storage import Storage
+from core.submit import PRIORITY_RANGE, TASKS
+from core.webhooks import ALL_EVENTS
+
+
+def describes_body(schema: type[Schema], content_type: str = "application/json") -> Callable[[Any], Any]:
+    """Put a request body into the OpenAPI spec without letting apiflask parse it (the view reads the
+    raw body: it hashes it for Idempotency-Key and accepts JSONL next to JSON)."""
+
+    def decorator(view: Any) -> Any:
+        spec = getattr(view, "_spec", None) or {}
+        spec.update(body=schema(), content_type=content_type)
+        view._spec = spec
+        return view
+
+    return decorator
+
+
+# --- requests ------------------------------------------------------------------------------------------
+
+
+class ParamsIn(Schema):
+    width = Integer(metadata={"description": "multiple of 16, 256..2048 (default 512)"})
+    height = Integer(metadata={"description": "multiple of 16, 256..2048 (default 512)"})
+    steps = Integer(metadata={"description": "1..100 (default 50)"})
+    cfg_scale = Float(metadata={"description": "default 3.0 (generate), 1.0 (edit)"})
+    guidance = Float(metadata={"description": "default 3.5"})
+    seed = Integer(metadata={"description": "drawn at submission when absent, and recorded"})
+    decoder = String(validate=OneOf(["edit", "generation"]), metadata={"description": "edit jobs only"})
+    language = String(validate=OneOf(["en", "zh"]))
+    negative_prompt = String()
+    max_new_tokens = Integer(metadata={"description": "understand jobs only, 1..4096 (default 1024)"})
+
+
+class WebhookIn(Schema):
+    url = String(required=True)
+    events = List(String(validate=OneOf(list(ALL_EVENTS))))
+
+
+class JobIn(Schema):
+    task = String(required=True, validate=OneOf(list(TASKS)))
+    prompt = String(metadata={"description": "generate"})
+    instruction = String(metadata={"description": "edit and understand"})
+    image = String(metadata={"description": "edit, understand: an upload id (upl_...) or a data URL"})
+    params = Nested(ParamsIn)
+    priority = Integer(validate=Range(*PRIORITY_RANGE), metadata={"description": "higher runs first"})
+    metadata = Dict(metadata={"description": "your own data, at most 16 KiB as JSON"})
+    webhook = Nested(WebhookIn)
+    custom_id = String(validate=Length(1, 200))
+
+
+class BatchIn(Schema):
+    jobs = List(Nested(JobIn), required=True)
+    webhook = Nested(WebhookIn)
+    metadata = Dict()
+
+
+class UploadIn(Schema):
+    file = File(required=True, metadata={"description": "a PNG, JPEG or WebP image"})
+
+
+class JobListQuery(Schema):
+    batch_id = String()
+    status = String(validate=OneOf(list(JOB_STATUSES)))
+    cursor = String()
+    limit = Integer(load_default=100, validate=Range(1, 1000))
+
+
+# --- responses -----------------------------------------------------------------------------------------
+
+
+class UploadOut(Schema):
+    id = String(required=True)
+    object = String()
+    sha256 = String()
+    width = Integer()
+    height = Integer()
+    content_type = String()
+    size_bytes = Integer()
+    created_at = DateTime()
+
+
+class ProgressOut(Schema):
+    step = Integer(allow_none=True)
+    total_steps = Integer(allow_none=True)
+    fraction = Float()
+
+
+class ErrorInfoOut(Schema):
+    code = String(allow_none=True)
+    message = String(allow_none=True)
+
+
+class ResultOut(Schema):
+    url = String()
+    expires_at = DateTime()
+    text = String()
+    content_type = String(allow_none=True)
+    sha256 = String(allow_none=True)
+    width = Integer(allow_none=True)
+    height = Integer(allow_none=True)
+
+
+class JobOut(Schema):
+    id = String(required=True)
+    object = String()
+    batch_id = String(allow_none=True)
+    custom_id = String(allow_none=True)
+    task = String()
+    status = String(validate=OneOf(list(JOB_STATUSES)))
+    stage = String()
+    progress = Nested(ProgressOut)
+    priority = Integer()
+    params = Dict()
+    metadata = Dict()
+    attempt = Integer()
+    created_at = DateTime()
+    started_at = DateTime(allow_none=True)
+    finished_at = DateTime(allow_none=True)
+    cancel_requested = Boolean()
+    error = Nested(ErrorInfoOut, allow_none=True)
+    result = Nested(ResultOut, allow_none=True)
+    provenance = Raw(allow_none=True)
+
+
+class JobListOut(Schema):
+    object = String()
+    data = List(Nested(JobOut))
+    next_cursor = String(allow_none=True)
+    has_more = Boolean()
+
+
+class BatchOut(Schema):
+    id = String(required=True)
+    object = String()
+    status = String()
+    total_jobs = Integer()
+    counts = Dict(keys=String(), values=Integer())
+    metadata = Dict()
+    webhook = Raw(allow_none=True)
+    cancel_requested = Boolean()
+    created_at = DateTime()
+    completed_at = DateTime(allow_none=True)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def upload_json(row: RowMapping | dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "upload",
+        "sha256": row["sha256"],
+        "width": row["width"],
+        "height": row["height"],
+        "content_type": row["content_type"],
+        "size_bytes": row["size_bytes"],
+        "created_at": _iso(row["created_at"]),
+    }
+
+
+def result_json(result: RowMapping | None, storage: Storage, ttl_s: int) -> dict[str, Any] | None:
+    """The result part of a job: a presigned URL with its expiry (images) or the text (understanding)."""
+    if result is None:
+        return None
+    out: dict[str, Any] = {"content_type": result["content_type"], "sha256": result["sha256"]}
+    if result["kind"] == "text":
+        out["text"] = result["text"] or ""
+    else:
+        out["url"] = storage.presign_get(result["object_key"], ttl_s)
+        out["expires_at"] = (datetime.now(UTC) + timedelta(seconds=ttl_s)).isoformat()
+        out["width"], out["height"] = result["width"], result["height"]
+    return out
+
+
+def job_json(row: RowMapping, result: RowMapping | None, storage: Storage, ttl_s: int) -> dict[str, Any]:
+    error = None
+    if row["status"] == "failed":
+        error = {"code": row["error_code"], "message": row["error_message"]}
+    return {
+        "id": row["id"],
+        "object": "job",
+        "batch_id": row["batch_id"],
+        "custom_id": row["custom_id"],
+        "task": row["task"],
+        "status": row["status"],
+        "stage": row["stage"],
+        "progress": {"step": row["step"], "total_steps": row["total_steps"], "fraction": row["progress"]},
+        "priority": row["priority"],
+        "params": row["params"],
+        "metadata": row["metadata"],
+        "attempt": row["attempt"],
+        "created_at": _iso(row["created_at"]),
+        "started_at": _iso(row["started_at"]),
+        "finished_at": _iso(row["finished_at"]),
+        "cancel_requested": row["cancel_requested"],
+        "error": error,
+        "result": result_json(result, storage, ttl_s) if row["status"] == "succeeded" else None,
+        "provenance": row["provenance"],
+    }
+
+
+def batch_json(row: RowMapping, counts: dict[str, int]) -> dict[str, Any]:
+    webhook = None
+    if row["webhook_url"]:
+        webhook = {"url": row["webhook_url"], "events": row["webhook_events"]}
+    return {
+        "id": row["id"],
+        "object": "batch",
+        "status": "completed" if row["completed_at"] is not None else "in_progress",
+        "total_jobs": row["total_jobs"],
+        "counts": {status: int(counts.get(status, 0)) for status in JOB_STATUSES},
+        "metadata": row["metadata"],
+        "webhook": webhook,
+        "cancel_requested": row["cancel_requested"],
+        "created_at": _iso(row["created_at"]),
+        "completed_at": _iso(row["completed_at"]),
+    }

@@ -1,0 +1,114 @@
+"""Decoder throughput (DiT flow loop + VAE decode) at batch 1, 4 and 8 on a small random FLUX DiT.
+
+The DiT (default 8 heads x 64, 2 double + 4 single blocks) is built at that size with random weights; the
+VAE is the tiny checkpoint's (16 latent channels). Conditioning is random [B, 81, J] with cfg 1, as the
+generation decoder feeds it. Run: `python -m bench.bench_decoders`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bench.common import base_parser, environment, median, setup, table, timed, tiny_components, write_result
+from model.config import NUM_IMAGE_TOKENS, rope_axes_for_head_dim
+from model.decoders import Conditioning, DenoiseJob, denoise, vae_decode, vae_scale_factor
+
+BATCHES = (1, 4, 8)
+
+
+def small_dit(device: torch.device, dtype: torch.dtype, args: Any, channels: int) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=channels * 4,
+        num_layers=args.layers,
+        num_single_layers=args.single_layers,
+        attention_head_dim=args.head_dim,
+        num_attention_heads=args.heads,
+        joint_attention_dim=args.joint_dim,
+        pooled_projection_dim=args.joint_dim,
+        guidance_embeds=True,
+        axes_dims_rope=rope_axes_for_head_dim(args.head_dim),
+    )
+    return dit.to(device, dtype).eval().requires_grad_(False)
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256, help="output width = height")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--single-layers", type=int, default=4)
+    parser.add_argument("--joint-dim", type=int, default=256)
+    args = parser.parse_args()
+    runs = args.runs or 3
+    device, dtype = setup(args)
+    vae = tiny_components(device, dtype).vae
+    channels, scale = vae.config.latent_channels, vae_scale_factor(vae)
+    dit = small_dit(device, dtype, args, channels)
+
+    def job(batch: int) -> DenoiseJob:
+        gen = torch.Generator().manual_seed(batch)
+        cond = Conditioning(
+            torch.randn(batch, NUM_IMAGE_TOKENS, args.joint_dim, generator=gen),
+            torch.zeros(NUM_IMAGE_TOKENS, 3),
+            torch.randn(batch, args.joint_dim, generator=gen),
+        )
+        return DenoiseJob(
+            list(range(batch)), list(range(batch)), cond, None, args.size, args.size, args.steps, 1.0, 3.5
+        )
+
+    def run(batch: int) -> tuple[float, float]:
+        dit_s, (latents, _) = timed(lambda: denoise(dit, job(batch), scale, channels, device), device)
+        vae_s, images = timed(lambda: vae_decode(vae, latents, device), device)
+        assert len(images) == batch and images[0].size == (args.size, args.size)
+        return dit_s, vae_s
+
+    run(1)  # warm-up
+    times: dict[int, list[tuple[float, float]]] = {b: [] for b in BATCHES}
+    for _ in range(runs):  # interleaved, so drift hits every batch size alike
+        for batch in BATCHES:
+            times[batch].append(run(batch))
+
+    figures = {}
+    for batch in BATCHES:
+        dit_s = median([t[0] for t in times[batch]])
+        vae_s = median([t[1] for t in times[batch]])
+        total = median([t[0] + t[1] for t in times[batch]])
+        figures[batch] = {"dit_s": dit_s, "vae_s": vae_s, "total_s": total, "images_per_s": batch / total}
+    base = figures[1]["images_per_s"]
+    for batch in BATCHES:
+        figures[batch]["ratio_vs_batch_1"] = figures[batch]["images_per_s"] / base
+
+    print(
+        f"decoders: DiT {args.heads}x{args.head_dim}, {args.layers}+{args.single_layers} blocks, "
+        f"{args.size}², {args.steps} steps, {device} ({dtype}), {runs} runs"
+    )
+    rows = [
+        [b, f["dit_s"], f["vae_s"], f["images_per_s"], f"{f['ratio_vs_batch_1']:.2f}x"]
+        for b, f in figures.items()
+    ]
+    print(table(rows, ["batch", "DiT loop s", "VAE s", "images/s", "vs batch 1"]))
+    write_result(
+        "bench_decoders",
+        {
+            "config": {
+                k: getattr(args, k)
+                for k in ("size", "steps", "heads", "head_dim", "layers", "single_layers", "joint_dim")
+            },
+            "runs": runs,
+            "environment": environment(device),
+            "dtype": str(dtype),
+            "batches": {str(b): f for b, f in figures.items()},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

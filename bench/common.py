@@ -1,0 +1,97 @@
+"""Shared bench plumbing: thread and device setup, wall-clock timing, the tiny checkpoint, result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments every bench takes: device, threads, number of timed runs."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="timed runs per configuration (median reported)"
+    )
+    return parser
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Fix threads and seed; bf16 on GPU, fp32 on CPU (the stack's defaults)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of one call, synchronising the GPU around it."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def tiny_components(device: torch.device, dtype: torch.dtype) -> Any:
+    """The tiny checkpoint's components (tokenizer, VAE, text encoders...), written to a temporary dir."""
+    from model.checkpoint import load_components
+    from model.tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="nexusgen-bench-") as tmp:
+        return load_components(write_tiny_checkpoint(tmp, seed=0), device, dtype)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_at_end": os.getloadavg()[0],  # other processes share the machine
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Write bench/results/NAME.json and return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""Run every benchmark, one after the other, in fresh processes: `python -m bench.run_all [ARGS...]`.
+
+Extra arguments (e.g. `--device cuda --runs 5`) are passed to every bench. Results land in bench/results/.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+BENCHES = ("bench.bench_image_tokens", "bench.bench_decoders")
+
+
+def main() -> int:
+    failed = []
+    for name in BENCHES:
+        print(f"=== {name}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call([sys.executable, "-m", name, *sys.argv[1:]])
+        print(f"=== {name}: exit {code} in {time.perf_counter() - start:.0f} s", flush=True)
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Job submission: validate and normalise job specs, inspect input images, insert jobs set-based.
+
+Validation never touches the database or storage, so a whole batch is checked before anything is
+created; `insert_jobs` writes thousands of rows in a few multi-row statements. Idempotency-Key
+handling lives in core/idempotency.py.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from core.ids import new_id
+from core.images import ImageError, ImageInfo, decode_data_url, inspect_image
+from core.jobs import bucket_key
+from core.schema import jobs, uploads
+from core.settings import Settings
+from core.ssrf import WebhookURLRefused, check_webhook_url
+from core.storage import Storage, upload_key
+from core.webhooks import ALL_EVENTS
+
+TASKS = ("generate", "edit", "understand")
+PRIORITY_RANGE = (-100, 100)
+MAX_METADATA_BYTES = 16 * 1024
+MAX_CUSTOM_ID_CHARS = 200
+MAX_SEED = 2**63 - 1
+INSERT_CHUNK = 1000
+
+# Allowed params per task, with the defaults filled in at submission (seed: drawn at submission).
+_IMAGE_DEFAULTS: dict[str, Any] = {
+    "width": 512,
+    "height": 512,
+    "steps": 50,
+    "guidance": 3.5,
+    "language": "en",
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "generate": {**_IMAGE_DEFAULTS, "cfg_scale": 3.0, "negative_prompt": ""},
+    "edit": {**_IMAGE_DEFAULTS, "cfg_scale": 1.0, "decoder": "edit", "negative_prompt": ""},
+    "understand": {"max_new_tokens": 1024},
+}
+SPEC_KEYS = {
+    "task",
+    "prompt",
+    "instruction",
+    "image",
+    "params",
+    "priority",
+    "metadata",
+    "webhook",
+    "custom_id",
+}
+
+
+class SubmitError(ValueError):
+    """Bad input: answered with `status` and `{"error": {"code", "message", "details"}}`."""
+
+    def __init__(self, code: str, message: str, details: Any = None, status: int = 422) -> None:
+        super().__init__(message)
+        self.code, self.message, self.details, self.status = code, message, details, status
+
+
+@dataclass
+class PendingUpload:
+    """An image that came inline (data URL) and is stored as an upload when the jobs are created."""
+
+    id: str
+    data: bytes
+    info: ImageInfo
+
+
+@dataclass
+class JobDraft:
+    """A validated, normalised job, ready to insert."""
+
+    task: str
+    prompt: str
+    params: dict[str, Any]
+    bucket: str
+    priority: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+    upload_id: str | None = None
+    pending_upload: PendingUpload | None = None
+    custom_id: str | None = None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def normalize_params(task: str, raw: Any) -> dict[str, Any]:
+    """Fill the defaults, check each value, and draw a seed so a retry reproduces the same output."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SubmitError("invalid_params", "params must be an object")
+    allowed = DEFAULTS[task].keys() | ({"seed"} if task != "understand" else set())
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise SubmitError(
+            "invalid_params", f"unknown params for {task}: {unknown}", {"allowed": sorted(allowed)}
+        )
+    params = {**DEFAULTS[task], **raw}
+    if task == "understand":
+        if not _is_int(params["max_new_tokens"]) or not 1 <= params["max_new_tokens"] <= 4096:
+            raise SubmitError("invalid_params", "max_new_tokens must be an integer from 1 to 4096")
+        return params
+    for name in ("width", "height"):
+        value = params[name]
+        if not _is_int(value) or value % 16 or not 256 <= value <= 2048:
+            raise SubmitError(
+                "invalid_size", f"{name} must be a multiple of 16 from 256 to 2048, got {value!r}"
+            )
+    if not _is_int(params["steps"]) or not 1 <= params["steps"] <= 100:
+        raise SubmitError("invalid_steps", f"steps must be an integer from 1 to 100, got {params['steps']!r}")
+    for name in ("cfg_scale", "guidance"):
+        if not _is_number(params[name]) or not 0 <= params[name] <= 30:
+            raise SubmitError("invalid_params", f"{name} must be a number from 0 to 30")
+        params[name] = float(params[name])
+    if params["language"] not in ("en", "zh"):
+        raise SubmitError("invalid_params", "language must be en or zh")
+    if task == "edit" and params["decoder"] not in ("edit", "generation"):
+        raise SubmitError("invalid_params", "decoder must be edit or generation")
+    if not isinstance(params["negative_prompt"], str) or len(params["negative_prompt"]) > 4000:
+        raise SubmitError("invalid_params", "negative_prompt must be a string of at most 4000 characters")
+    seed = params.get("seed")
+    if seed is None:
+        params["seed"] = secrets.randbelow(2**32)
+    elif not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise SubmitError("invalid_params", f"seed must be an integer from 0 to {MAX_SEED}")
+    return params
+
+
+def parse_webhook(
+    raw: Any, settings: Settings, checked: dict[str, str | None]
+) -> tuple[str | None, list[str] | None]:
+    """Validate `{url, events?}`; `checked` caches URL verdicts across the lines of one batch."""
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict) or not isinstance(raw.get("url"), str) or set(raw) - {"url", "events"}:
+        raise SubmitError("invalid_webhook", "webhook must be an object {url, events?}")
+    url, events = raw["url"], raw.get("events")
+    if events is not None:
+        if not isinstance(events, list) or not events or any(e not in ALL_EVENTS for e in events):
+            raise SubmitError(
+                "invalid_webhook", f"webhook.events must be a non-empty list of {list(ALL_EVENTS)}"
+            )
+        events = sorted(set(events))
+    if url not in checked:
+        try:
+            check_webhook_url(url, settings.webhook_allow_private_networks)
+            checked[url] = None
+        except WebhookURLRefused as exc:
+            checked[url] = f"{exc.reason}: {exc}"
+    if checked[url] is not None:
+        raise SubmitError("webhook_url_refused", f"the webhook URL is refused ({checked[url]})")
+    return url, events
+
+
+def validate_job(
+    spec: Any,
+    settings: Settings,
+    *,
+    webhook_cache: dict[str, str | None] | None = None,
+    require_custom_id: bool = False,
+) -> JobDraft:
+    """Check one job spec and return it normalised; raise SubmitError with a machine-readable code."""
+    if not isinstance(spec, dict):
+        raise SubmitError("invalid_job", "a job must be a JSON object")
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise SubmitError("invalid_job", f"unknown fields {unknown}", {"allowed": sorted(SPEC_KEYS)})
+    task = spec.get("task")
+    if task not in TASKS:
+        raise SubmitError("unknown_task", f"task must be one of {list(TASKS)}, got {task!r}")
+    text_field = "prompt" if task == "generate" else "instruction"
+    text = spec.get(text_field)
+    if not isinstance(text, str) or not text.strip():
+        raise SubmitError("missing_prompt", f"a {task} job needs a non-empty string {text_field!r}")
+    if len(text) > settings.max_prompt_chars:
+        raise SubmitError(
+            "prompt_too_long", f"{text_field} has {len(text)} characters; at most {settings.max_prompt_chars}"
+        )
+    draft = JobDraft(task=task, prompt=text, params={}, bucket="")
+    image = spec.get("image")
+    if task == "generate":
+        if image is not None:
+            raise SubmitError("invalid_image", "a generate job takes no image")
+    elif not isinstance(image, str) or not image:
+        raise SubmitError("invalid_image", f"a {task} job needs an image: an upload id or a data URL")
+    elif image.startswith("data:"):
+        try:
+            data = decode_data_url(image, settings.max_upload_bytes)
+            info = inspect_image(data, settings)
+        except ImageError as exc:
+            raise SubmitError(exc.code, exc.message) from exc
+        draft.pending_upload = PendingUpload(id=new_id("upl"), data=data, info=info)
+        draft.upload_id = draft.pending_upload.id
+    elif image.startswith("upl_") and len(image) <= 40:
+        draft.upload_id = image
+    else:
+        raise SubmitError("invalid_image", "image must be an upload id (upl_...) or a data URL")
+    draft.params = normalize_params(task, spec.get("params"))
+    draft.bucket = bucket_key(task, draft.params)
+    priority = spec.get("priority", 0)
+    if not _is_int(priority) or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
+        raise SubmitError(
+            "invalid_priority", f"priority must be an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}"
+        )
+    draft.priority = priority
+    draft.metadata = check_metadata(spec.get("metadata"))
+    draft.webhook_url, draft.webhook_events = parse_webhook(
+        spec.get("webhook"), settings, webhook_cache or {}
+    )
+    custom_id = spec.get("custom_id")
+    if custom_id is None and require_custom_id:
+        raise SubmitError("missing_custom_id", "every line of a JSONL batch needs a custom_id")
+    if custom_id is not None and (
+        not isinstance(custom_id, str) or not 1 <= len(custom_id) <= MAX_CUSTOM_ID_CHARS
+    ):
+        raise SubmitError(
+            "invalid_custom_id", f"custom_id must be a string of 1 to {MAX_CUSTOM_ID_CHARS} characters"
+        )
+    draft.custom_id = custom_id
+    return draft
+
+
+def check_metadata(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SubmitError("invalid_metadata", "metadata must be an object")
+    size = len(json.dumps(raw, ensure_ascii=False).encode("utf-8"))
+    if size > MAX_METADATA_BYTES:
+        raise SubmitError(
+            "metadata_too_large", f"metadata has {size} bytes as JSON; at most {MAX_METADATA_BYTES}"
+        )
+    return raw
+
+
+def parse_jsonl(body: bytes) -> tuple[list[tuple[int, Any]], list[dict[str, Any]]]:
+    """Split a JSONL body into (line number, value) pairs and per-line parse errors; skip blank lines."""
+    items: list[tuple[int, Any]] = []
+    errors: list[dict[str, Any]] = []
+    for number, raw in enumerate(body.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            items.append((number, json.loads(raw)))
+        except (UnicodeDecodeError, ValueError) as exc:
+            errors.append({"line": number, "code": "invalid_json", "message": f"not valid JSON: {exc}"})
+    return items, errors
+
+
+def validate_many(
+    items: Sequence[tuple[int, Any]],
+    settings: Settings,
+    *,
+    position: str,
+    require_custom_id: bool,
+    inherited_webhook: tuple[str | None, list[str] | None] = (None, None),
+) -> tuple[list[tuple[int, JobDraft]], list[dict[str, Any]]]:
+    """Validate every item and collect EVERY error (not just the first), with its line or index."""
+    drafts: list[tuple[int, JobDraft]] = []
+    errors: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    cache: dict[str, str | None] = {}
+    for number, spec in items:
+        try:
+            draft = validate_job(spec, settings, webhook_cache=cache, require_custom_id=require_custom_id)
+        except SubmitError as exc:
+            errors.append({position: number, "code": exc.code, "message": exc.message})
+            continue
+        if draft.custom_id is not None:
+            if draft.custom_id in seen:
+                errors.append(
+                    {
+                        position: number,
+                        "code": "duplicate_custom_id",
+                        "message": f"custom_id also at {position} {seen[draft.custom_id]}",
+                    }
+                )
+                continue
+            seen[draft.custom_id] = number
+        if draft.webhook_url is None:
+            draft.webhook_url, draft.webhook_events = inherited_webhook
+        drafts.append((number, draft))
+    return drafts, errors
+
+
+def missing_uploads(
+    conn: Connection, tenant_id: str, drafts: Iterable[tuple[int, JobDraft]], position: str
+) -> list[dict[str, Any]]:
+    """Errors for drafts naming an upload id the tenant does not have (checked in one query)."""
+    wanted = {d.upload_id for _, d in drafts if d.upload_id and d.pending_upload is None}
+    if not wanted:
+        return []
+    found = set(
+        conn.execute(
+            select(uploads.c.id).where(uploads.c.tenant_id == tenant_id, uploads.c.id.in_(wanted))
+        ).scalars()
+    )
+    return [
+        {position: n, "code": "upload_not_found", "message": f"no upload {d.upload_id!r}"}
+        for n, d in drafts
+        if d.upload_id and d.pending_upload is None and d.upload_id not in found
+    ]
+
+
+def store_pending_uploads(
+    conn: Connection, storage: Storage, tenant_id: str, drafts: Iterable[JobDraft]
+) -> int:
+    """Put inline images into object storage and insert their upload rows (before the jobs that use them)."""
+    rows = []
+    for draft in drafts:
+        pending = draft.pending_upload
+        if pending is None:
+            continue
+        key = upload_key(tenant_id, pending.id)
+        digest = storage.put_bytes(key, pending.data, pending.info.content_type)
+        rows.append(
+            {
+                "id": pending.id,
+                "tenant_id": tenant_id,
+                "object_key": key,
+                "content_type": pending.info.content_type,
+                "size_bytes": len(pending.data),
+                "sha256": digest,
+                "width": pending.info.width,
+                "height": pending.info.height,
+            }
+        )
+    for start in range(0, len(rows), INSERT_CHUNK):
+        conn.execute(uploads.insert(), rows[start : start + INSERT_CHUNK])
+    return len(rows)
+
+
+def job_row(
+    tenant_id: str, batch_id: str | None, draft: JobDraft, job_id: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": job_id or new_id("job"),
+        "tenant_id": tenant_id,
+        "batch_id": batch_id,
+        "custom_id": draft.custom_id,
+        "task": draft.task,
+        "prompt": draft.prompt,
+        "upload_id": draft.upload_id,
+        "params": draft.params,
+        "bucket": draft.bucket,
+        "priority": draft.priority,
+        "metadata": draft.metadata,
+        "webhook_url": draft.webhook_url,
+        "webhook_events": draft.webhook_events,
+    }
+
+
+def insert_jobs(
+    conn: Connection,
+    tenant_id: str,
+    batch_id: str | None,
+    drafts: Sequence[JobDraft],
+) -> set[tuple[str, str]]:
+    """Insert the jobs in multi-row INSERTs of INSERT_CHUNK rows; return the distinct (task, bucket) pairs."""
+    # Sorted ids follow the submission order, so listings and result streams keep the lines' order.
+    ids = sorted(new_id("job") for _ in drafts)
+    rows = [job_row(tenant_id, batch_id, d, job_id) for d, job_id in zip(drafts, ids, strict=True)]
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[start : start + INSERT_CHUNK]
+        conn.execute(jobs.insert().values(chunk))
+    return {(d.task, d.bucket) for d in drafts}

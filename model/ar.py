@@ -1,0 +1,286 @@
+"""The AR stage, batched: prompts, text prefix up to BOI, the one-pass 81 image embeddings (§2)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from model.components import Components
+from model.config import (
+    EDIT_TEMPLATE,
+    GENERATION_TEMPLATES,
+    IMAGE_FACTOR,
+    IMAGE_PLACEHOLDER,
+    NUM_IMAGE_TOKENS,
+    SYSTEM_PROMPT,
+    TARGET_GRID_THW,
+    UNDERSTAND_MAX_PIXELS,
+    VISION_PLACEHOLDER,
+)
+
+MIN_PIXELS = 3136
+MAX_ASPECT_RATIO = 200
+
+
+# ---- input images (§3.1) -----------------------------------------------------------------------------
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = IMAGE_FACTOR,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = UNDERSTAND_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Bounded size of an AR input image, as qwen_vl_utils 0.0.11 `smart_resize` (banker's rounding)."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image aspect ratio must be at most {MAX_ASPECT_RATIO}, got {width}x{height}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def bound_image(image: Image.Image) -> Image.Image:
+    """Resize an input image to its bounded size with BICUBIC (reference `bound_image`)."""
+    image = image.convert("RGB")
+    height, width = smart_resize(image.height, image.width)
+    return image.resize((width, height), Image.BICUBIC)
+
+
+def num_image_pad_tokens(bounded: Image.Image) -> int:
+    """Merged ViT tokens (= image_pad tokens in the prompt) of a bounded image."""
+    return (bounded.height // IMAGE_FACTOR) * (bounded.width // IMAGE_FACTOR)
+
+
+# ---- prompts (§2.2) ----------------------------------------------------------------------------------
+@dataclass
+class ARPrompt:
+    """One templated AR prompt (ends with `<|im_start|>assistant\\n`) and its bounded input image, if any."""
+
+    text: str
+    image: Image.Image | None = None  # already bounded (§3.1)
+
+
+def chat(user_text: str) -> str:
+    """The Qwen2.5-VL chat template with the default system message and a generation prompt."""
+    return (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+        f"<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def _image_item(bounded: Image.Image) -> str:
+    return VISION_PLACEHOLDER.replace("<|image_pad|>", "<|image_pad|>" * num_image_pad_tokens(bounded))
+
+
+def generation_prompt(prompt: str, language: str) -> ARPrompt:
+    """Text-to-image prompt in English or Chinese."""
+    return ARPrompt(chat(GENERATION_TEMPLATES[language].format(prompt=prompt)))
+
+
+def editing_prompt(instruction: str, image: Image.Image) -> ARPrompt:
+    """Editing prompt `<image> instruction` with the bounded input image expanded to N image_pad tokens."""
+    bounded = bound_image(image)
+    user = EDIT_TEMPLATE.replace(IMAGE_PLACEHOLDER, _image_item(bounded), 1).format(instruction=instruction)
+    return ARPrompt(chat(user), bounded)
+
+
+def understanding_prompt(instruction: str, image: Image.Image) -> ARPrompt:
+    """Understanding prompt: content [image, text], concatenated."""
+    bounded = bound_image(image)
+    return ARPrompt(chat(_image_item(bounded) + instruction), bounded)
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """Token ids of a batch of prompts and the ViT features of their input images (one ViT call)."""
+
+    ids: list[list[int]]
+    features: list[torch.Tensor | None]  # per sample: [n_in, D] or None
+    grids: list[torch.Tensor | None]  # per sample: [1, 3] (t, h, w) ViT patch grid or None
+
+
+@dataclass
+class Decoded:
+    """New tokens of one sample of a greedy decode, and whether it stopped on a success token."""
+
+    tokens: list[int]
+    ok: bool
+
+
+class ARStage:
+    """Batched Qwen2.5-VL passes with explicit, per-sample M-RoPE positions and no state on the module."""
+
+    def __init__(
+        self, components: Components, device: torch.device, repetition_penalty: float | None = None
+    ) -> None:
+        self.c, self.device = components, device
+        self.ids = components.special_token_ids
+        self.lm = components.ar.model.language_model
+        generation_config = getattr(components.ar, "generation_config", None)
+        if repetition_penalty is None and generation_config is not None:
+            repetition_penalty = generation_config.repetition_penalty
+        self.repetition_penalty = repetition_penalty or 1.0
+        params = inspect.signature(self.lm.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.c.image_prefill_embeds.weight.dtype
+
+    # -- inputs
+    def vit_inputs(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values [sum patches, 1176] and image_grid_thw [n, 3] of images at their final size."""
+        out = self.c.image_processor(images=images, do_resize=False, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    @torch.no_grad()
+    def vit_features(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Merged ViT features of all images in ONE call: ([n_i, D] per image, grids [n, 3])."""
+        pixel_values, grids = self.vit_inputs(images)
+        visual = self.c.ar.model.visual
+        pixel_values = pixel_values.to(self.device, visual.dtype)
+        merged = visual(pixel_values, grid_thw=grids.to(self.device)).pooler_output  # [sum n_i, D]
+        sizes = (grids.prod(-1) // visual.spatial_merge_size**2).tolist()
+        return list(torch.split(merged.to(self.dtype), sizes)), grids
+
+    def encode(self, prompts: list[ARPrompt], suffixes: list[str] | None = None) -> Encoded:
+        """Tokenize prompts (plus an optional assistant suffix each) and encode their input images."""
+        texts = [p.text + (suffixes[i] if suffixes else "") for i, p in enumerate(prompts)]
+        ids = [self.c.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        with_image = [i for i, p in enumerate(prompts) if p.image is not None]
+        features: list[torch.Tensor | None] = [None] * len(prompts)
+        grids: list[torch.Tensor | None] = [None] * len(prompts)
+        if with_image:
+            feats, grid_rows = self.vit_features([prompts[i].image for i in with_image])  # type: ignore[misc]
+            for k, i in enumerate(with_image):
+                features[i], grids[i] = feats[k], grid_rows[k : k + 1]
+        for i, seq in enumerate(ids):
+            n_in = 0 if features[i] is None else features[i].shape[0]  # type: ignore[union-attr]
+            if seq.count(self.ids["image_pad"]) != n_in:
+                raise ValueError(
+                    f"prompt {i} has {seq.count(self.ids['image_pad'])} image tokens, expected {n_in}"
+                )
+        return Encoded(ids, features, grids)
+
+    # -- batched tensors
+    def _batch(
+        self, enc: Encoded, seqs: list[list[int]], generated_image: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded inputs_embeds [B,L,D], attention mask [B,L], position ids [3,B,L], row ends."""
+        B, L = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((B, L), self.ids["pad"], dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        mm_types = torch.zeros(B, L, dtype=torch.int)  # 1 = image token (input image or generated image)
+        grids: list[torch.Tensor] = []
+        for i, seq in enumerate(seqs):
+            start = L - len(seq)
+            ids[i, start:] = torch.tensor(seq)
+            mask[i, start:] = 1
+            if enc.grids[i] is not None:
+                n_in = enc.features[i].shape[0]  # type: ignore[union-attr]
+                prompt_ids = torch.tensor(enc.ids[i])
+                slots = (prompt_ids == self.ids["image_pad"]).nonzero().flatten()[:n_in] + start
+                mm_types[i, slots] = 1
+                grids.append(enc.grids[i])  # type: ignore[arg-type]
+            if generated_image:
+                mm_types[i, -NUM_IMAGE_TOKENS:] = 1
+                grids.append(torch.tensor([TARGET_GRID_THW]))
+        ids, mask, mm_types = ids.to(self.device), mask.to(self.device), mm_types.to(self.device)
+        embeds = self.lm.embed_tokens(ids)  # [B, L, D]
+        input_slots = mm_types.bool()
+        if generated_image:
+            input_slots[:, -NUM_IMAGE_TOKENS:] = False
+        feats = [f for f in enc.features if f is not None]
+        if feats:
+            embeds[input_slots] = torch.cat(feats).to(embeds.dtype)
+        if generated_image:
+            embeds[:, -NUM_IMAGE_TOKENS:] = self.c.image_prefill_embeds.weight.to(embeds.dtype)
+        image_grid_thw = torch.cat(grids).to(self.device) if grids else None
+        positions, _ = self.c.ar.model.get_rope_index(
+            ids, mm_token_type_ids=mm_types, image_grid_thw=image_grid_thw, attention_mask=mask
+        )  # [3, B, L]
+        return embeds, mask, positions, ids
+
+    def _forward(self, embeds, mask, positions, cache=None):  # type: ignore[no-untyped-def]
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kw: cache},
+        )
+        return out.last_hidden_state, getattr(out, self._cache_kw)
+
+    # -- phase A: greedy decoding (natural prefix, understanding)
+    @torch.no_grad()
+    def greedy(
+        self, enc: Encoded, max_new_tokens: list[int], success_ids: set[int], stop_ids: set[int]
+    ) -> list[Decoded]:
+        """Batched greedy decoding with a KV cache; vision_end is masked at every step (§2.3 step 4).
+
+        A sample stops on a success token (kept, ok=True), on a stop token (dropped, ok=False if success_ids
+        is non-empty) or at its token limit (ok=False if success_ids is non-empty).
+        """
+        B = len(enc.ids)
+        embeds, mask, positions, ids = self._batch(enc, enc.ids, generated_image=False)
+        next_pos = positions.amax(dim=(0, 2)) + 1  # [B]: text position of the first new token
+        first_real = ids.gather(1, (mask == 0).sum(1, keepdim=True))  # [B, 1]
+        history = torch.where(mask.bool(), ids, first_real)  # pads -> a real token of the row (penalty)
+        hidden, cache = self._forward(embeds, mask, positions)
+        out: list[list[int]] = [[] for _ in range(B)]
+        ok = [not success_ids] * B
+        done = [False] * B
+        for step in range(max(max_new_tokens)):
+            logits = self.c.ar.lm_head(hidden[:, -1]).float()  # [B, V]
+            if self.repetition_penalty != 1.0:
+                score = logits.gather(1, history)
+                score = torch.where(
+                    score < 0, score * self.repetition_penalty, score / self.repetition_penalty
+                )
+                logits = logits.scatter(1, history, score)
+            logits[:, self.ids["eoi"]] = float("-inf")
+            tokens = logits.argmax(-1)  # [B]
+            for i, tok in enumerate(tokens.tolist()):
+                if done[i]:
+                    continue
+                if tok in success_ids:
+                    out[i].append(tok)
+                    ok[i], done[i] = True, True
+                elif tok in stop_ids:
+                    done[i] = True
+                else:
+                    out[i].append(tok)
+                    done[i] = len(out[i]) >= max_new_tokens[i]
+            if all(done):
+                break
+            tokens = tokens.masked_fill(torch.tensor(done, device=self.device), self.ids["pad"])
+            history = torch.cat([history, tokens[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            step_pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
+            hidden, cache = self._forward(self.lm.embed_tokens(tokens[:, None]), mask, step_pos, cache)
+        return [Decoded(t, k) for t, k in zip(out, ok, strict=True)]
+
+    # -- phase B: the one-pass image block (§2.5, §2.6)
+    @torch.no_grad()
+    def image_embeddings(self, enc: Encoded, prefixes: list[list[int]]) -> torch.Tensor:
+        """[B, 81, D] vision_head outputs at [BOI, IMG_0..IMG_79] of [prompt, prefix..BOI, 81 x image_pad]."""
+        if any(not p or p[-1] != self.ids["boi"] for p in prefixes):
+            raise ValueError("every prefix must end with the BOI token")
+        pad = [self.ids["image_pad"]] * NUM_IMAGE_TOKENS
+        seqs = [ids + prefix + pad for ids, prefix in zip(enc.ids, prefixes, strict=True)]
+        embeds, mask, positions, _ = self._batch(enc, seqs, generated_image=True)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        hidden = out.last_hidden_state[:, -NUM_IMAGE_TOKENS - 1 : -1]  # [B, 81, D]
+        return self.c.vision_head(hidden)

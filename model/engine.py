@@ -1,0 +1,350 @@
+"""Inference engines for the loaded stack: plain torch, DeepSpeed tensor parallel, CPU offload and fp8 DiTs.
+
+`apply_engine(components, engine, device)` is what `model.pipeline` calls after `load_components`. The
+modules it returns are plain `nn.Module`s (the DeepSpeed wrapper's `.module`, sharded in place), so the
+pipeline reads attributes such as `ar.model.language_model` or `ar.lm_head` the same way for every engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.components import Components
+
+ENGINES = ("torch", "deepspeed")
+FP8_ERROR = "fp8 requires a CUDA device with fp8 support"
+# big modules that offload moves to the accelerator one at a time (the small heads stay there)
+OFFLOADED = ("ar", "gen_dit", "edit_dit", "t5", "clip", "vae")
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on GPU (the weights' own precision), fp32 on CPU (bf16 matmuls are slow and lossy there)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def apply_engine(
+    components: Components, engine: str, device: str, *, offload: bool = False, fp8_dit: bool = False
+) -> Components:
+    """Return the components prepared for `engine` ("torch" or "deepspeed") on `device`.
+
+    `offload` keeps the big modules on the CPU and moves the one in use to `device`; `fp8_dit` stores the
+    DiT block weights in float8 (CUDA with fp8 support only). Both are optional, off by default.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+    if fp8_dit:
+        check_fp8_support(device)
+        if engine == "deepspeed" and tensor_parallel_world()[1] > 1:
+            raise ValueError("fp8 DiTs are not supported together with tensor parallelism")
+    if engine == "deepspeed":
+        components = apply_deepspeed(components, device)
+    if fp8_dit:
+        components = dataclasses.replace(
+            components, gen_dit=quantize_fp8(components.gen_dit), edit_dit=quantize_fp8(components.edit_dit)
+        )
+    if offload:
+        enable_model_offload(components, device)
+    return components
+
+
+# ---- DeepSpeed tensor parallel --------------------------------------------------------------------------
+def tensor_parallel_world() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed if initialised, else RANK / WORLD_SIZE (0, 1)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_process_group(device: str | torch.device) -> None:
+    """Initialise torch.distributed + deepspeed.comm once per process (gloo on CPU, nccl on CUDA).
+
+    Defaults: RANK 0, WORLD_SIZE 1, MASTER_ADDR 127.0.0.1 and, for a lone rank, a free MASTER_PORT (so that
+    several single-rank workers on one host do not collide); a multi-rank launch must set the port itself.
+    """
+    import deepspeed
+    import torch.distributed as tdist
+
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if not tdist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if int(os.environ["WORLD_SIZE"]) > 1:
+                raise ValueError("MASTER_PORT must be set when WORLD_SIZE > 1")
+            os.environ["MASTER_PORT"] = str(_free_port())
+        tdist.init_process_group(backend=backend, init_method="env://")
+    # DeepSpeed's CPU shared-memory all-reduce only sets itself up when LOCAL_SIZE (set by the `deepspeed`
+    # launcher) equals the world size, yet is used regardless: without it, the first TP all-reduce on CPU
+    # segfaults. Ranks launched without that launcher are taken to share this host.
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(tdist.get_world_size())))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+def _init_inference(module: nn.Module, injection_policy: dict[type, tuple[str, ...]] | None) -> Any:
+    import deepspeed
+
+    world = tensor_parallel_world()[1]
+    dtype = _module_dtype(module)  # keep the precision the stack was loaded in (bf16 GPU / fp32 CPU)
+    # init_inference casts the whole module (`module.bfloat16()`), buffers included; keep buffers that were
+    # deliberately left in another precision (e.g. rotary inv_freq in fp32) as the torch engine has them.
+    kept = {n: b for n, b in module.named_buffers() if b.is_floating_point() and b.dtype != dtype}
+    ds_engine = deepspeed.init_inference(
+        module,
+        tensor_parallel={"tp_size": world},
+        dtype=dtype,
+        replace_with_kernel_inject=False,
+        injection_policy=injection_policy if world > 1 else None,
+    )
+    for name, buffer in kept.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = ds_engine.module.get_submodule(owner_name) if owner_name else ds_engine.module
+        owner._buffers[leaf] = buffer.to(owner._buffers[leaf].device)
+    return ds_engine
+
+
+def apply_deepspeed(components: Components, device: str) -> Components:
+    """Wrap the AR model and both DiTs with `deepspeed.init_inference`, tensor parallel over all ranks.
+
+    With one rank DeepSpeed only keeps dtype and device (outputs equal the torch engine's). The vision
+    encoder, heads, adapter, merger, text encoders and VAE stay replicated: they are small next to the
+    7B language model and the two 12B DiTs.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", dev.index or 0))
+        torch.cuda.set_device(local_rank)
+    init_process_group(dev)
+    return dataclasses.replace(
+        components,
+        ar=shard_ar(components.ar),
+        gen_dit=shard_dit(components.gen_dit),
+        edit_dit=shard_dit(components.edit_dit),
+    )
+
+
+def shard_ar(ar: nn.Module) -> nn.Module:
+    """Tensor-parallel Qwen2.5-VL decoder layers (AutoTP policy: q/k/v/gate/up column, o/down row).
+
+    `set_lm_head` inside DeepSpeed also makes `lm_head` row parallel (full logits after its all-reduce).
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
+
+    policy = {Qwen2_5_VLDecoderLayer: ("self_attn.o_proj", "mlp.down_proj")}
+    ar = _init_inference(ar, policy).module
+    if type(ar.lm_head).__name__ == "LmHeadLinearAllreduce":
+        ar.lm_head = LmHeadAnyRank(ar.lm_head)
+    return ar
+
+
+class LmHeadAnyRank(nn.Module):
+    """DeepSpeed's row-parallel lm_head slices `input[:, :, shard]`, i.e. takes [B, L, D] only; the
+    pipeline also calls it on the last position alone ([B, D]), so lift 2-D inputs to 3-D and back."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() == 2:
+            return self.inner(hidden[:, None])[:, 0]
+        return self.inner(hidden)
+
+
+def shard_dit(dit: nn.Module) -> nn.Module:
+    """Tensor-parallel FluxTransformer2DModel following diffusers' `_tp_plan` for Flux.
+
+    DeepSpeed's injection policy replaces EVERY Linear inside a client module, column parallel unless
+    named as row parallel. Whole blocks cannot be clients: their AdaLN modulation Linears
+    (`norm1.linear`, `norm.linear`) must stay replicated because their output is chunked over the full
+    hidden size. So the clients are the attention and feed-forward modules only:
+    FluxAttention: to_q/k/v, add_q/k/v_proj column; to_out.0, to_add_out row (double blocks; single
+    blocks are `pre_only`, with no output projection, so their attention output stays head-sharded);
+    FeedForward: net.0.proj column, net.2 row. The single blocks' own Linears are sharded by
+    `_shard_single_block`. Attention reshapes with `unflatten(-1, (-1, head_dim))`, so the heads a rank
+    holds follow from its shard; QK-RMSNorm and RoPE act per head and stay replicated.
+    """
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    # names as DeepSpeed's AutoTP builds them: "<parent>.<child>", "" parent -> leading dot
+    policy = {FluxAttention: ("to_out.0", ".to_add_out"), FeedForward: ("net.2",)}
+    ds_engine = _init_inference(dit, policy)
+    dit = ds_engine.module
+    if ds_engine.mp_group is not None and tensor_parallel_world()[1] > 1:
+        for block in dit.single_transformer_blocks:
+            _shard_single_block(block, ds_engine.mp_group)
+        _check_head_shards(dit)
+    return dit
+
+
+def _shard_single_block(block: nn.Module, group: Any) -> None:
+    """Shard a FluxSingleTransformerBlock: proj_mlp column parallel, proj_out packed row parallel."""
+    from deepspeed.module_inject.layers import LinearLayer
+
+    attn_sizes = list(block.attn.to_v._partition_sizes)  # the attention output has to_v's (head) sharding
+    block.proj_mlp = LinearLayer(block.proj_mlp, group, name="proj_mlp")
+    mlp_sizes = list(block.proj_mlp._partition_sizes)
+    rank = block.proj_mlp.tp_index
+    block.proj_out = PackedRowParallelLinear(block.proj_out, group, [attn_sizes, mlp_sizes], rank)
+
+
+class PackedRowParallelLinear(nn.Module):
+    """Row-parallel Linear whose input is a concat of independently column-sharded blocks.
+
+    The single block computes `proj_out(cat([attn, mlp], -1))` with attn [.., inner] and mlp [.., 4·inner].
+    Under TP each rank holds `cat([attn_r, mlp_r])`, i.e. its own slice of EACH block, not a contiguous
+    slice of the concat. A plain row-parallel split (DeepSpeed's LinearAllreduce: columns
+    [r·(5·inner)/tp, (r+1)·(5·inner)/tp)) would pair rank 0's input with attention columns of other heads
+    and part of the MLP columns: silently wrong outputs. So rank r keeps the weight columns
+    `W[:, attn_r] ‖ W[:, inner + mlp_r]`, matching its local input, and the partial products are summed
+    by an all-reduce; the bias is added once, after it.
+    """
+
+    def __init__(self, linear: nn.Linear, group: Any, block_partitions: list[list[int]], rank: int) -> None:
+        super().__init__()
+        self.group = group
+        pieces, offset = [], 0
+        for sizes in block_partitions:  # per block: the width of every rank's shard
+            start = offset + sum(sizes[:rank])
+            pieces.append(linear.weight[:, start : start + sizes[rank]])
+            offset += sum(sizes)
+        if offset != linear.in_features:
+            raise ValueError(f"packed blocks cover {offset} of {linear.in_features} input features")
+        self.weight = nn.Parameter(torch.cat(pieces, dim=1).contiguous(), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        import deepspeed.comm as dist
+
+        out = torch.matmul(hidden, self.weight.transpose(0, 1))
+        dist.inference_all_reduce(out, group=self.group)
+        return out if self.bias is None else out + self.bias
+
+
+def _check_head_shards(dit: nn.Module) -> None:
+    """Every rank must hold whole attention heads, or attention silently mixes half-heads."""
+    for name, module in dit.named_modules():
+        if hasattr(module, "to_q") and hasattr(module, "head_dim"):
+            width = module.to_q.weight.shape[0]
+            if width % module.head_dim:
+                raise ValueError(
+                    f"{name}: shard width {width} is not a whole number of {module.head_dim}-d heads"
+                )
+
+
+# ---- CPU offload --------------------------------------------------------------------------------------
+@contextmanager
+def offloaded(module: nn.Module, device: str | torch.device) -> Iterator[nn.Module]:
+    """Move `module` to `device` for the duration of the block, then back to the CPU."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class ModelOffload:
+    """Keep the big modules on the CPU and the one in use on the device (one at a time, like the reference).
+
+    A forward pre-hook on each module AND its submodules loads its owner, so the pipeline may call a
+    submodule directly (`ar.model.language_model`, `ar.lm_head`) without knowing about offloading.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device: str | torch.device) -> None:
+        self.modules = modules
+        self.device = torch.device(device)
+        self.active: str | None = None
+        for name, module in modules.items():
+            module.to("cpu")
+            for sub in module.modules():
+                sub.register_forward_pre_hook(self._hook(name))
+
+    def _hook(self, name: str) -> Any:
+        def load(_module: nn.Module, _args: Any) -> None:
+            if self.active != name:
+                self.load(name)
+
+        return load
+
+    def load(self, name: str) -> None:
+        """Move `name` to the device, and the previously active module back to the CPU."""
+        if self.active is not None:
+            self.modules[self.active].to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.modules[name].to(self.device)
+        self.active = name
+
+
+def enable_model_offload(components: Components, device: str) -> ModelOffload:
+    """Install offloading on the big modules of `components` (in place); returns the controller."""
+    modules = {name: getattr(components, name) for name in OFFLOADED}
+    return ModelOffload(modules, device)
+
+
+# ---- fp8 DiT ------------------------------------------------------------------------------------------
+def check_fp8_support(device: str | torch.device) -> None:
+    """Raise unless `device` is a CUDA device whose torch build stores and computes float8 (sm 8.9+)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch, "float8_e4m3fn"):
+        raise ValueError(FP8_ERROR)
+    if torch.cuda.get_device_capability(dev) < (8, 9):
+        raise ValueError(FP8_ERROR)
+
+
+class Float8Linear(nn.Module):
+    """Linear with its weight stored in float8_e4m3fn (per-output-row scale), computed in the input dtype."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+        self.register_buffer("weight_fp8", (weight / scale).to(torch.float8_e4m3fn))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_fp8.to(hidden.dtype) * self.scale.to(hidden.dtype)
+        return F.linear(hidden, weight, None if self.bias is None else self.bias.to(hidden.dtype))
+
+
+def quantize_fp8(dit: nn.Module) -> nn.Module:
+    """Replace every Linear inside the DiT blocks by a Float8Linear (in place); embedders stay as they are."""
+    for blocks_name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(dit, blocks_name):
+            for name, module in list(block.named_modules()):
+                if isinstance(module, nn.Linear):
+                    parent_name, _, child = name.rpartition(".")
+                    parent = block.get_submodule(parent_name) if parent_name else block
+                    setattr(parent, child, Float8Linear(module))
+    return dit

@@ -1,0 +1,314 @@
+"""The `nexusgen` command line (design.md, Commands): the stack, single services, admin and client."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from core.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Nexus-Gen V2 batch service."""
+
+
+# --- the whole stack ----------------------------------------------------------------------------------
+
+
+@main.command()
+def up() -> None:
+    """Run the whole stack in the foreground; start embedded servers for unset URLs. Ctrl-C stops it."""
+    from nexusgen.up import run_up
+
+    sys.exit(run_up(_settings()))
+
+
+@main.command()
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True
+)
+@click.option("--jobs", "n_jobs", type=int, default=8, show_default=True, help="how many jobs (at least 6)")
+@click.option("--size", type=int, default=256, show_default=True, help="output width and height")
+@click.option("--steps", type=int, default=4, show_default=True, help="denoising steps")
+@click.option("--timeout", "timeout_s", type=float, default=900.0, show_default=True)
+def demo(out_dir: Path, n_jobs: int, size: int, steps: int, timeout_s: float) -> None:
+    """Run the stack in the background and push a mixed batch through it end to end."""
+    from nexusgen.demo import DemoOptions, run_demo
+
+    options = DemoOptions(out_dir=out_dir, n_jobs=n_jobs, size=size, steps=steps, timeout_s=timeout_s)
+    sys.exit(run_demo(_settings(), options))
+
+
+# --- one service each (docker-compose) ----------------------------------------------------------------
+
+
+@main.command()
+def migrate() -> None:
+    """Bring the database schema up to date (Alembic)."""
+    from core.migrate import upgrade
+    from nexusgen.up import configure_logging
+
+    settings = _settings()
+    configure_logging("migrate", settings.log_level)
+    settings.require("database_url")
+    upgrade(settings)
+    click.echo("database schema is up to date")
+    if settings.s3_endpoint_url:
+        from core.storage import Storage
+
+        Storage.from_settings(settings).ensure_bucket()
+        click.echo(f"bucket {settings.s3_bucket} is there")
+
+
+@main.command()
+@click.option("--workers", type=int, default=2, show_default=True, help="gunicorn worker processes")
+@click.option("--threads", type=int, default=8, show_default=True, help="threads per worker")
+def api(workers: int, threads: int) -> None:
+    """Serve the HTTP API with gunicorn on NEXUSGEN_API_HOST:NEXUSGEN_API_PORT."""
+    from nexusgen.up import configure_logging, serve_api
+
+    settings = _settings()
+    configure_logging("api", settings.log_level)
+    settings.require("database_url", "broker_url", "s3_endpoint_url")
+    serve_api(settings, workers=workers, threads=threads)
+
+
+@main.command()
+@click.option(
+    "--webhooks", is_flag=True, help="serve webhook delivery and maintenance instead of the model queues"
+)
+@click.option(
+    "--concurrency", type=int, default=None, help="processes (default: 1 for models, 4 for webhooks)"
+)
+@click.option("--hostname", default=None, help="Celery node name (default: kind@host)")
+def worker(webhooks: bool, concurrency: int | None, hostname: str | None) -> None:
+    """Run a Celery worker: the model queues of NEXUSGEN_TASKS, or (--webhooks) delivery and maintenance."""
+    from core.queue import MAINTENANCE_QUEUE, MODEL_QUEUES, WEBHOOK_QUEUE
+    from nexusgen.up import configure_logging, keep_celery_logging
+
+    kind = "webhooks" if webhooks else "model"
+    settings = _settings()
+    configure_logging(f"worker-{kind}", settings.log_level)
+    keep_celery_logging()
+    settings.require("database_url", "broker_url", "s3_endpoint_url")
+    queues = [WEBHOOK_QUEUE, MAINTENANCE_QUEUE] if webhooks else [MODEL_QUEUES[t] for t in settings.tasks]
+    from worker.app import run_worker
+
+    run_worker(settings, queues=queues, concurrency=concurrency or (4 if webhooks else 1), hostname=hostname)
+
+
+@main.command()
+def beat() -> None:
+    """Run Celery beat: the periodic sweeper and the webhook outbox poll."""
+    from nexusgen.up import configure_logging, keep_celery_logging
+
+    settings = _settings()
+    configure_logging("beat", settings.log_level)
+    keep_celery_logging()
+    settings.require("broker_url")
+    from worker.app import run_beat
+
+    run_beat(settings)
+
+
+@main.command()
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=None, help="default: NEXUSGEN_FLOWER_PORT (5555)")
+@click.option(
+    "--db", "db_path", type=click.Path(path_type=Path), default=None, help="default: STATE_DIR/flower.db"
+)
+def flower(address: str, port: int | None, db_path: Path | None) -> None:
+    """Run Flower (Celery monitoring) against CELERY_BROKER_URL, with persistent state."""
+    from nexusgen.up import run_flower
+
+    settings = _settings()
+    settings.require("broker_url")
+    port = port or settings.flower_port
+    run_flower(settings, address=address, port=port, db_path=db_path or settings.state_dir / "flower.db")
+
+
+# --- administration -----------------------------------------------------------------------------------
+
+
+@main.group()
+def tenant() -> None:
+    """Tenants (each with its own keys, jobs and webhook signing secret)."""
+
+
+def _engine() -> Any:
+    from core.db import make_engine
+
+    settings = _settings()
+    try:
+        settings.require("database_url")
+    except RuntimeError as exc:
+        raise click.UsageError(f"{exc} (set DATABASE_URL; `nexusgen up` writes it to STATE_DIR/env)") from exc
+    return make_engine(settings, pool_size=1)
+
+
+@tenant.command("create")
+@click.argument("name")
+def tenant_create(name: str) -> None:
+    """Create a tenant; print its id and webhook signing secret."""
+    from core.auth import create_tenant
+    from core.db import transaction
+
+    engine = _engine()
+    try:
+        with transaction(engine) as conn:
+            tenant_id, secret = create_tenant(conn, name)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        engine.dispose()
+    click.echo(f"tenant_id: {tenant_id}")
+    click.echo(f"webhook_secret: {secret}")
+
+
+@tenant.command("rotate-secret")
+@click.argument("name")
+@click.option(
+    "--overlap", "overlap_s", type=float, default=86400, show_default=True, help="old secret stays valid"
+)
+def tenant_rotate_secret(name: str, overlap_s: float) -> None:
+    """Give a tenant a new webhook signing secret (the old one keeps signing during the overlap)."""
+    from core.auth import tenant_id_by_name
+    from core.db import transaction
+    from core.webhooks import rotate_secret
+
+    engine = _engine()
+    try:
+        with transaction(engine) as conn:
+            secret = rotate_secret(conn, tenant_id_by_name(conn, name), overlap_s=overlap_s)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        engine.dispose()
+    click.echo(f"webhook_secret: {secret}")
+
+
+@main.group()
+def key() -> None:
+    """API keys (only their hash is stored)."""
+
+
+@key.command("create")
+@click.option("--tenant", "tenant_name", required=True, help="tenant name")
+@click.option("--scopes", default="submit,read", show_default=True, help="comma list of submit, read, admin")
+def key_create(tenant_name: str, scopes: str) -> None:
+    """Create an API key and print it once."""
+    from core.auth import create_api_key
+    from core.db import transaction
+
+    scope_list = [s.strip() for s in scopes.split(",") if s.strip()]
+    engine = _engine()
+    try:
+        with transaction(engine) as conn:
+            api_key = create_api_key(conn, tenant_name, scope_list)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        engine.dispose()
+    click.echo(api_key)
+
+
+@main.command("make-tiny-checkpoint")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_tiny_checkpoint(directory: Path, seed: int) -> None:
+    """Write a tiny random checkpoint in the official layout (DIR/Nexus-GenV2, DIR/FLUX/FLUX.1-dev)."""
+    from model.tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint(directory, seed=seed)
+    click.echo(f"tiny checkpoint written to {directory}")
+
+
+# --- client -------------------------------------------------------------------------------------------
+
+
+def _client() -> Any:
+    from nexusgen.client import Client
+
+    try:
+        return Client.from_env()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--wait", is_flag=True, help="wait until every job ended, with a progress bar")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="download results here")
+def submit(file: Path, wait: bool, out_dir: Path | None) -> None:
+    """Submit FILE.jsonl as one batch (resubmitting the same file resumes the same batch)."""
+    from nexusgen.client import ApiError
+    from nexusgen.demo import wait_for_batch
+
+    client = _client()
+    body = file.read_bytes()
+    # The same file gives the same Idempotency-Key: a rerun finds its batch instead of creating another.
+    idempotency_key = "submit-" + hashlib.sha256(body).hexdigest()
+    try:
+        batch = client.create_batch_jsonl(body, idempotency_key=idempotency_key)
+        click.echo(f"batch_id: {batch['id']}")
+        if not (wait or out_dir):
+            return
+        jobs = wait_for_batch(client, batch["id"], timeout_s=float("inf"))
+        failed = [j for j in jobs if j["status"] != "succeeded"]
+        if out_dir:
+            fetched = skipped = 0
+            for job in jobs:
+                if job["status"] == "succeeded":
+                    _, downloaded = client.download_result(job, out_dir)
+                    fetched += downloaded
+                    skipped += not downloaded
+            click.echo(f"results in {out_dir}: {fetched} downloaded, {skipped} already there")
+        for job in failed:
+            error = job.get("error") or {}
+            click.echo(
+                f"{job.get('custom_id') or job['id']}: {job['status']} {error.get('message', '')}", err=True
+            )
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("object_id")
+def status(object_id: str) -> None:
+    """Show a job or a batch (bat_...) as JSON."""
+    from nexusgen.client import ApiError
+
+    try:
+        click.echo(json.dumps(_client().get(object_id), indent=2, ensure_ascii=False))
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.argument("object_id")
+def cancel(object_id: str) -> None:
+    """Cancel a job or a batch (bat_...); finished jobs keep their results."""
+    from nexusgen.client import ApiError
+
+    try:
+        click.echo(json.dumps(_client().cancel(object_id), indent=2, ensure_ascii=False))
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""`nexusgen demo`: the stack in the background, a mixed batch end to end, verified webhooks, a summary.
+
+Exit status 0 only when every job succeeded and every webhook arrived with a valid signature.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from core.settings import Settings
+from nexusgen.client import Client
+
+TERMINAL = ("succeeded", "failed", "canceled")
+console = Console(stderr=True)
+
+
+@dataclass
+class DemoOptions:
+    out_dir: Path = Path("demo-output")
+    n_jobs: int = 8
+    size: int = 256
+    steps: int = 4
+    timeout_s: float = 900.0
+
+
+# --- progress -------------------------------------------------------------------------------------------
+
+
+def _steps(job: dict[str, Any]) -> tuple[int, int]:
+    """(step, total) of a job's progress; total is 1 for stages without steps."""
+    progress = job.get("progress") or {}
+    return progress.get("step") or 0, progress.get("total_steps") or 1
+
+
+def wait_for_batch(
+    client: Client, batch_id: str, timeout_s: float, poll_s: float = 0.5
+) -> list[dict[str, Any]]:
+    """Show one progress bar per job (stage and denoising step) until every job ended; return the jobs."""
+    deadline = time.monotonic() + timeout_s
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stage]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        rows: dict[str, Any] = {}
+        while True:
+            jobs = list(client.iter_jobs(batch_id=batch_id))
+            for job in jobs:
+                label = f"{job.get('custom_id') or job['id']:<16} {job['task']:<10}"
+                if job["id"] not in rows:
+                    rows[job["id"]] = progress.add_task(label, total=1, stage="queued")
+                step, total = _steps(job)
+                done = total if job["status"] == "succeeded" else min(step, total)
+                stage = job["status"] if job["status"] in TERMINAL else job.get("stage") or job["status"]
+                if stage == "denoising":
+                    stage = f"denoising {step}/{total}"
+                progress.update(rows[job["id"]], total=total, completed=done, stage=stage)
+            if jobs and all(job["status"] in TERMINAL for job in jobs):
+                return jobs
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"batch {batch_id} did not finish within {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+
+# --- inputs ---------------------------------------------------------------------------------------------
+
+
+def make_input_images(size: int) -> dict[str, bytes]:
+    """Two small PNGs drawn with PIL: shapes on a plain background, and a simple landscape."""
+    from PIL import Image, ImageDraw
+
+    shapes = Image.new("RGB", (size, size), (40, 70, 160))
+    draw = ImageDraw.Draw(shapes)
+    draw.ellipse((size * 0.15, size * 0.15, size * 0.55, size * 0.55), fill=(220, 40, 40))
+    draw.rectangle((size * 0.55, size * 0.5, size * 0.9, size * 0.85), fill=(250, 210, 40))
+    landscape = Image.new("RGB", (size, size), (140, 200, 250))
+    draw = ImageDraw.Draw(landscape)
+    draw.rectangle((0, size * 0.65, size, size), fill=(60, 150, 60))
+    draw.ellipse((size * 0.7, size * 0.1, size * 0.9, size * 0.3), fill=(255, 230, 80))
+    draw.polygon(
+        [(size * 0.1, size * 0.65), (size * 0.35, size * 0.3), (size * 0.6, size * 0.65)],
+        fill=(120, 110, 100),
+    )
+    images = {}
+    for name, image in (("shapes", shapes), ("landscape", landscape)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        images[name] = buffer.getvalue()
+    return images
+
+
+def _gen(prompt: str, language: str) -> dict[str, Any]:
+    return {"task": "generate", "prompt": prompt, "params": {"language": language}}
+
+
+def _edit(instruction: str, image: str, decoder: str, language: str) -> dict[str, Any]:
+    params = {"decoder": decoder, "language": language}
+    return {"task": "edit", "instruction": instruction, "image": image, "params": params}
+
+
+def _understand(instruction: str, image: str) -> dict[str, Any]:
+    # A short answer: the tiny random model writes noise tokens, and each one costs a forward pass.
+    return {
+        "task": "understand",
+        "instruction": instruction,
+        "image": image,
+        "params": {"max_new_tokens": 16},
+    }
+
+
+def demo_jobs(uploads: dict[str, str], options: DemoOptions) -> list[dict[str, Any]]:
+    """A mix of generation (EN, ZH), editing (both decoders) and understanding, cycled to n_jobs."""
+    size = {"width": options.size, "height": options.size, "steps": options.steps}
+    shapes, landscape = uploads["shapes"], uploads["landscape"]
+    mix: list[dict[str, Any]] = [
+        _gen("A red fox sitting in fresh snow, watercolor", "en"),
+        _gen("一只在竹林里吃竹子的大熊猫，水墨画风格", "zh"),
+        _edit("Make the red circle green", shapes, "edit", "en"),
+        _edit("Turn this landscape into a night scene", landscape, "generation", "en"),
+        _understand("Describe this image in one sentence.", shapes),
+        _gen("A lighthouse on a cliff at dusk, oil painting", "en"),
+        _edit("把天空变成橙色的晚霞", landscape, "edit", "zh"),
+        _understand("What shapes and colours do you see?", landscape),
+    ]
+    jobs = []
+    for i in range(options.n_jobs):
+        job = json.loads(json.dumps(mix[i % len(mix)]))
+        if job["task"] != "understand":
+            job["params"].update(size, seed=1000 + i)
+        job["custom_id"] = f"{i:02d}-{job['task']}"
+        jobs.append(job)
+    return jobs
+
+
+# --- the stack in the background ------------------------------------------------------------------------
+
+
+def start_stack(settings: Settings, timeout_s: float) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start `nexusgen up` (private webhook targets allowed, for the loopback receiver); wait until ready."""
+    state = settings.state_dir.resolve()
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    info_path = state / "up.json"
+    info_path.unlink(missing_ok=True)
+    env = dict(os.environ, WEBHOOK_ALLOW_PRIVATE_NETWORKS="1", NEXUSGEN_STATE_DIR=str(state))
+    with (state / "logs" / "up.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nexusgen.cli", "up"], env=env, stdout=log, stderr=log
+        )
+    deadline = time.monotonic() + timeout_s
+    with console.status("starting the stack (embedded servers, migrations, services) ..."):
+        while True:
+            if info_path.exists():
+                info = json.loads(info_path.read_text())
+                if info.get("pid") == process.pid:
+                    return process, info
+            if process.poll() is not None:
+                tail = (state / "logs" / "up.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"`nexusgen up` exited with status {process.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                stop_stack(process)
+                raise RuntimeError(f"the stack was not ready within {timeout_s:.0f} s (see {state / 'logs'})")
+            time.sleep(0.5)
+
+
+def stop_stack(process: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def create_demo_tenant(database_url: str) -> tuple[str, str, str]:
+    """A fresh tenant (a name per run, since the state persists) and a key: (name, secret, api key)."""
+    from core.auth import create_api_key, create_tenant
+    from core.db import make_engine, transaction
+
+    engine = make_engine(Settings(database_url=database_url), pool_size=1)
+    name = f"demo-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    try:
+        with transaction(engine) as conn:
+            _, secret = create_tenant(conn, name)
+            key = create_api_key(conn, name, ["submit", "read"])
+    finally:
+        engine.dispose()
+    return name, secret, key
+
+
+# --- outputs --------------------------------------------------------------------------------------------
+
+
+def _seconds(job: dict[str, Any]) -> float | None:
+    start, end = job.get("started_at") or job.get("created_at"), job.get("finished_at")
+    if not (start and end):
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def write_contact_sheet(
+    out_dir: Path, jobs: list[dict[str, Any]], files: dict[str, Path], specs: dict[str, dict[str, Any]]
+) -> Path:
+    """index.html: every output with its prompt (and input image), and the understanding answers.
+
+    `specs` maps custom_id to the submitted job, whose `image` was replaced by the input's file name.
+    """
+    cards = []
+    for job in jobs:
+        spec = specs.get(job.get("custom_id") or "", {})
+        path = files.get(job["id"])
+        text = html.escape(spec.get("prompt") or spec.get("instruction") or "")
+        head = f"<b>{html.escape(job.get('custom_id') or job['id'])}</b> ({job['task']}, {job['status']})"
+        source = f'<img src="{spec["image"]}" width="64"> &rarr; ' if spec.get("image") else ""
+        if path is not None and path.suffix == ".png":
+            body = f'{source}<img src="{path.name}" width="256">'
+        elif path is not None:
+            body = f"{source}<pre>{html.escape(path.read_text(encoding='utf-8'))}</pre>"
+        else:
+            body = f"<pre>{html.escape(json.dumps(job.get('error')))}</pre>"
+        cards.append(f"<figure>{body}<figcaption>{head}<br>{text}</figcaption></figure>")
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>nexusgen demo</title><style>"
+        "body{font-family:sans-serif} figure{display:inline-block;width:270px;vertical-align:top;margin:8px}"
+        "</style><h1>nexusgen demo</h1>" + "\n".join(cards)
+    )
+    path = out_dir / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def summary_table(jobs: list[dict[str, Any]], files: dict[str, Path]) -> Table:
+    table = Table(title="demo batch")
+    for column in ("job", "task", "status", "seconds", "output"):
+        table.add_column(column)
+    for job in jobs:
+        seconds = _seconds(job)
+        table.add_row(
+            job.get("custom_id") or job["id"],
+            job["task"],
+            job["status"],
+            f"{seconds:.1f}" if seconds is not None else "-",
+            str(files.get(job["id"], (job.get("error") or {}).get("message", "-"))),
+        )
+    return table
+
+
+# --- the demo -------------------------------------------------------------------------------------------
+
+
+def run_demo(settings: Settings, options: DemoOptions) -> int:
+    """Run the demo; return the exit status."""
+    from nexusgen.receiver import WebhookReceiver
+
+    began = time.monotonic()
+    try:
+        process, info = start_stack(settings, timeout_s=600)
+    except RuntimeError as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        return 1
+    try:
+        console.print(
+            f"stack ready in {time.monotonic() - began:.0f} s: "
+            f"API {info['api_url']}, Flower {info['flower_url']}"
+        )
+        name, secret, key = create_demo_tenant(info["env"]["DATABASE_URL"])
+        client = Client(info["api_url"], key)
+        with WebhookReceiver(secret) as receiver:
+            images = make_input_images(options.size)
+            uploads = {label: client.upload(data, f"{label}.png") for label, data in images.items()}
+            options.out_dir.mkdir(parents=True, exist_ok=True)
+            for label, data in images.items():
+                (options.out_dir / f"input-{label}.png").write_bytes(data)
+            jobs = demo_jobs(uploads, options)
+            batch = client.create_batch(jobs, webhook={"url": receiver.url}, metadata={"demo": name})
+            console.print(
+                f"tenant {name}: batch {batch['id']} with {len(jobs)} jobs; webhooks to {receiver.url}"
+            )
+            done = wait_for_batch(client, batch["id"], timeout_s=options.timeout_s)
+            done.sort(key=lambda job: job.get("custom_id") or job["id"])
+            files: dict[str, Path] = {}
+            for job in done:
+                if job["status"] == "succeeded":
+                    files[job["id"]], _ = client.download_result(job, options.out_dir)
+            input_names = {upload_id: f"input-{label}.png" for label, upload_id in uploads.items()}
+            specs = {j["custom_id"]: {**j, "image": input_names.get(j.get("image", ""), "")} for j in jobs}
+            sheet = write_contact_sheet(options.out_dir, done, files, specs)
+            expected = {(j["id"], "job." + j["status"]) for j in done} | {(batch["id"], "batch.completed")}
+
+            def _all_arrived(events: list[Any]) -> bool:
+                seen = {(e.payload["data"]["id"], e.payload["type"]) for e in events}
+                return expected <= seen
+
+            arrived = receiver.wait_for(_all_arrived, timeout_s=60)
+            verified, rejected = receiver.events(), receiver.rejected()
+        console.print(summary_table(done, files))
+        succeeded = sum(job["status"] == "succeeded" for job in done)
+        console.print(
+            f"{succeeded}/{len(done)} jobs succeeded; results and contact sheet in {sheet}\n"
+            f"webhooks: {len(verified)} verified, {len(rejected)} rejected, "
+            f"{'all expected events arrived' if arrived else 'some expected events did not arrive'}"
+        )
+        return 0 if succeeded == len(done) and arrived and not rejected else 1
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        return 1
+    finally:
+        with console.status("stopping the stack ..."):
+            stop_stack(process)
+        console.print(f"stack stopped; total {time.monotonic() - began:.0f} s")

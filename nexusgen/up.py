@@ -1,0 +1,394 @@
+"""`nexusgen up`: start embedded servers for unset URLs, migrate, then supervise the service processes.
+
+Every service runs as its own child process (`nexusgen api`, `worker`, `worker --webhooks`, `beat`,
+`flower`) in its own session, logging to STATE_DIR/logs/<service>.log; Ctrl-C or SIGTERM stops them in
+order (API first, embedded servers last) and kills what does not stop in time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings
+
+log = logging.getLogger("nexusgen.up")
+
+# --- logging --------------------------------------------------------------------------------------------
+
+
+def json_formatter_config(service: str) -> dict[str, Any]:
+    """A logging.config formatter entry: JSON lines, with `extra=` fields (job_id, batch_id) kept."""
+    return {
+        "()": "pythonjsonlogger.json.JsonFormatter",
+        "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        "static_fields": {"service": service},
+    }
+
+
+def logging_config(service: str, level: str = "INFO") -> dict[str, Any]:
+    """dictConfig for a service process: everything as JSON on stderr; chatty HTTP client logs quieter."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    quiet = {"level": "WARNING", "handlers": ["console"], "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": json_formatter_config(service)},
+        "handlers": {"console": handler},
+        "root": {"level": level, "handlers": ["console"]},
+        "loggers": {
+            "httpx": quiet,
+            "httpcore": quiet,
+            "gunicorn.error": {"level": level, "handlers": ["console"], "propagate": False},
+            "gunicorn.access": {"level": level, "handlers": ["console"], "propagate": False},
+        },
+    }
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    """JSON lines on stderr; job and batch ids passed as `extra=` become fields of the record."""
+    logging.config.dictConfig(logging_config(service, level))
+
+
+def keep_celery_logging() -> None:
+    """Stop Celery from replacing the JSON handlers with its own (connecting setup_logging does that)."""
+    from celery.signals import setup_logging
+
+    @setup_logging.connect(weak=False)
+    def _keep(**_: Any) -> None:
+        return None
+
+
+# --- single services (the `nexusgen api` and `nexusgen flower` commands) --------------------------------
+
+
+def serve_api(settings: Settings, *, workers: int, threads: int) -> None:
+    """Run `api.app:create_app(settings)` under gunicorn (threaded workers) on the configured address."""
+    from gunicorn.app.base import BaseApplication
+
+    class _Gunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{settings.api_host}:{settings.api_port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("threads", threads)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("timeout", 120)
+            self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("accesslog", "-")
+            self.cfg.set("logconfig_dict", logging_config("api", settings.log_level))
+            # one control socket per state dir, so that several stacks on one machine do not collide
+            self.cfg.set("control_socket", str(settings.state_dir.resolve() / "gunicorn.ctl"))
+
+        def load(self) -> Any:
+            from api.app import create_app
+
+            return create_app(settings)
+
+    _Gunicorn().run()
+
+
+def run_flower(settings: Settings, *, address: str, port: int, db_path: Path) -> None:
+    """Replace this process with Flower on the broker, keeping its state in `db_path` across restarts."""
+    assert settings.broker_url is not None
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable, "-m", "celery", f"--broker={settings.broker_url}", "flower",
+        f"--address={address}", f"--port={port}", "--persistent=True", f"--db={db_path}",
+        "--purge_offline_workers=60",
+    ]  # fmt: skip
+    os.execv(sys.executable, argv)
+
+
+# --- ports ------------------------------------------------------------------------------------------------
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_ports(ports: dict[str, tuple[int, str]], host: str = "127.0.0.1") -> None:
+    """Raise a clear error naming every port (and the variable that moves it) that is already taken."""
+    taken = [
+        f"{name} port {port} (set {env})" for name, (port, env) in ports.items() if not port_free(host, port)
+    ]
+    if taken:
+        raise RuntimeError("ports already in use on " + host + ": " + "; ".join(taken))
+
+
+# --- supervision ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """One supervised service process."""
+
+    name: str
+    argv: list[str]
+    stop_timeout_s: float = 15.0
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+
+@dataclass
+class Supervisor:
+    """Starts children with a shared environment and stops them in reverse order."""
+
+    env: dict[str, str]
+    log_dir: Path
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, child: Child) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        child.log_path = self.log_dir / f"{child.name}.log"
+        with child.log_path.open("ab") as out:
+            # Own session: a terminal's Ctrl-C reaches only `up`, which then stops children in order.
+            child.process = subprocess.Popen(
+                child.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.children.append(child)
+        log.info("started %s (pid %d): %s", child.name, child.process.pid, shlex.join(child.argv))
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if c.process is not None and c.process.poll() is not None]
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            stop_process(child.name, child.process, child.stop_timeout_s)
+        self.children.clear()
+
+
+def stop_process(name: str, process: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
+    """SIGTERM the child's process group, then SIGKILL it if it has not exited within timeout_s."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=timeout_s)
+        log.info("stopped %s", name)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop within %.0f s; killing it", name, timeout_s)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        process.wait(timeout=10)
+
+
+def service_children(settings: Settings, flower_port: int) -> list[Child]:
+    """The five service processes of `up`, in start order."""
+    cli = [sys.executable, "-m", "nexusgen.cli"]
+    return [
+        Child("worker-model", [*cli, "worker", "--hostname", "model@%h"], stop_timeout_s=10),
+        Child(
+            "worker-webhooks",
+            [*cli, "worker", "--webhooks", "--concurrency", "2", "--hostname", "webhooks@%h"],
+        ),
+        Child("beat", [*cli, "beat"], stop_timeout_s=5),
+        Child("flower", [*cli, "flower", "--port", str(flower_port)], stop_timeout_s=5),
+        Child("api", [*cli, "api", "--workers", "1", "--threads", "8"], stop_timeout_s=10),
+    ]
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes every child read the same (possibly embedded) settings."""
+    env = dict(os.environ)
+    values = {
+        "DATABASE_URL": settings.database_url,
+        "CELERY_BROKER_URL": settings.broker_url,
+        "S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "S3_ACCESS_KEY": settings.s3_access_key,
+        "S3_SECRET_KEY": settings.s3_secret_key,
+        "S3_BUCKET": settings.s3_bucket,
+        "NEXUSGEN_MODEL_DIR": settings.model_dir,
+        "NEXUSGEN_PREFIX_MODE": settings.prefix_mode,
+        "NEXUSGEN_STATE_DIR": str(settings.state_dir),
+        "NEXUSGEN_API_HOST": settings.api_host,
+        "NEXUSGEN_API_PORT": str(settings.api_port),
+    }
+    env.update({k: v for k, v in values.items() if v is not None})
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_state_files(settings: Settings, env: dict[str, str], flower_port: int) -> Path:
+    """STATE_DIR/env (shell exports for admin commands) and STATE_DIR/up.json (read by the demo)."""
+    keys = [
+        "DATABASE_URL",
+        "CELERY_BROKER_URL",
+        "S3_ENDPOINT_URL",
+        "S3_ACCESS_KEY",
+        "S3_SECRET_KEY",
+        "S3_BUCKET",
+    ]
+    keys += ["NEXUSGEN_MODEL_DIR", "NEXUSGEN_PREFIX_MODE"]
+    api_url = f"http://{settings.api_host}:{settings.api_port}"
+    exports = {k: env[k] for k in keys if k in env} | {"NEXUSGEN_API_URL": api_url}
+    (settings.state_dir / "env").write_text(
+        "".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items())
+    )
+    info = {
+        "pid": os.getpid(),
+        "api_url": api_url,
+        "flower_url": f"http://127.0.0.1:{flower_port}",
+        "env": exports,
+    }
+    path = settings.state_dir / "up.json"
+    path.write_text(json.dumps(info, indent=2))
+    return path
+
+
+def _wait_healthy(url: str, children: Supervisor, timeout_s: float, stop: threading.Event) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set():
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if dead := children.dead():
+            raise RuntimeError(f"{dead[0].name} exited during start-up; see {dead[0].log_path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the API did not become healthy within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def prepare_model_dir(settings: Settings) -> Settings:
+    """NEXUSGEN_MODEL_DIR unset: write (once) a tiny checkpoint under the state dir and force the prefix."""
+    if settings.model_dir:
+        return settings
+    directory = settings.state_dir / "tiny-checkpoint"
+    marker = directory / ".complete"
+    if not marker.exists():
+        log.info("NEXUSGEN_MODEL_DIR is unset: writing a tiny random checkpoint to %s", directory)
+        subprocess.run(
+            [sys.executable, "-m", "nexusgen.cli", "make-tiny-checkpoint", str(directory)], check=True
+        )
+        marker.touch()
+    return settings.with_overrides(model_dir=str(directory), prefix_mode="forced")
+
+
+def start_embedded(settings: Settings, log_dir: Path) -> tuple[Settings, list[Any]]:
+    """Start PostgreSQL, Redis and SeaweedFS S3 for whichever URL is unset, data under the state dir.
+
+    Ports are free ones picked now (the URLs go to the children and to STATE_DIR/env); the data stays.
+    """
+    from nexusgen import embedded
+
+    state, servers, changes = settings.state_dir, [], {}
+    try:
+        if not settings.database_url:
+            server = embedded.start_postgres(
+                state / "postgres", embedded.free_port(), log_dir / "postgres.log"
+            )
+            servers.append(server)
+            changes["database_url"] = server.url
+        if not settings.broker_url:
+            server = embedded.start_redis(state / "redis", embedded.free_port(), log_dir / "redis.log")
+            servers.append(server)
+            changes["broker_url"] = server.url
+        if not settings.s3_endpoint_url:
+            access, secret = embedded.s3_credentials(state)
+            server = embedded.start_s3(state / "s3", embedded.free_port(), log_dir / "s3.log", access, secret)
+            servers.append(server)
+            changes.update(s3_endpoint_url=server.url, s3_access_key=access, s3_secret_key=secret)
+    except BaseException:
+        stop_embedded(servers)
+        raise
+    for server in servers:
+        log.info("embedded %s at %s (log %s)", server.name, server.url, server.log_path)
+    return settings.with_overrides(**changes), servers
+
+
+def stop_embedded(servers: list[Any]) -> None:
+    """Stop in reverse start order; Server.stop kills what ignores SIGTERM (SeaweedFS) after its timeout."""
+    for server in reversed(servers):
+        server.stop()
+        log.info("stopped embedded %s", server.name)
+
+
+def run_up(settings: Settings, ready: threading.Event | None = None) -> int:
+    """Run the stack until Ctrl-C or SIGTERM; return the exit status."""
+    configure_logging("up", settings.log_level)
+    settings = settings.with_overrides(state_dir=settings.state_dir.resolve())
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    flower_port = settings.flower_port
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    servers: list[Any] = []
+    supervisor: Supervisor | None = None
+    status = 0
+    try:
+        check_ports(
+            {
+                "API": (settings.api_port, "NEXUSGEN_API_PORT"),
+                "Flower": (flower_port, "NEXUSGEN_FLOWER_PORT"),
+            },
+            settings.api_host,
+        )
+        settings, servers = start_embedded(settings, settings.state_dir / "logs")
+        settings = prepare_model_dir(settings)
+        from core.migrate import upgrade
+        from core.storage import Storage
+
+        upgrade(settings)
+        Storage.from_settings(settings).ensure_bucket()
+        log.info("database schema is up to date and bucket %s is there", settings.s3_bucket)
+        supervisor = Supervisor(service_env(settings), settings.state_dir / "logs")
+        for child in service_children(settings, flower_port):
+            supervisor.start(child)
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
+        _wait_healthy(api_url, supervisor, 180, stop)
+        if not stop.is_set():
+            write_state_files(settings, supervisor.env, flower_port)
+            print(
+                f"nexusgen is up: API {api_url}  Flower http://127.0.0.1:{flower_port}\n"
+                f"  logs in {supervisor.log_dir}; admin environment: source {settings.state_dir / 'env'}\n"
+                "  Ctrl-C stops everything.",
+                flush=True,
+            )
+            if ready is not None:
+                ready.set()
+        while not stop.wait(0.5):
+            if dead := supervisor.dead():
+                log.error(
+                    "%s exited with status %s; stopping the stack", dead[0].name, dead[0].process.returncode
+                )
+                status = 1
+                break
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        log.error("nexusgen up failed: %s", exc)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        (settings.state_dir / "up.json").unlink(missing_ok=True)
+        if supervisor is not None:
+            supervisor.stop_all()
+        stop_embedded(servers)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("nexusgen stopped")
+    return status

@@ -1,0 +1,74 @@
+"""Operations endpoints and the error contract: healthz, readyz, metrics, OpenAPI, docs, 404/405/413."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from core.jobs import claim_batch
+from tests.api.conftest import Tenant
+
+
+def test_healthz_and_readyz(client: Any) -> None:
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.get_json()
+    assert {name: check["ok"] for name, check in r.get_json()["checks"].items()} == {
+        "database": True,
+        "broker": True,
+        "storage": True,
+    }
+
+
+def test_readyz_is_503_when_a_dependency_is_down(settings: Any, engine: Any, clean_db: Any) -> None:
+    from api.app import create_app
+
+    for override in ({"broker_url": "redis://127.0.0.1:1/0"}, {"s3_bucket": "no-such-bucket-here"}):
+        r = create_app(settings.with_overrides(**override)).test_client().get("/readyz")
+        assert r.status_code == 503 and r.get_json()["status"] == "unavailable", override
+        assert not all(c["ok"] for c in r.get_json()["checks"].values())
+
+
+def test_metrics_are_computed_from_the_database(client: Any, acme: Tenant, engine: Any) -> None:
+    for i in range(3):
+        client.post("/v1/jobs", json={"task": "generate", "prompt": "x", "priority": i % 2}, headers=acme.headers)
+    client.post("/v1/jobs", json={"task": "generate", "prompt": "x", "params": {"steps": 4}}, headers=acme.headers)
+    with engine.begin() as conn:
+        claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=1, lease_s=60, bucket="generate|generation|512x512|4|3|3.5")
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.get_data(as_text=True))
+        for s in family.samples
+    }
+    assert samples[("nexusgen_jobs", (("status", "queued"), ("task", "generate")))] == 3
+    assert samples[("nexusgen_jobs", (("status", "running"), ("task", "generate")))] == 1
+    bucket = "generate|generation|512x512|50|3|3.5"
+    assert samples[("nexusgen_queue_depth", (("bucket", bucket), ("priority", "0"), ("task", "generate")))] == 2
+    assert samples[("nexusgen_queue_depth", (("bucket", bucket), ("priority", "1"), ("task", "generate")))] == 1
+    assert samples[("nexusgen_webhook_deliveries", (("status", "pending"),))] == 0
+    assert samples[("nexusgen_metrics_database_up", ())] == 1
+
+
+def test_openapi_is_generated_and_docs_served(client: Any) -> None:
+    spec = client.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    for path in ("/v1/jobs", "/v1/batches", "/v1/uploads", "/v1/jobs/{job_id}/result", "/v1/batches/{batch_id}/results"):
+        assert path in spec["paths"], path
+    body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/JobIn"}
+    assert "multipart/form-data" in spec["paths"]["/v1/uploads"]["post"]["requestBody"]["content"]
+    assert spec["components"]["securitySchemes"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_error_contract_for_routing_errors(client: Any, acme: Tenant) -> None:
+    r = client.get("/v1/nothing", headers=acme.headers)
+    assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found"
+    r = client.delete("/v1/jobs", headers=acme.headers)
+    assert r.status_code == 405 and r.get_json()["error"]["code"] == "method_not_allowed"
+    assert "GET" in r.headers["Allow"]
+    r = client.get("/v1/jobs/job_unknown", headers=acme.headers)
+    assert r.status_code == 404 and set(r.get_json()["error"]) == {"code", "message", "details"}

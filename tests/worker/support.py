@@ -1,0 +1,229 @@
+"""Helpers for worker tests and the service benchmark: job rows, uploads, worker processes, waiting."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import Engine, RowMapping, select
+
+from core.db import transaction
+from core.ids import new_id
+from core.jobs import bucket_key
+from core.queue import MODEL_QUEUES, TASK_PROCESS, make_publisher, publish_wakeups
+from core.schema import jobs, results, tenants, uploads
+from core.settings import Settings
+from core.storage import Storage, upload_key
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_PARAMS = {"width": 256, "height": 256, "steps": 2, "guidance": 3.5, "language": "en"}
+
+
+def settings_env(settings: Settings, **overrides: Any) -> dict[str, str]:
+    """The environment under which Settings.from_env() gives `settings` (plus NEXUSGEN_* overrides)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXUSGEN_", "S3_", "CELERY_"))}
+    values: dict[str, Any] = {
+        "DATABASE_URL": settings.database_url,
+        "CELERY_BROKER_URL": settings.broker_url,
+        "S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "S3_ACCESS_KEY": settings.s3_access_key,
+        "S3_SECRET_KEY": settings.s3_secret_key,
+        "S3_BUCKET": settings.s3_bucket,
+        "S3_REGION": settings.s3_region,
+        "NEXUSGEN_MODEL_DIR": settings.model_dir,
+        "NEXUSGEN_PREFIX_MODE": settings.prefix_mode,
+        "NEXUSGEN_DEVICE": settings.device,
+        "NEXUSGEN_MAX_BATCH": settings.max_batch,
+        "NEXUSGEN_TASKS": ",".join(settings.tasks),
+        "NEXUSGEN_BATCH_WINDOW_S": settings.batch_window_s,
+        "NEXUSGEN_LEASE_S": settings.lease_s,
+        "NEXUSGEN_HEARTBEAT_S": settings.heartbeat_s,
+        "NEXUSGEN_MAX_ATTEMPTS": settings.max_attempts,
+        "NEXUSGEN_PROGRESS_INTERVAL_S": settings.progress_interval_s,
+        "NEXUSGEN_REQUEUE_AFTER_S": settings.requeue_after_s,
+        "NEXUSGEN_SWEEP_INTERVAL_S": settings.sweep_interval_s,
+        "NEXUSGEN_STATE_DIR": settings.state_dir,
+        "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "1" if settings.webhook_allow_private_networks else "0",
+    }
+    values.update(overrides)
+    env.update({k: str(v) for k, v in values.items() if v is not None})
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"  # two cores shared by everything in a test run
+    return env
+
+
+class WorkerProcess:
+    """A real `celery worker` process (its own process group, so kill -9 takes the child too)."""
+
+    def __init__(self, settings: Settings, name: str, log_dir: Path, queues: Iterable[str] | None = None):
+        self.name = name
+        self.private_queue = f"test.{name}"  # lets a test wake exactly this worker
+        model_queues = list(queues) if queues is not None else [MODEL_QUEUES[t] for t in settings.tasks]
+        self.log_path = log_dir / f"worker-{name}.log"
+        argv = [
+            sys.executable, "-m", "celery", "-A", "worker.app:celery_app", "worker",
+            "--queues", ",".join([*model_queues, self.private_queue]),
+            "--concurrency", "1", "--pool", "prefork", "--hostname", f"{name}@%h",
+            "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+        ]  # fmt: skip
+        self.log = open(self.log_path, "wb")  # closed in stop()
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=settings_env(settings),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if b" ready." in self.log_path.read_bytes():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"worker {self.name} did not start:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9 the whole worker (parent and prefork child), like a lost machine."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+def warm(settings: Settings, worker: WorkerProcess, task: str = "generate") -> None:
+    """Send one wake-up to this worker only, so it loads the model before the test needs it."""
+    app = make_publisher(settings)
+    app.send_task(TASK_PROCESS, args=[task, None], queue=worker.private_queue)
+
+
+def make_tenant(engine: Engine) -> str:
+    tenant_id = new_id("ten")
+    with transaction(engine) as conn:
+        conn.execute(
+            tenants.insert().values(id=tenant_id, name=f"t-{tenant_id}", webhook_secret="whsec_dGVzdA==")
+        )
+    return tenant_id
+
+
+def make_upload(engine: Engine, storage: Storage, tenant_id: str, data: bytes | None = None) -> str:
+    """Store an input image (a small PNG unless `data` is given) as an upload of the tenant."""
+    if data is None:
+        buf = io.BytesIO()
+        Image.new("RGB", (96, 64), (200, 40, 40)).save(buf, format="PNG")
+        data = buf.getvalue()
+    upload_id = new_id("upl")
+    key = upload_key(tenant_id, upload_id)
+    digest = storage.put_bytes(key, data, "image/png")
+    with transaction(engine) as conn:
+        conn.execute(
+            uploads.insert().values(
+                id=upload_id,
+                tenant_id=tenant_id,
+                object_key=key,
+                content_type="image/png",
+                size_bytes=len(data),
+                sha256=digest,
+                width=96,
+                height=64,
+            )  # fmt: skip
+        )
+    return upload_id
+
+
+def job_params(task: str, **params: Any) -> dict[str, Any]:
+    """Normalised params like core.submit writes them (few steps, 256x256 by default)."""
+    if task == "understand":
+        return {"max_new_tokens": 8, **params}
+    defaults = {**IMAGE_PARAMS, "cfg_scale": 3.0 if task == "generate" else 1.0, "seed": 1234}
+    if task == "edit":
+        defaults["decoder"] = "edit"
+    return {**defaults, **params}
+
+
+def insert_job(
+    engine: Engine,
+    tenant_id: str,
+    task: str,
+    prompt: str = "a red square",
+    *,
+    upload_id: str | None = None,
+    priority: int = 0,
+    **params: Any,
+) -> tuple[str, str]:
+    """Insert one queued job (no wake-up); returns (job id, bucket)."""
+    p = job_params(task, **params)
+    job_id, bucket = new_id("job"), bucket_key(task, p)
+    with transaction(engine) as conn:
+        conn.execute(
+            jobs.insert().values(
+                id=job_id,
+                tenant_id=tenant_id,
+                task=task,
+                prompt=prompt,
+                upload_id=upload_id,
+                params=p,
+                bucket=bucket,
+                priority=priority,
+            )  # fmt: skip
+        )
+    return job_id, bucket
+
+
+def publish(settings: Settings, wakeups: Iterable[tuple[str, str | None]]) -> int:
+    return publish_wakeups(make_publisher(settings), wakeups)
+
+
+def job_rows(engine: Engine, ids: Iterable[str]) -> dict[str, RowMapping]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(jobs).where(jobs.c.id.in_(list(ids)))).mappings().all()
+    return {r["id"]: r for r in rows}
+
+
+def result_rows(engine: Engine, ids: Iterable[str]) -> list[RowMapping]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(results).where(results.c.job_id.in_(list(ids)))).mappings().all())
+
+
+def wait_for(
+    engine: Engine,
+    ids: Iterable[str],
+    statuses: tuple[str, ...] = ("succeeded", "failed", "canceled"),
+    timeout_s: float = 60,
+    between: Any = None,
+) -> dict[str, RowMapping]:
+    """Poll until every job is in one of `statuses`; `between()` runs each round (e.g. a sweep)."""
+    ids = list(ids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = job_rows(engine, ids)
+        if all(rows[i]["status"] in statuses for i in ids):
+            return rows
+        if time.monotonic() > deadline:
+            state = {i: (rows[i]["status"], rows[i]["stage"]) for i in ids}
+            raise TimeoutError(f"jobs not {statuses} after {timeout_s}s: {state}")
+        if between is not None:
+            between()
+        time.sleep(0.2)

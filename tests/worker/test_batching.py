@@ -1,0 +1,139 @@
+"""Claiming, the gathering window, the sweeper and stale attempts, against real Postgres, Redis and S3."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, update
+
+from core.db import transaction
+from core.jobs import cancel_job, claim_batch, expire_leases
+from core.queue import MODEL_QUEUES, make_publisher
+from core.schema import jobs
+from core.settings import Settings
+from core.storage import Storage
+from tests.worker.support import insert_job, job_rows, make_tenant
+from worker.batching import drain, gather_and_claim
+from worker.sweeper import sweep
+
+
+def claim(engine: Engine, max_batch: int, lease_s: float = 60, worker: str = "w") -> list[str]:
+    with transaction(engine) as conn:
+        rows = claim_batch(conn, worker_id=worker, tasks=["generate"], max_batch=max_batch, lease_s=lease_s)
+    return [r["id"] for r in rows]
+
+
+def test_claim_takes_priority_then_age_across_tenants(engine: Engine, tenant: str) -> None:
+    other = make_tenant(engine)
+    ids = [
+        insert_job(engine, owner, "generate", priority=priority)[0]
+        for owner, priority in [(tenant, 0), (other, 5), (tenant, 0), (other, 10), (tenant, 5)]
+    ]
+    lone, _ = insert_job(engine, tenant, "generate", priority=100, steps=3)  # another bucket
+    assert claim(engine, max_batch=3) == [lone]  # the bucket of the most urgent job goes first
+    assert claim(engine, max_batch=3) == [ids[3], ids[1], ids[4]]  # one bucket, both tenants
+    assert claim(engine, max_batch=3) == [ids[0], ids[2]]
+    assert claim(engine, max_batch=3) == []
+    rows = job_rows(engine, ids)
+    assert {rows[i]["status"] for i in ids} == {"running"}
+    assert {rows[i]["attempt"] for i in ids} == {1}
+
+
+def test_gathering_window_waits_for_batch_mates(engine: Engine, tenant: str, settings: Settings) -> None:
+    windowed = settings.with_overrides(max_batch=4, batch_window_s=1.5, lease_s=60)
+    first, bucket = insert_job(engine, tenant, "generate")
+    claimed: list[Any] = []
+    started = time.monotonic()
+    thread = threading.Thread(
+        target=lambda: claimed.extend(gather_and_claim(engine, windowed, "w", "generate", bucket))
+    )
+    thread.start()
+    time.sleep(0.4)
+    mates = [insert_job(engine, tenant, "generate")[0] for _ in range(2)]
+    thread.join(timeout=10)
+    assert [r["id"] for r in claimed] == [first, *mates]
+    assert time.monotonic() - started >= 1.0  # it waited for the window, not just the first job
+
+    full = [insert_job(engine, tenant, "generate")[0] for _ in range(4)]
+    started = time.monotonic()
+    assert [r["id"] for r in gather_and_claim(engine, windowed, "w", "generate", None)] == full
+    assert time.monotonic() - started < 1.0  # a full bucket is claimed at once
+
+
+def test_drain_runs_every_bucket_of_its_task_only(engine: Engine, tenant: str, settings: Settings) -> None:
+    cfg = settings.with_overrides(max_batch=2, batch_window_s=0.0)
+    gen = [insert_job(engine, tenant, "generate", steps=s)[0] for s in (2, 2, 2, 3)]
+    other = insert_job(engine, tenant, "understand")[0]
+    batches: list[list[str]] = []
+    claimed = drain(engine, cfg, "w", "generate", None, lambda rows: batches.append([r["id"] for r in rows]))
+    assert claimed == 4
+    assert batches == [gen[:2], [gen[2]], [gen[3]]]
+    assert job_rows(engine, [other])[other]["status"] == "queued"
+
+
+def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
+    engine: Engine, tenant: str, settings: Settings, broker: redis.Redis
+) -> None:
+    cfg = settings.with_overrides(max_attempts=2, requeue_after_s=0.5)
+    queue = MODEL_QUEUES["generate"]
+    broker.delete(queue)
+    lost, _ = insert_job(engine, tenant, "generate")
+    poison, _ = insert_job(engine, tenant, "generate")
+    with transaction(engine) as conn:  # the poison job was already lost once
+        conn.execute(update(jobs).where(jobs.c.id == poison).values(attempt=1))
+    assert sorted(claim(engine, max_batch=2, lease_s=0.2)) == sorted([lost, poison])
+    time.sleep(0.4)
+    counts = sweep(engine, make_publisher(cfg), cfg)
+    assert counts == {"requeued": 1, "poisoned": 1, "unclaimed": 0, "wakeups": 1}
+    rows = job_rows(engine, [lost, poison])
+    assert rows[lost]["status"] == "queued" and rows[lost]["lease_owner"] is None
+    assert (rows[poison]["status"], rows[poison]["error_code"]) == ("failed", "poison_job")
+    assert broker.llen(queue) == 1
+
+    assert sweep(engine, make_publisher(cfg), cfg)["unclaimed"] == 0  # just requeued: not stale yet
+    time.sleep(0.7)
+    assert sweep(engine, make_publisher(cfg), cfg) == {
+        "requeued": 0,
+        "poisoned": 0,
+        "unclaimed": 1,
+        "wakeups": 1,
+    }
+    assert broker.llen(queue) == 2
+    broker.delete(queue)
+
+
+def test_canceled_job_whose_worker_died_ends_canceled_not_queued(engine: Engine, tenant: str) -> None:
+    job, _ = insert_job(engine, tenant, "generate")
+    assert claim(engine, max_batch=1, lease_s=0.2) == [job]
+    with transaction(engine) as conn:
+        assert cancel_job(conn, tenant, job)["status"] == "running"  # type: ignore[index]
+    time.sleep(0.4)
+    with transaction(engine) as conn:
+        requeued, failed = expire_leases(conn, max_attempts=3)
+    assert (requeued, failed) == ([], [])
+    assert job_rows(engine, [job])[job]["status"] == "canceled"
+
+
+def test_stale_attempt_writes_nothing(
+    engine: Engine, tenant: str, storage: Storage, settings: Settings
+) -> None:
+    from model.requests import Result
+    from worker.execute import Item, Outcome, store_outcome
+    from worker.heartbeat import LeaseKeeper
+
+    job, _ = insert_job(engine, tenant, "understand")
+    with transaction(engine) as conn:
+        (old,) = claim_batch(conn, worker_id="old", tasks=["understand"], max_batch=1, lease_s=0.2)
+    time.sleep(0.4)
+    with transaction(engine) as conn:
+        expire_leases(conn, max_attempts=3)
+        (new,) = claim_batch(conn, worker_id="new", tasks=["understand"], max_batch=1, lease_s=60)
+    assert new["attempt"] == old["attempt"] + 1
+    keeper = LeaseKeeper(engine, {job: old["attempt"]}, lease_s=60, heartbeat_s=60, progress_interval_s=0)
+    outcome = Outcome(Item(old), Result(text="late"), batch_size=1)
+    assert store_outcome(engine, storage, keeper, outcome, "old") == "lost"
+    assert storage.list_keys(f"tenants/{tenant}/jobs/{job}/") == []
+    assert job_rows(engine, [job])[job]["status"] == "running"  # still the new attempt's

@@ -1,0 +1,166 @@
+"""The Celery app, configured from Settings: queues, beat schedule, and the worker/beat entry points.
+
+Nothing is built at import time. `make_celery(settings)` builds an app; `celery -A worker.app:celery_app ...`
+gets one built lazily from `Settings.from_env()` (module `__getattr__`). Per-process resources (database
+engine, object storage) are created on first use in the process that uses them, so a prefork child never
+inherits its parent's connections, and the model is loaded only inside the child (worker.execute).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Engine
+
+from core.db import make_engine
+from core.queue import MAINTENANCE_QUEUE, MODEL_QUEUES, TASK_DELIVER, TASK_SWEEP, WEBHOOK_QUEUE
+from core.settings import Settings
+from core.storage import Storage
+
+SETTINGS_KEY = "nexusgen_settings"  # app.conf key holding the Settings (worker.delivery reads it too)
+TASK_MODULES = ("worker.tasks", "worker.sweeper")
+OPTIONAL_TASK_MODULES = ("worker.delivery",)
+
+
+def _optional_module(name: str) -> Any | None:
+    """Import a task module written by another part of the project, or None while it does not exist."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None
+
+
+class NexusGenCelery(Celery):
+    """A Celery app that carries the service Settings and this process's engine and storage."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__("nexusgen", **kwargs)
+        self.settings = settings
+        self._resources: dict[str, Any] = {}
+        self._pid = os.getpid()
+
+    def _resource(self, name: str, build: Any) -> Any:
+        if self._pid != os.getpid():  # forked: the parent's connections are not ours
+            self._resources = {}
+            self._pid = os.getpid()
+        if name not in self._resources:
+            self._resources[name] = build()
+        return self._resources[name]
+
+    @property
+    def engine(self) -> Engine:
+        return self._resource("engine", lambda: make_engine(self.settings))  # type: ignore[no-any-return]
+
+    @property
+    def storage(self) -> Storage:
+        return self._resource("storage", lambda: Storage.from_settings(self.settings))  # type: ignore[no-any-return]
+
+    @property
+    def worker_id(self) -> str:
+        """Who holds a lease: host and process id (distinct per prefork child)."""
+        return f"{socket.gethostname()}/{os.getpid()}"
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The periodic tasks: the sweeper, and webhook delivery polling when worker.delivery exists."""
+    schedule: dict[str, dict[str, Any]] = {
+        "nexusgen-sweep": {
+            "task": TASK_SWEEP,
+            "schedule": timedelta(seconds=settings.sweep_interval_s),
+            # a sweep nobody ran in time is superseded by the next one
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_interval_s},
+        }
+    }
+    delivery = _optional_module("worker.delivery")
+    extra = getattr(delivery, "BEAT_SCHEDULE", None) if delivery is not None else None
+    if callable(extra):
+        extra = extra(settings)
+    schedule.update(extra or {})
+    return schedule
+
+
+def model_queues(settings: Settings) -> list[str]:
+    """The broker queues of the task families this worker serves (NEXUSGEN_TASKS)."""
+    return [MODEL_QUEUES[task] for task in settings.tasks]
+
+
+def make_celery(settings: Settings) -> NexusGenCelery:
+    """Build the app: explicit task routes, late acks, one message at a time, prefork with one child."""
+    settings.require("broker_url")
+    include = list(TASK_MODULES) + [m for m in OPTIONAL_TASK_MODULES if _optional_module(m) is not None]
+    app = NexusGenCelery(
+        settings, broker=settings.broker_url, backend=settings.result_backend, include=include
+    )
+    app.conf.update(
+        {SETTINGS_KEY: settings},
+        task_acks_late=True,  # a message is acked only after its task ran: a killed worker loses nothing
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,  # one model process per GPU
+        worker_pool="prefork",
+        task_ignore_result=settings.result_backend is None,
+        task_default_queue=MAINTENANCE_QUEUE,
+        task_routes={TASK_SWEEP: {"queue": MAINTENANCE_QUEUE}, TASK_DELIVER: {"queue": WEBHOOK_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,  # Postgres leases decide
+        worker_send_task_events=True,  # for Flower
+        task_send_sent_event=True,
+        beat_schedule=beat_schedule(settings),
+        timezone="UTC",
+    )
+    return app
+
+
+def run_worker(
+    settings: Settings,
+    queues: list[str] | None = None,
+    concurrency: int = 1,
+    hostname: str | None = None,
+    pool: str = "prefork",
+) -> None:
+    """Run a worker in the foreground on `queues` (default: the model queues of settings.tasks)."""
+    app = make_celery(settings)
+    argv = [
+        "worker",
+        "--queues",
+        ",".join(queues or model_queues(settings)),
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--loglevel",
+        "INFO",
+    ]
+    if hostname:
+        argv += ["--hostname", hostname]
+    app.worker_main(argv)
+
+
+def run_beat(settings: Settings) -> None:
+    """Run the beat scheduler in the foreground; its schedule file lives in the state directory."""
+    app = make_celery(settings)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    app.start(["beat", "--schedule", str(settings.state_dir / "celerybeat-schedule"), "--loglevel", "INFO"])
+
+
+_default_app: NexusGenCelery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`worker.app.celery_app`: the app built from the environment, on first access only."""
+    global _default_app
+    if name != "celery_app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _default_app is None:
+        _default_app = make_celery(Settings.from_env())
+    return _default_app

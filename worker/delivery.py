@@ -1,0 +1,315 @@
+"""Webhook delivery from the outbox: claim due deliveries, sign, POST to the checked address, record attempts.
+
+Runs on the CPU webhook workers (queue WEBHOOK_QUEUE), polled by beat and kicked after commits. Each
+delivery is claimed with FOR UPDATE SKIP LOCKED plus a `locked_until` lease, sent on a small thread pool
+with connect/read timeouts so a slow receiver only holds its own thread, and finished with a conditional
+UPDATE that names the lease, so a delivery whose lease was taken over is never finished twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Collection, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery import shared_task
+from sqlalchemy import Connection, Engine, RowMapping, func, or_, select, update
+
+from core.db import make_engine
+from core.queue import TASK_DELIVER, WEBHOOK_QUEUE
+from core.schema import results, webhook_attempts, webhook_deliveries, webhook_endpoints, webhook_events
+from core.settings import Settings
+from core.ssrf import SendOutcome, WebhookURLRefused, post_to_checked_url, resolve_webhook_url
+from core.storage import Storage
+from core.webhooks import sign_headers, signing_secrets
+
+log = logging.getLogger(__name__)
+
+BEAT_SCHEDULE = {
+    # a poll nobody ran within its period is superseded by the next one
+    "nexusgen-deliver-webhooks": {
+        "task": TASK_DELIVER,
+        "schedule": 5.0,
+        "options": {"queue": WEBHOOK_QUEUE, "expires": 5.0},
+    }
+}
+MAX_PARALLEL = 8  # attempts in flight per task
+PER_ENDPOINT_LIMIT = 4  # of those, to one endpoint
+POLL_S = 0.5  # while attempts run, look for newly due deliveries this often
+TASK_BUDGET_S = 60.0  # one task claims new deliveries for at most this long
+
+
+def retry_delay(schedule: tuple[float, ...], attempts: int, rng: random.Random | None = None) -> float | None:
+    """Seconds until the try after `attempts` failed ones (±20% jitter), or None when retries are spent."""
+    if attempts > len(schedule):
+        return None
+    return float(schedule[attempts - 1]) * (rng or random).uniform(0.8, 1.2)
+
+
+def claim_due(
+    conn: Connection,
+    *,
+    limit: int,
+    lock_s: float,
+    exclude: Collection[str] = (),
+    busy_endpoints: Mapping[str, int] | None = None,
+) -> list[RowMapping]:
+    """Lease up to `limit` due pending deliveries with their event and endpoint.
+
+    At most PER_ENDPOINT_LIMIT per endpoint counting `busy_endpoints` (attempts already in flight), so
+    one slow endpoint cannot take every slot; `exclude` skips deliveries already tried by the caller.
+    """
+    query = (
+        select(webhook_deliveries.c.id, webhook_deliveries.c.endpoint_id)
+        .where(
+            webhook_deliveries.c.status == "pending",
+            webhook_deliveries.c.next_attempt_at <= func.now(),
+            or_(webhook_deliveries.c.locked_until.is_(None), webhook_deliveries.c.locked_until < func.now()),
+        )
+        .order_by(webhook_deliveries.c.next_attempt_at)
+        .limit(limit * 4)
+        .with_for_update(skip_locked=True)
+    )
+    if exclude:
+        query = query.where(webhook_deliveries.c.id.not_in(list(exclude)))
+    per_endpoint: dict[str, int] = dict(busy_endpoints or {})
+    chosen: list[str] = []
+    for delivery_id, endpoint_id in conn.execute(query).all():
+        if len(chosen) < limit and per_endpoint.get(endpoint_id, 0) < PER_ENDPOINT_LIMIT:
+            per_endpoint[endpoint_id] = per_endpoint.get(endpoint_id, 0) + 1
+            chosen.append(delivery_id)
+    if not chosen:
+        return []
+    conn.execute(
+        update(webhook_deliveries)
+        .where(webhook_deliveries.c.id.in_(chosen))
+        .values(locked_until=func.now() + timedelta(seconds=lock_s))
+    )
+    return list(
+        conn.execute(
+            select(
+                webhook_deliveries,
+                webhook_events.c.payload,
+                webhook_events.c.type.label("event_type"),
+                webhook_endpoints.c.url,
+                webhook_endpoints.c.disabled_at,
+            )
+            .join(webhook_events, webhook_events.c.id == webhook_deliveries.c.event_id)
+            .join(webhook_endpoints, webhook_endpoints.c.id == webhook_deliveries.c.endpoint_id)
+            .where(webhook_deliveries.c.id.in_(chosen))
+            .order_by(webhook_deliveries.c.next_attempt_at)
+        )
+        .mappings()
+        .all()
+    )
+
+
+def build_body(conn: Connection, settings: Settings, delivery: RowMapping, storage: Storage | None) -> str:
+    """The JSON body: the stored payload with absolute links and, for results, a fresh presigned URL."""
+    payload: dict[str, Any] = json.loads(json.dumps(delivery["payload"]))
+    data = payload.get("data", {})
+    base = settings.public_base_url.rstrip("/")
+    links = data.get("links") or {}
+    for name, link in list(links.items()):
+        if isinstance(link, str) and link.startswith("/"):
+            links[name] = base + link
+    if delivery["event_type"] == "job.succeeded" and delivery["job_id"]:
+        result = (
+            conn.execute(select(results).where(results.c.job_id == delivery["job_id"])).mappings().first()
+        )
+        if result is not None:
+            data["result"] = result_link(result, settings, storage)
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+def result_link(result: RowMapping, settings: Settings, storage: Storage | None) -> dict[str, Any]:
+    """Describe a result for the payload: a presigned URL with its expiry for images, the text for text."""
+    if result["kind"] == "text":
+        return {"kind": "text", "text": result["text"]}
+    described: dict[str, Any] = {
+        "kind": result["kind"],
+        "content_type": result["content_type"],
+        "width": result["width"],
+        "height": result["height"],
+        "sha256": result["sha256"],
+    }
+    if storage is not None and result["object_key"]:
+        expires_at = datetime.now(UTC) + timedelta(seconds=settings.presign_ttl_s)
+        described["url"] = storage.presign_get(result["object_key"], settings.presign_ttl_s)
+        described["expires_at"] = expires_at.isoformat()
+    return described
+
+
+def _finish(
+    engine: Engine, delivery: RowMapping, outcome: SendOutcome, status: str, next_in_s: float | None
+) -> None:
+    """Record the attempt and move the delivery on, only if our lease still holds it."""
+    attempt = delivery["attempts"] + 1
+    with engine.begin() as conn:
+        conn.execute(
+            webhook_attempts.insert().values(
+                delivery_id=delivery["id"],
+                attempt=attempt,
+                started_at=outcome.started_at,
+                status_code=outcome.status_code,
+                latency_ms=outcome.latency_ms,
+                error=outcome.error,
+                response_excerpt=outcome.excerpt,
+            )
+        )
+        values: dict[str, Any] = {
+            "status": status,
+            "attempts": attempt,
+            "locked_until": None,
+            "last_status_code": outcome.status_code,
+            "last_error": outcome.error,
+            "updated_at": func.now(),
+        }
+        if status == "succeeded":
+            values["delivered_at"] = func.now()
+        if next_in_s is not None:
+            values["next_attempt_at"] = func.now() + timedelta(seconds=next_in_s)
+        conn.execute(
+            update(webhook_deliveries)
+            .where(
+                webhook_deliveries.c.id == delivery["id"],
+                webhook_deliveries.c.status == "pending",
+                webhook_deliveries.c.locked_until == delivery["locked_until"],
+            )
+            .values(**values)
+        )
+        if status == "disabled":  # 410 Gone: the endpoint asked us to stop
+            conn.execute(
+                update(webhook_endpoints)
+                .where(
+                    webhook_endpoints.c.id == delivery["endpoint_id"],
+                    webhook_endpoints.c.disabled_at.is_(None),
+                )
+                .values(disabled_at=func.now(), disabled_reason="the receiver answered 410 Gone")
+            )
+            conn.execute(
+                update(webhook_deliveries)
+                .where(
+                    webhook_deliveries.c.endpoint_id == delivery["endpoint_id"],
+                    webhook_deliveries.c.status == "pending",
+                )
+                .values(status="disabled", locked_until=None, last_error="endpoint disabled (410 Gone)")
+            )
+
+
+def deliver_one(
+    engine: Engine, settings: Settings, delivery: RowMapping, storage: Storage | None = None
+) -> str:
+    """Attempt one claimed delivery and record it; return the delivery's new status."""
+    if delivery["disabled_at"] is not None:
+        with engine.begin() as conn:
+            conn.execute(
+                update(webhook_deliveries)
+                .where(webhook_deliveries.c.id == delivery["id"], webhook_deliveries.c.status == "pending")
+                .values(
+                    status="disabled",
+                    locked_until=None,
+                    last_error="endpoint disabled",
+                    updated_at=func.now(),
+                )
+            )
+        return "disabled"
+    with engine.connect() as conn:
+        body = build_body(conn, settings, delivery, storage)
+        secrets = signing_secrets(conn, delivery["tenant_id"])
+    try:
+        checked = resolve_webhook_url(delivery["url"], settings.webhook_allow_private_networks)
+    except WebhookURLRefused as exc:
+        outcome = SendOutcome.failure(f"{exc.reason}: {exc}")
+        if exc.reason != "unresolvable_host":  # a policy refusal does not heal by retrying
+            _finish(engine, delivery, outcome, "refused", None)
+            return "refused"
+    else:
+        headers = sign_headers(secrets, delivery["event_id"], body)
+        outcome = post_to_checked_url(checked, body.encode("utf-8"), headers, settings.webhook_timeout_s)
+    if outcome.status_code is not None and 200 <= outcome.status_code < 300:
+        _finish(engine, delivery, outcome, "succeeded", None)
+        return "succeeded"
+    if outcome.status_code == 410:
+        _finish(engine, delivery, outcome, "disabled", None)
+        return "disabled"
+    delay = retry_delay(settings.webhook_retry_schedule_s, delivery["attempts"] + 1)
+    status = "pending" if delay is not None else "dead"
+    _finish(engine, delivery, outcome, status, delay)
+    return status
+
+
+def deliver_due(
+    engine: Engine,
+    settings: Settings,
+    *,
+    max_parallel: int = MAX_PARALLEL,
+    storage: Storage | None = None,
+    budget_s: float | None = None,
+) -> dict[str, int]:
+    """Attempt every due delivery once, up to `max_parallel` at a time; return counts by new status.
+
+    While attempts run, newly due deliveries are claimed as slots free up, so a slow receiver holds one
+    slot rather than the whole round. Claiming stops after `budget_s` (if given); then in-flight ones end.
+    """
+    lock_s = 4 * settings.webhook_timeout_s + 30  # longer than one attempt can take (see post_to_checked_url)
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    counts: dict[str, int] = {}
+    tried: set[str] = set()
+    in_flight: dict[Future[str], str] = {}  # attempt -> endpoint id
+    with ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="webhook") as pool:
+        while True:
+            free = max_parallel - len(in_flight)
+            if free > 0 and (deadline is None or time.monotonic() < deadline):
+                with engine.begin() as conn:
+                    claimed = claim_due(
+                        conn,
+                        limit=free,
+                        lock_s=lock_s,
+                        exclude=tried,
+                        busy_endpoints=Counter(in_flight.values()),
+                    )
+                for delivery in claimed:
+                    tried.add(delivery["id"])
+                    future = pool.submit(deliver_one, engine, settings, delivery, storage)
+                    in_flight[future] = delivery["endpoint_id"]
+            if not in_flight:
+                return counts
+            done, _ = wait(in_flight, timeout=POLL_S, return_when=FIRST_COMPLETED)
+            for future in done:
+                del in_flight[future]
+                status = future.result()
+                counts[status] = counts.get(status, 0) + 1
+
+
+_engines: dict[tuple[int, str], Engine] = {}
+
+
+def _runtime(app: Any) -> tuple[Settings, Engine, Storage | None]:
+    """Settings, engine and storage of this worker process (worker.app's NexusGenCelery provides them)."""
+    settings = app.conf.get("nexusgen_settings") or Settings.from_env()
+    engine = getattr(app, "engine", None)
+    if engine is None:  # a plain Celery app: one engine per process
+        key = (os.getpid(), str(settings.database_url))
+        if key not in _engines:
+            _engines[key] = make_engine(settings)
+        engine = _engines[key]
+    storage = getattr(app, "storage", None) if settings.s3_endpoint_url else None
+    return settings, engine, storage
+
+
+@shared_task(name=TASK_DELIVER, bind=True, ignore_result=True)
+def deliver_webhooks(self: Any) -> dict[str, int]:
+    """Deliver due webhooks until none are left or the time budget is spent."""
+    settings, engine, storage = _runtime(self.app)
+    counts = deliver_due(engine, settings, storage=storage, budget_s=TASK_BUDGET_S)
+    if counts:
+        log.info("webhook deliveries: %s", counts)
+    return counts

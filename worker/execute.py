@@ -1,0 +1,303 @@
+"""Run one claimed batch: job rows -> model requests -> ONE model call -> stored results and final states.
+
+Bad input fails only its own job; an out-of-memory error halves the batch and retries down to one job
+(then `out_of_memory`); any other model exception is isolated the same way (then `model_error`). A job
+whose lease was lost gets nothing written; a canceled one ends `canceled`. Transient infrastructure errors
+propagate to the task, which requeues what it still holds and retries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from minio.error import S3Error
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import Engine, RowMapping, select
+
+from core import jobs as jobstate
+from core.db import transaction
+from core.jobs import Ack
+from core.schema import jobs as jobs_table
+from core.schema import results, uploads
+from core.settings import Settings
+from core.storage import Storage, result_key
+from model import (
+    EditRequest,
+    GenerateRequest,
+    NexusGen,
+    RequestError,
+    Result,
+    UnderstandRequest,
+    validate_request,
+)
+from worker.batching import TRANSIENT_ERRORS
+from worker.heartbeat import LeaseKeeper
+
+log = logging.getLogger(__name__)
+
+REQUEST_TYPES: dict[str, type] = {
+    "generate": GenerateRequest,
+    "edit": EditRequest,
+    "understand": UnderstandRequest,
+}
+TEXT_FIELD = {"generate": "prompt", "edit": "instruction", "understand": "instruction"}
+OUT_OF_MEMORY = (torch.OutOfMemoryError,)  # torch.cuda.OutOfMemoryError is the same class
+
+_model: tuple[int, NexusGen] | None = None
+
+
+def load_model(settings: Settings) -> NexusGen:
+    """The model of this process, loaded on first use (after the prefork fork, never before)."""
+    global _model
+    if _model is None or _model[0] != os.getpid():
+        if not settings.model_dir:
+            raise RuntimeError("not configured: NEXUSGEN_MODEL_DIR")
+        started = time.monotonic()
+        model = NexusGen.from_pretrained(
+            settings.model_dir,
+            device=settings.device,
+            dtype=settings.dtype,
+            engine=settings.engine,
+            prefix_mode=settings.prefix_mode,
+        )
+        log.info("model loaded from %s in %.1fs", settings.model_dir, time.monotonic() - started)
+        _model = (os.getpid(), model)
+    return _model[1]
+
+
+@dataclass
+class Item:
+    """One claimed job on its way through the batch."""
+
+    row: RowMapping
+    request: Any = None
+    input_s: float = 0.0
+
+    @property
+    def job_id(self) -> str:
+        return str(self.row["id"])
+
+    @property
+    def attempt(self) -> int:
+        return int(self.row["attempt"])
+
+
+@dataclass
+class Outcome:
+    """What the model call gave one item, and the size of the call that gave it."""
+
+    item: Item
+    result: Result
+    batch_size: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def build_request(task: str, row: RowMapping, image: Image.Image | None) -> Any:
+    """The model request of a job row: its params (unknown keys ignored), its text and input image."""
+    cls = REQUEST_TYPES[task]
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in (row["params"] or {}).items() if k in names and v is not None}
+    kwargs[TEXT_FIELD[task]] = row["prompt"]
+    if "image" in names:
+        if image is None:
+            raise ValueError(f"{task} needs an input image")
+        kwargs["image"] = image
+    request = cls(**kwargs)
+    validate_request(request)
+    return request
+
+
+def load_image(engine: Engine, storage: Storage, upload_id: str | None) -> Image.Image | None:
+    """The job's input image from object storage (None for jobs without one)."""
+    if upload_id is None:
+        return None
+    with engine.connect() as conn:
+        key = conn.execute(select(uploads.c.object_key).where(uploads.c.id == upload_id)).scalar_one_or_none()
+    if key is None:
+        raise ValueError(f"upload {upload_id} does not exist")
+    try:
+        data = storage.get_bytes(key)
+    except S3Error as exc:
+        if exc.code != "NoSuchKey":
+            raise
+        raise ValueError(f"upload {upload_id} has no stored image") from exc
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"upload {upload_id} is not a readable image: {exc}") from exc
+
+
+def run_model(model: NexusGen, task: str, items: Sequence[Item], keeper: LeaseKeeper) -> list[Outcome]:
+    """One model call for `items`; on OOM or a model exception, split in halves (down to one job)."""
+    started = time.monotonic()
+    try:
+        answers = getattr(model, task)(
+            [it.request for it in items],
+            progress=lambda i, stage, step, total: keeper.progress(items[i].job_id, stage, step, total),
+            should_cancel=lambda i: keeper.should_stop(items[i].job_id),
+        )
+    except OUT_OF_MEMORY as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return _split(model, task, items, keeper, "out_of_memory", exc)
+    except TRANSIENT_ERRORS:
+        raise  # a progress write hit an outage: not the model's fault
+    except Exception as exc:  # a model failure: find the job that causes it, fail only that one
+        log.exception("model call failed for %d %s job(s)", len(items), task)
+        return _split(model, task, items, keeper, "model_error", exc)
+    if len(answers) != len(items):
+        raise RuntimeError(f"the model returned {len(answers)} results for {len(items)} requests")
+    call_s = time.monotonic() - started
+    return [
+        Outcome(it, res, len(items), {"model_call_s": round(call_s, 4)})
+        for it, res in zip(items, answers, strict=True)
+    ]
+
+
+def _split(
+    model: NexusGen, task: str, items: Sequence[Item], keeper: LeaseKeeper, code: str, exc: BaseException
+) -> list[Outcome]:
+    if len(items) == 1:
+        message = f"{exc.__class__.__name__}: {exc}"
+        return [Outcome(items[0], Result(error=RequestError(code=code, message=message)), 1)]
+    log.warning("%s with %d jobs; retrying in halves", code, len(items))
+    half = len(items) // 2
+    return run_model(model, task, items[:half], keeper) + run_model(model, task, items[half:], keeper)
+
+
+def provenance_of(outcome: Outcome, worker_id: str, extra_timings: dict[str, float]) -> dict[str, Any]:
+    """The model's provenance plus what only the worker knows: batch size, worker, attempt, timings."""
+    row = outcome.item.row
+    prov = dict(outcome.result.provenance or {})
+    prov.setdefault("params", dict(row["params"] or {}))
+    prov["task"] = row["task"]
+    prov["bucket"] = row["bucket"]
+    prov["batch_size"] = outcome.batch_size
+    prov["worker"] = worker_id
+    prov["attempt"] = outcome.item.attempt
+    prov["timings"] = {**(prov.get("timings") or {}), **outcome.timings, **extra_timings}
+    return prov
+
+
+def encode_result(outcome: Outcome) -> tuple[str, bytes, str, dict[str, Any]]:
+    """(file extension, bytes, content type, result columns) of a successful result."""
+    res = outcome.result
+    if res.image is not None:
+        buf = io.BytesIO()
+        res.image.save(buf, format="PNG")
+        return (
+            "png",
+            buf.getvalue(),
+            "image/png",
+            {"kind": "image", "width": res.image.width, "height": res.image.height},
+        )
+    text = res.text or ""
+    return "txt", text.encode("utf-8"), "text/plain; charset=utf-8", {"kind": "text", "text": text}
+
+
+def store_outcome(
+    engine: Engine, storage: Storage, keeper: LeaseKeeper, outcome: Outcome, worker_id: str
+) -> str:
+    """Write one job's final state (and its result object); returns what happened to it."""
+    item, res = outcome.item, outcome.result
+    job_id, attempt = item.job_id, item.attempt
+    if keeper.is_lost(job_id):
+        return "lost"
+    timings = {"input_s": round(item.input_s, 4)}
+    if res.error is not None:
+        with transaction(engine) as conn:
+            if res.error.code == "canceled":
+                done = jobstate.mark_canceled(conn, job_id, attempt)
+            else:
+                prov = provenance_of(outcome, worker_id, timings)
+                done = jobstate.fail_job(
+                    conn, job_id, attempt, code=res.error.code, message=res.error.message, provenance=prov
+                )
+        return ("canceled" if res.error.code == "canceled" else "failed") if done else "lost"
+    if keeper.confirm(job_id, "uploading") is Ack.LOST:
+        return "lost"
+    started = time.monotonic()
+    ext, data, content_type, columns = encode_result(outcome)
+    key = result_key(item.row["tenant_id"], job_id, ext)
+    digest = storage.put_bytes(key, data, content_type)
+    timings["upload_s"] = round(time.monotonic() - started, 4)
+    result = {
+        **columns,
+        "object_key": key,
+        "content_type": content_type,
+        "size_bytes": len(data),
+        "sha256": digest,
+    }
+    with transaction(engine) as conn:
+        done = jobstate.complete_job(
+            conn, job_id, attempt, provenance=provenance_of(outcome, worker_id, timings), result=result
+        )
+    if not done:
+        drop_stale_object(engine, storage, job_id, key)
+        return "lost"
+    return "succeeded"
+
+
+def drop_stale_object(engine: Engine, storage: Storage, job_id: str, key: str) -> None:
+    """After a rejected completion, delete our upload if the job ended without a result.
+
+    A job that is queued or running again gets the same key overwritten by its new attempt; one that
+    succeeded elsewhere keeps its (same-key) object; only a job that ended without a result must not keep
+    an object that no result row points to.
+    """
+    with engine.connect() as conn:
+        status = conn.execute(
+            select(jobs_table.c.status).where(jobs_table.c.id == job_id)
+        ).scalar_one_or_none()
+        has_result = conn.execute(select(results.c.id).where(results.c.job_id == job_id)).first() is not None
+    log.warning("completion of job %s rejected (now %s); our attempt is stale", job_id, status)
+    if status in ("failed", "canceled") and not has_result:
+        storage.delete(key)
+
+
+def run_batch(
+    settings: Settings, engine: Engine, storage: Storage, worker_id: str, rows: Sequence[RowMapping]
+) -> dict[str, int]:
+    """Process one claimed batch to the end; returns counts by outcome."""
+    task = str(rows[0]["task"])
+    counts: dict[str, int] = {}
+    claims = {str(r["id"]): int(r["attempt"]) for r in rows}
+    with LeaseKeeper(
+        engine,
+        claims,
+        lease_s=settings.lease_s,
+        heartbeat_s=settings.heartbeat_s,
+        progress_interval_s=settings.progress_interval_s,
+    ) as keeper:
+        items: list[Item] = []
+        for row in rows:
+            item = Item(row)
+            started = time.monotonic()
+            try:
+                image = load_image(engine, storage, row["upload_id"])
+                item.request = build_request(task, row, image)
+            except ValueError as exc:
+                with transaction(engine) as conn:
+                    jobstate.fail_job(conn, item.job_id, item.attempt, code="invalid_input", message=str(exc))
+                keeper.release([item.job_id])
+                counts["failed"] = counts.get("failed", 0) + 1
+                continue
+            item.input_s = time.monotonic() - started
+            items.append(item)
+        if items:
+            model = load_model(settings)
+            for outcome in run_model(model, task, items, keeper):
+                what = store_outcome(engine, storage, keeper, outcome, worker_id)
+                keeper.release([outcome.item.job_id])
+                counts[what] = counts.get(what, 0) + 1
+    log.info("batch of %d %s job(s) done: %s", len(rows), task, counts)
+    return counts

@@ -1,0 +1,74 @@
+"""The model task: a wake-up for (task kind, bucket) drains that task family's queue in batches.
+
+The message carries no job data; the jobs live in Postgres and are claimed exclusively, so a duplicated
+wake-up finds nothing to do and a lost one is re-sent by the sweeper. The model stack (torch) is imported
+and loaded only when the first wake-up runs, inside the worker child process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery, Task, shared_task
+from sqlalchemy import RowMapping
+
+from core.queue import TASK_PROCESS, publish_wakeups
+from core.settings import Settings
+from worker.batching import TRANSIENT_ERRORS, drain, release_claims
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 20
+MAX_BACKOFF_S = 60.0
+
+
+def app_resources(app: Celery) -> tuple[Settings, Any]:
+    """The Settings of a worker.app.NexusGenCelery app, and the app itself (engine, storage, worker id)."""
+    from worker.app import SETTINGS_KEY, NexusGenCelery
+
+    if not isinstance(app, NexusGenCelery):
+        raise RuntimeError("nexusgen tasks must run on worker.app.make_celery's app")
+    settings: Settings = app.conf[SETTINGS_KEY]
+    return settings, app
+
+
+def process(app: Celery, task: str, bucket: str | None) -> int:
+    """Drain the queue of `task` (starting with `bucket`); returns how many jobs this call claimed."""
+    settings, res = app_resources(app)
+    if task not in settings.tasks:
+        log.warning("wake-up for %s ignored: this worker serves %s", task, ",".join(settings.tasks))
+        return 0
+    from worker import execute  # imports torch: only in processes that run the model
+
+    execute.load_model(settings)
+    engine, storage, worker_id = res.engine, res.storage, res.worker_id
+
+    def run_batch(rows: Sequence[RowMapping]) -> dict[str, int]:
+        try:
+            return execute.run_batch(settings, engine, storage, worker_id, rows)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("transient %s during a batch; putting its jobs back", exc.__class__.__name__)
+            try:
+                release_claims(engine, rows, reason=f"transient error: {exc.__class__.__name__}")
+            except TRANSIENT_ERRORS:
+                log.warning(
+                    "could not put the jobs back; their leases will expire and the sweeper requeues them"
+                )
+            raise
+
+    def hand_over() -> None:
+        publish_wakeups(app, [(task, None)])
+
+    return drain(engine, settings, worker_id, task, bucket, run_batch, on_budget_spent=hand_over)
+
+
+@shared_task(name=TASK_PROCESS, bind=True, ignore_result=True, max_retries=MAX_RETRIES)
+def process_queue(self: Task, task: str, bucket: str | None = None) -> int:
+    """Celery entry point of TASK_PROCESS(task, bucket); retries only transient infrastructure errors."""
+    try:
+        return process(self.app, task, bucket)
+    except TRANSIENT_ERRORS as exc:
+        countdown = min(MAX_BACKOFF_S, 2.0**self.request.retries)
+        raise self.retry(exc=exc, countdown=countdown) from exc
