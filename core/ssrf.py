@@ -113,6 +113,8 @@ def parse_webhook_url(url: str) -> tuple[str, str, int]:
         port = parts.port
     except ValueError as exc:
         raise WebhookURLRefused("invalid_url", f"the webhook URL cannot be parsed: {exc}") from exc
+    if port == 0:
+        raise WebhookURLRefused("invalid_url", "the webhook URL's port must be 1 to 65535")
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise WebhookURLRefused("scheme_not_allowed", f"webhook URLs must be http or https, got {scheme!r}")
@@ -122,9 +124,13 @@ def parse_webhook_url(url: str) -> tuple[str, str, int]:
     if not host:
         raise WebhookURLRefused("invalid_url", "the webhook URL has no host")
     try:
-        httpx.URL(url)  # what the sender will parse; refuse now what it would reject later
+        sender_view = httpx.URL(url)  # what the sender will parse; refuse now what it would reject later
     except httpx.InvalidURL as exc:
         raise WebhookURLRefused("invalid_url", f"the webhook URL is not valid: {exc}") from exc
+    if sender_view.host.lower() != host.lower() or (sender_view.port or port) != port:
+        raise WebhookURLRefused(
+            "invalid_url", "the webhook URL is ambiguous (its parsers disagree on the host)"
+        )
     return scheme, host, port if port is not None else (443 if scheme == "https" else 80)
 
 

@@ -155,10 +155,9 @@ class ARStage:
         sizes = (grids.prod(-1) // visual.spatial_merge_size**2).tolist()
         return list(torch.split(merged.to(self.dtype), sizes)), grids
 
-    def encode(self, prompts: list[ARPrompt], suffixes: list[str] | None = None) -> Encoded:
-        """Tokenize prompts (plus an optional assistant suffix each) and encode their input images."""
-        texts = [p.text + (suffixes[i] if suffixes else "") for i, p in enumerate(prompts)]
-        ids = [self.c.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    def encode(self, prompts: list[ARPrompt]) -> Encoded:
+        """Tokenize prompts and encode all their input images in one ViT call."""
+        ids = [self.c.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
         with_image = [i for i, p in enumerate(prompts) if p.image is not None]
         features: list[torch.Tensor | None] = [None] * len(prompts)
         grids: list[torch.Tensor | None] = [None] * len(prompts)
@@ -168,17 +167,19 @@ class ARStage:
                 features[i], grids[i] = feats[k], grid_rows[k : k + 1]
         for i, seq in enumerate(ids):
             n_in = 0 if features[i] is None else features[i].shape[0]  # type: ignore[union-attr]
-            if seq.count(self.ids["image_pad"]) != n_in:
-                raise ValueError(
-                    f"prompt {i} has {seq.count(self.ids['image_pad'])} image tokens, expected {n_in}"
-                )
+            if (found := seq.count(self.ids["image_pad"])) != n_in:
+                raise ValueError(f"prompt {i} has {found} image tokens, expected {n_in}")
         return Encoded(ids, features, grids)
 
     # -- batched tensors
     def _batch(
         self, enc: Encoded, seqs: list[list[int]], generated_image: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded inputs_embeds [B,L,D], attention mask [B,L], position ids [3,B,L], row ends."""
+        """Left-padded inputs_embeds [B,L,D], attention mask [B,L], M-RoPE position ids [3,B,L], ids [B,L].
+
+        Image spans are marked from the known layout (input-image slots of the prompt, the last 81 slots),
+        never from the ids, so an image_pad the model wrote itself stays a text token.
+        """
         B, L = len(seqs), max(len(s) for s in seqs)
         ids = torch.full((B, L), self.ids["pad"], dtype=torch.long)
         mask = torch.zeros(B, L, dtype=torch.long)

@@ -289,6 +289,10 @@ def build_adapter(sd: dict[str, torch.Tensor], file: str) -> nn.Sequential:
 def build_merger(sd: dict[str, torch.Tensor], text_config: Any, file: str) -> ImageEmbeddingMerger:
     """Editing merger; attention hyper-parameters come from the AR text config, widths from the shapes."""
     d = _require(sd, "projector.0.weight", file, MERGER_PREFIX).shape[0]
+    out = _require(sd, "projector.4.weight", file, MERGER_PREFIX).shape[0]
+    wide = _require(sd, "projector.1.weight", file, MERGER_PREFIX).shape[0]
+    if wide % out:
+        raise ValueError(f"{file}: merger projector width {wide} is not a multiple of its output {out}")
     if d != text_config.hidden_size:
         raise ValueError(f"{file}: merger width {d} != AR hidden_size {text_config.hidden_size}")
     rope = text_config.rope_parameters or {}
@@ -299,8 +303,8 @@ def build_merger(sd: dict[str, torch.Tensor], text_config: Any, file: str) -> Im
         num_key_value_heads=text_config.num_key_value_heads,
         head_dim=getattr(text_config, "head_dim", None) or d // heads,
         intermediate_size=_require(sd, "layers.0.mlp.gate_proj.weight", file, MERGER_PREFIX).shape[0],
-        out_channels=_require(sd, "projector.4.weight", file, MERGER_PREFIX).shape[0],
-        expand_ratio=_require(sd, "projector.1.weight", file, MERGER_PREFIX).shape[0] // d,
+        out_channels=out,
+        expand_ratio=wide // out,
         rms_norm_eps=text_config.rms_norm_eps,
         rope_theta=float(rope.get("rope_theta", 1e6)),
         mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
@@ -468,7 +472,15 @@ def _special_token_ids(tokenizer: Any, ar_config: Any) -> dict[str, int]:
 def _load_decoder_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"missing {path}")
-    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:  # pre-1.6 (non-zip) pickles cannot be memory-mapped: read them whole
+        if "mmap" not in str(exc):
+            raise
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path.name}: expected a dict of tensors, got {type(sd).__name__}")
+    return sd
 
 
 def load_components(

@@ -106,7 +106,8 @@ class ImageEmbeddingMerger(nn.Module):
     def __init__(self, config: MergerConfig) -> None:
         super().__init__()
         self.config = config
-        d, wide, out = config.hidden_size, config.hidden_size * config.expand_ratio, config.out_channels
+        d, out = config.hidden_size, config.out_channels
+        wide = out * config.expand_ratio  # 4 x 4096 = 16384 (not 4 x D)
         self.layers = nn.ModuleList([MergerDecoderLayer(config)])
         self.projector = nn.Sequential(
             RMSNorm(d, config.rms_norm_eps),

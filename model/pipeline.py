@@ -142,7 +142,12 @@ def bucket_of(req: GenerateRequest | EditRequest) -> tuple[Any, ...]:
 
 
 class NexusGen:
-    """The Nexus-Gen V2 stack; one call = one bucket, results in request order."""
+    """The Nexus-Gen V2 stack; one call = one bucket, results in request order.
+
+    A request's output does not depend on its batch mates: its noise comes from its own seeded generator
+    and its AR positions from its own unpadded sequence. Batch shape changes only float rounding (GEMM
+    blocking, padded attention), which can move a few pixels by one LSB.
+    """
 
     def __init__(
         self,
@@ -227,6 +232,8 @@ class NexusGen:
         should_cancel: CancelCallback | None = None,
     ) -> list[Result]:
         """Free text about an image: batched greedy decoding, special tokens skipped."""
+        if not requests:
+            raise ValueError("no requests")
         for req in requests:
             if not isinstance(req, UnderstandRequest):
                 raise ValueError(f"understand() takes UnderstandRequest, got {type(req).__name__}")

@@ -7,6 +7,8 @@ official names (4.49 Qwen2.5-VL, DiffSynth FluxDiT, BFL/LDM VAE), so loading it 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -556,19 +558,46 @@ def _write_vae(flux: Path, sizes: TinySizes, seed: int) -> None:
     save_file(_contiguous(diffusers_vae_to_ldm(vae.state_dict(), n)), str(flux / VAE_FILE))
 
 
+def _check_replaceable(root: Path) -> None:
+    """Refuse to replace anything but a previous tiny checkpoint (never delete real weights)."""
+    config = root / AR_SUBDIR / "config.json"
+    if (root / AR_SUBDIR).exists() and not config.is_file():
+        raise ValueError(f"{root / AR_SUBDIR} exists and is not a tiny checkpoint; refusing to replace it")
+    if config.is_file() and json.loads(config.read_text()).get("hidden_size") != TinySizes().ar_hidden:
+        raise ValueError(f"{root} holds a real (non-tiny) checkpoint; refusing to replace it")
+    if (root / FLUX_SUBDIR).exists() and not config.is_file():
+        raise ValueError(f"{root / FLUX_SUBDIR} exists without a tiny {AR_SUBDIR}/; refusing to replace it")
+
+
 def write_tiny_checkpoint(dir: str | Path, seed: int = 0) -> Path:
-    """Write DIR/Nexus-GenV2/ and DIR/FLUX/FLUX.1-dev/ with tiny random weights, deterministic from `seed`."""
+    """Write DIR/Nexus-GenV2/ and DIR/FLUX/FLUX.1-dev/ with tiny random weights, deterministic from `seed`.
+
+    Files are written to a staging folder inside DIR and moved into place at the end, so an interrupted
+    run never leaves a half-written checkpoint; a previous tiny checkpoint in DIR is replaced.
+    """
     root = Path(dir)
-    ar_dir, flux_dir = root / AR_SUBDIR, root / FLUX_SUBDIR
-    ar_dir.mkdir(parents=True, exist_ok=True)
-    flux_dir.mkdir(parents=True, exist_ok=True)
-    sizes = TinySizes()
-    ids = _write_qwen_tokenizer(ar_dir, sizes)
-    config = _ar_config(sizes, ids)
-    _write_ar_weights(ar_dir, config, seed * 100 + 1)
-    _write_ar_side_files(ar_dir, config)
-    _write_decoders(ar_dir, sizes, config, seed * 100 + 2)
-    _write_clip(flux_dir, sizes, seed * 100 + 10)
-    _write_t5(flux_dir, sizes, seed * 100 + 11)
-    _write_vae(flux_dir, sizes, seed * 100 + 12)
+    root.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(root)
+    stage = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    try:
+        ar_dir, flux_dir = stage / AR_SUBDIR, stage / FLUX_SUBDIR
+        ar_dir.mkdir(parents=True)
+        flux_dir.mkdir(parents=True)
+        sizes = TinySizes()
+        ids = _write_qwen_tokenizer(ar_dir, sizes)
+        config = _ar_config(sizes, ids)
+        _write_ar_weights(ar_dir, config, seed * 100 + 1)
+        _write_ar_side_files(ar_dir, config)
+        _write_decoders(ar_dir, sizes, config, seed * 100 + 2)
+        _write_clip(flux_dir, sizes, seed * 100 + 10)
+        _write_t5(flux_dir, sizes, seed * 100 + 11)
+        _write_vae(flux_dir, sizes, seed * 100 + 12)
+        for sub in (AR_SUBDIR, FLUX_SUBDIR):
+            target = root / sub
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (stage / sub).rename(target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return root

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import urllib3.exceptions
 from kombu.exceptions import OperationalError as BrokerError
 from minio.error import ServerError as S3ServerError
-from sqlalchemy import Engine, RowMapping, func, select
+from sqlalchemy import Connection, Engine, RowMapping, func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import jobs as jobstate
@@ -47,18 +47,18 @@ class Head:
     age_s: float
 
 
-def peek_head(conn: object, task: str, bucket: str | None) -> Head | None:
+def peek_head(conn: Connection, task: str, bucket: str | None) -> Head | None:
     """The bucket of the first queued job (priority, then age) of `task`, without locking anything."""
     waiting = (jobs.c.status == "queued", jobs.c.cancel_requested.is_(False))
     head_q = select(jobs.c.bucket).where(*waiting, jobs.c.task == task)
     if bucket is not None:
         head_q = head_q.where(jobs.c.bucket == bucket)
-    head = conn.execute(  # type: ignore[attr-defined]
+    head = conn.execute(
         head_q.order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id).limit(1)
     ).scalar_one_or_none()
     if head is None:
         return None
-    queued, age = conn.execute(  # type: ignore[attr-defined]
+    queued, age = conn.execute(
         select(func.count(), func.extract("epoch", func.now() - func.min(jobs.c.enqueued_at))).where(
             *waiting, jobs.c.bucket == head
         )

@@ -123,7 +123,8 @@ class LeaseKeeper:
         """Write the buffered progress in one transaction; a database hiccup only delays it."""
         with self._lock:
             pending, self._pending = self._pending, {}
-            claims = {job_id: self.claims[job_id] for job_id in pending if job_id in self.claims}
+            # Rows are locked in job id order here and in _beat, so the two threads cannot deadlock.
+            claims = {job_id: self.claims[job_id] for job_id in sorted(pending) if job_id in self.claims}
             self._last_flush = time.monotonic()
         if not claims:
             return
@@ -143,7 +144,7 @@ class LeaseKeeper:
                         lease_s=self.lease_s,
                     )
         except DBAPIError as exc:  # progress is advisory; the lease and the result writes will tell
-            log.warning("progress not recorded (%s); continuing", exc.__class__.__name__)
+            log.warning("progress not recorded (%s); continuing", exc.orig or exc)
             return
         self._note(acks)
 
@@ -163,15 +164,13 @@ class LeaseKeeper:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             with self._lock:
-                claims = [(j, a) for j, a in self.claims.items() if j not in self.lost]
+                claims = sorted((j, a) for j, a in self.claims.items() if j not in self.lost)
             if not claims:
                 continue
             try:
                 with transaction(self.engine) as conn:
                     acks = jobstate.heartbeat(conn, claims, self.lease_s)
             except DBAPIError as exc:  # the next beat tries again; the lease has slack for that
-                log.warning(
-                    "heartbeat failed (%s); retrying in %.1fs", exc.__class__.__name__, self.heartbeat_s
-                )
+                log.warning("heartbeat failed (%s); retrying in %.1fs", exc.orig or exc, self.heartbeat_s)
                 continue
             self._note(acks)

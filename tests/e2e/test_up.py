@@ -51,16 +51,19 @@ def _wait(client: Client, batch_id: str, until: Any, timeout_s: float) -> list[d
 
 
 @pytest.mark.slow
-def test_up_survives_a_restart_mid_batch(up_process: Any, tmp_path: Path) -> None:
-    first = up_process(**FAST)
+def test_up_survives_a_restart_mid_batch(up_process: Any, tmp_path: Path, tiny_checkpoint: Path) -> None:
+    first = up_process(**FAST, NEXUSGEN_MODEL_DIR=str(tiny_checkpoint), NEXUSGEN_PREFIX_MODE="forced")
     info = first.start()
     _, _, key = create_demo_tenant(info["env"]["DATABASE_URL"])
     client = Client(info["api_url"], key)
     batch = client.create_batch(_jobs(6))
 
     # Stop the stack while the batch is under way: some jobs done or running, some still queued.
-    _wait(client, batch["id"], lambda jobs: any(j["status"] in ("running", "succeeded") for j in jobs), 240)
+    started = _wait(
+        client, batch["id"], lambda jobs: any(j["status"] in ("running", "succeeded") for j in jobs), 240
+    )
     assert first.stop(signal.SIGTERM) == 0, first.log_tail()
+    assert any(j["status"] in ("queued", "running") for j in started)  # really mid-batch
     assert not (first.state_dir / "up.json").exists()
     api_port, flower_port = int(first.env["NEXUSGEN_API_PORT"]), int(first.env["NEXUSGEN_FLOWER_PORT"])
     assert not port_in_use(api_port) and not port_in_use(flower_port)

@@ -18,9 +18,10 @@ from model.tiny import diffusers_dit_to_ds, diffusers_vae_to_ldm, write_tiny_che
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_dir(tiny_checkpoint: Path) -> Path:
+    """The session's tiny checkpoint (seed 0); tests that alter files work on a copy."""
     torch.set_num_threads(1)
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -335,6 +336,11 @@ def test_configs_inferred_from_real_flux_shapes() -> None:
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
     )
+    shapes = {k: tuple(v.shape) for k, v in merger.state_dict().items()}  # §5.1 table
+    assert shapes["layers.0.self_attn.k_proj.weight"] == (512, 3584)
+    assert shapes["layers.0.mlp.down_proj.weight"] == (3584, 18944)
+    assert shapes["projector.1.weight"] == (16384, 3584) and shapes["projector.2.weight"] == (16384,)
+    assert shapes["projector.4.weight"] == (4096, 16384) and shapes["projector.5.weight"] == (4096,)
     assert build_merger(merger.state_dict(), text, "edit_decoder.bin").config == MergerConfig()
 
 
@@ -354,3 +360,17 @@ def test_missing_flux_side_files_are_named(tiny_dir: Path, tmp_path: Path) -> No
     shutil.rmtree(root / FLUX_SUBDIR / "tokenizer_2")
     with pytest.raises(ValueError, match=r"tokenizer_2/tokenizer_config\.json"):
         load_components(root)
+
+
+def test_rewrite_replaces_a_tiny_checkpoint_but_never_real_weights(tmp_path: Path, tiny_dir: Path) -> None:
+    root = _copy(tiny_dir, tmp_path)
+    (root / AR_SUBDIR / "stale.txt").write_text("old")
+    write_tiny_checkpoint(root, seed=0)
+    assert not (root / AR_SUBDIR / "stale.txt").exists()
+    assert checkpoint_hash(root) == checkpoint_hash(tiny_dir)
+    assert {p.name for p in root.iterdir()} == {"FLUX", "Nexus-GenV2"}  # no staging folder left
+    config_path = root / AR_SUBDIR / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"hidden_size": 3584}))
+    with pytest.raises(ValueError, match="refusing"):
+        write_tiny_checkpoint(root, seed=0)
+    assert config_path.is_file()

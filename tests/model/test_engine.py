@@ -219,5 +219,17 @@ def test_offload_loads_the_owner_of_any_submodule_called(checkpoint: Path) -> No
         assert next(vae.parameters()).device.type == "cpu"
 
 
+def test_pipeline_with_offload_gives_the_same_image(checkpoint: Path) -> None:
+    from model.pipeline import NexusGen
+    from model.requests import GenerateRequest
+
+    request = GenerateRequest(prompt="a red cube", width=256, height=256, steps=2, cfg_scale=1.0, seed=5)
+    images = []
+    for offload in (False, True):
+        pipe = NexusGen.from_pretrained(str(checkpoint), device="cpu", prefix_mode="forced", offload=offload)
+        images.append(pipe.generate([request])[0].image.tobytes())
+    assert images[0] == images[1]
+
+
 if __name__ == "__main__":
     child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

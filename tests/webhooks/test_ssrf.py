@@ -45,6 +45,9 @@ def _to_loopback(host: str, port: int) -> list[str]:
         ("ftp://127.0.0.1/hook", "scheme_not_allowed"),
         ("file:///etc/passwd", "scheme_not_allowed"),
         ("http://user:pw@127.0.0.1:{port}/", "credentials_in_url"),
+        ("http://hooks.example\\@127.0.0.1:{port}/", "credentials_in_url"),
+        ("http://127.0.0.1:0/hook", "invalid_url"),
+        ("http://hooks example/hook", "invalid_url"),
     ],
 )
 def test_refused_urls_never_connect(

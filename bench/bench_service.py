@@ -1,0 +1,225 @@
+"""Service throughput: jobs/s through API -> Postgres -> broker -> worker -> S3, over the model alone.
+
+One run, same machine, same tiny checkpoint and batch size: first `NexusGen.generate` is called directly
+on batches of `--batch` (the ceiling), then the same jobs go through the whole service (embedded
+Postgres, Redis and S3; the real API on a loopback HTTP server; one real Celery worker process) and are
+timed from the POST until the batch reports every job succeeded. Writes bench/results/service.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from core.settings import Settings
+
+RESULTS = Path(__file__).resolve().parent / "results" / "service.json"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=64, help="jobs per timed run")
+    parser.add_argument("--batch", type=int, default=8, help="NEXUSGEN_MAX_BATCH and the direct batch size")
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 8], help="denoising steps (one run each)")
+    parser.add_argument("--size", type=int, default=256, help="output width and height")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, in the bench and the worker")
+    return parser.parse_args()
+
+
+def job_specs(n: int, steps: int, size: int) -> list[dict[str, Any]]:
+    params = {"width": size, "height": size, "steps": steps}
+    return [
+        {"task": "generate", "prompt": f"a lighthouse, variation {i}", "params": {**params, "seed": i}}
+        for i in range(n)
+    ]
+
+
+def direct_throughput(settings: Settings, specs: list[dict[str, Any]], batch: int) -> dict[str, float]:
+    """jobs/s of NexusGen.generate on batches of `batch`, after one warm-up call (model load excluded)."""
+    from model.pipeline import NexusGen
+    from model.requests import GenerateRequest
+
+    assert settings.model_dir is not None
+    model = NexusGen.from_pretrained(settings.model_dir, prefix_mode="forced")
+    requests = [GenerateRequest(prompt=s["prompt"], **s["params"]) for s in specs]
+    model.generate(requests[:batch])
+    started = time.perf_counter()
+    for i in range(0, len(requests), batch):
+        results = model.generate(requests[i : i + batch])
+        assert all(r.image is not None for r in results)
+    elapsed = time.perf_counter() - started
+    return {"seconds": round(elapsed, 3), "jobs_per_s": round(len(requests) / elapsed, 3)}
+
+
+def start_services(root: Path) -> tuple[Settings, list[Any]]:
+    """Embedded Postgres, Redis and S3 (the servers `nexusgen up` and the tests use), migrated."""
+    from core.migrate import upgrade
+    from core.storage import Storage
+    from model.tiny import write_tiny_checkpoint
+    from nexusgen import embedded
+
+    pg = embedded.start_postgres(root / "pg", embedded.free_port(), root / "pg.log")
+    redis = embedded.start_redis(root / "redis", embedded.free_port(), root / "redis.log")
+    access, secret = embedded.s3_credentials(root)
+    s3 = embedded.start_s3(root / "s3", embedded.free_port(), root / "s3.log", access, secret)
+    settings = Settings(
+        database_url=pg.url,
+        broker_url=redis.url,
+        s3_endpoint_url=s3.url,
+        s3_access_key=access,
+        s3_secret_key=secret,
+        s3_bucket="bench",
+        model_dir=str(write_tiny_checkpoint(root / "tiny", seed=0)),
+        prefix_mode="forced",
+        state_dir=root / "state",
+    )
+    upgrade(settings)
+    Storage.from_settings(settings).ensure_bucket()
+    return settings, [s3, redis, pg]
+
+
+def start_worker(settings: Settings, batch: int, threads: int, log_path: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=str(settings.database_url),
+        CELERY_BROKER_URL=str(settings.broker_url),
+        S3_ENDPOINT_URL=str(settings.s3_endpoint_url),
+        S3_ACCESS_KEY=settings.s3_access_key,
+        S3_SECRET_KEY=settings.s3_secret_key,
+        S3_BUCKET=settings.s3_bucket,
+        NEXUSGEN_MODEL_DIR=str(settings.model_dir),
+        NEXUSGEN_PREFIX_MODE="forced",
+        NEXUSGEN_MAX_BATCH=str(batch),
+        OMP_NUM_THREADS=str(threads),
+    )
+    argv = [sys.executable, "-m", "celery", "-A", "worker.app:celery_app", "worker", "-Q",
+            "nexusgen.generate,nexusgen.edit,nexusgen.understand", "-c", "1", "--without-gossip",
+            "--without-mingle", "--loglevel", "INFO"]  # fmt: skip
+    log = open(log_path, "wb")  # the child writes to it until it stops
+    return subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def serve_api(settings: Settings) -> tuple[str, Any]:
+    """The real API (create_app) on a threaded loopback HTTP server."""
+    from werkzeug.serving import make_server
+
+    from api.app import create_app
+
+    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}", server
+
+
+def run_batch(client: httpx.Client, specs: list[dict[str, Any]], timeout_s: float = 600) -> float:
+    """POST the batch and wait until all its jobs succeeded; returns the seconds from POST to done."""
+    started = time.perf_counter()
+    answer = client.post("/v1/batches", json={"jobs": specs})
+    answer.raise_for_status()
+    batch_id = answer.json()["id"]
+    deadline = started + timeout_s
+    while time.perf_counter() < deadline:
+        counts = client.get(f"/v1/batches/{batch_id}").json()["counts"]
+        if counts.get("succeeded", 0) == len(specs):
+            return time.perf_counter() - started
+        if counts.get("failed") or counts.get("canceled"):
+            raise RuntimeError(f"batch {batch_id} had failures: {counts}")
+        time.sleep(0.05)
+    raise TimeoutError(f"batch {batch_id} not done after {timeout_s} s")
+
+
+def batch_sizes(settings: Settings) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from core.db import make_engine
+    from core.schema import jobs
+
+    engine = make_engine(settings)
+    with engine.connect() as conn:
+        size = jobs.c.provenance["batch_size"].as_integer()
+        rows = conn.execute(select(size, func.count()).group_by(size)).all()
+    engine.dispose()
+    return {str(k): int(v) for k, v in rows}
+
+
+def main() -> int:
+    args = parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="nexusgen-bench-"))
+    settings, servers = start_services(root)
+    worker = None
+    api_server = None
+    runs = []
+    try:
+        direct = {
+            s: direct_throughput(settings, job_specs(args.jobs, s, args.size), args.batch) for s in args.steps
+        }
+        worker = start_worker(settings, args.batch, args.threads, root / "worker.log")
+        base_url, api_server = serve_api(settings)
+        from core.auth import create_api_key, create_tenant
+        from core.db import make_engine
+
+        engine = make_engine(settings)
+        with engine.begin() as conn:
+            create_tenant(conn, "bench")
+            key = create_api_key(conn, "bench")
+        engine.dispose()
+        with httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ) as client:
+            run_batch(
+                client, job_specs(args.batch, args.steps[0], args.size)
+            )  # warm-up: worker loads the model
+            for steps in args.steps:
+                seconds = run_batch(client, job_specs(args.jobs, steps, args.size))
+                service = {"seconds": round(seconds, 3), "jobs_per_s": round(args.jobs / seconds, 3)}
+                ratio = service["jobs_per_s"] / direct[steps]["jobs_per_s"]
+                runs.append(
+                    {"steps": steps, "service": service, "direct": direct[steps], "ratio": round(ratio, 3)}
+                )
+                print(
+                    f"steps={steps:3d}  service {service['jobs_per_s']:7.2f} jobs/s  "
+                    f"direct {direct[steps]['jobs_per_s']:7.2f} jobs/s  ratio {ratio:.2f}",
+                    flush=True,
+                )
+        sizes = batch_sizes(settings)
+    finally:
+        if api_server is not None:
+            api_server.shutdown()
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(30)
+        for server in servers:
+            server.stop()
+    report = {
+        "bench": "service",
+        "what": "generate jobs/s via API->DB->broker->worker->S3 over direct NexusGen.generate jobs/s",
+        "config": {"jobs": args.jobs, "batch": args.batch, "size": args.size, "threads": args.threads},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu"},
+        "runs": runs,
+        "worker_batch_sizes": sizes,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"batch sizes seen by the worker: {sizes}\nwrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
