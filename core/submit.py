@@ -378,5 +378,6 @@ def insert_jobs(
     rows = [job_row(tenant_id, batch_id, d, job_id) for d, job_id in zip(drafts, ids, strict=True)]
     for start in range(0, len(rows), INSERT_CHUNK):
         chunk = rows[start : start + INSERT_CHUNK]
-        conn.execute(jobs.insert().values(chunk))
+        # executemany: one compiled statement, sent by SQLAlchemy's "insertmanyvalues" as multi-row INSERTs
+        conn.execute(jobs.insert(), chunk)
     return {(d.task, d.bucket) for d in drafts}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,12 @@ def _fmt(keys: list[str], limit: int = 20) -> str:
     return ", ".join(sorted(keys)[:limit]) + more
 
 
-def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], file: str, describe: Any = None) -> None:
+def load_strict(
+    module: nn.Module,
+    sd: dict[str, torch.Tensor],
+    file: str,
+    describe: Callable[[str], str] | None = None,
+) -> None:
     """Load `sd` into `module` (assign), raising ValueError naming `file` and the missing/unexpected keys.
 
     `describe(key)` maps a module key back to the file's own name for the message.

@@ -143,17 +143,8 @@ def _write_qwen_tokenizer(out: Path, sizes: TinySizes) -> dict[str, int]:
     tok.save(str(out / "tokenizer.json"))
     tok.model.save(str(out))  # vocab.json, merges.txt
     ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
-    added = {
-        str(i): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t, i in ids.items()
-    }
+    flags = dict.fromkeys(("lstrip", "normalized", "rstrip", "single_word"), False) | {"special": True}
+    added = {str(i): {"content": t} | flags for t, i in ids.items()}
     _write_json(
         out / "tokenizer_config.json",
         {

@@ -26,7 +26,8 @@ from core.settings import Settings
 from nexusgen.client import Client
 
 TERMINAL = ("succeeded", "failed", "canceled")
-console = Console(stderr=True)
+# Wide enough for the summary table when the output is a file or a pipe (rich assumes 80 columns there).
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 @dataclass
@@ -229,7 +230,8 @@ def write_contact_sheet(
         spec = specs.get(job.get("custom_id") or "", {})
         path = files.get(job["id"])
         text = html.escape(spec.get("prompt") or spec.get("instruction") or "")
-        head = f"<b>{html.escape(job.get('custom_id') or job['id'])}</b> ({job['task']}, {job['status']})"
+        name = html.escape(job.get("custom_id") or job["id"])
+        head = f"<b>{name}</b> ({html.escape(_task_label(job, spec))}, {job['status']})"
         source = f'<img src="{spec["image"]}" width="64"> &rarr; ' if spec.get("image") else ""
         if path is not None and path.suffix == ".png":
             body = f'{source}<img src="{path.name}" width="256">'
@@ -248,7 +250,17 @@ def write_contact_sheet(
     return path
 
 
-def summary_table(jobs: list[dict[str, Any]], files: dict[str, Path]) -> Table:
+def _task_label(job: dict[str, Any], spec: dict[str, Any]) -> str:
+    """The task, with the decoder for edits and the language when it is not English."""
+    params = spec.get("params", {})
+    extras = [params["decoder"] + " decoder"] if job["task"] == "edit" and "decoder" in params else []
+    extras += [params["language"]] if params.get("language", "en") != "en" else []
+    return job["task"] + (f" ({', '.join(extras)})" if extras else "")
+
+
+def summary_table(
+    jobs: list[dict[str, Any]], files: dict[str, Path], specs: dict[str, dict[str, Any]]
+) -> Table:
     table = Table(title="demo batch")
     for column in ("job", "task", "status", "seconds", "output"):
         table.add_column(column)
@@ -256,7 +268,7 @@ def summary_table(jobs: list[dict[str, Any]], files: dict[str, Path]) -> Table:
         seconds = _seconds(job)
         table.add_row(
             job.get("custom_id") or job["id"],
-            job["task"],
+            _task_label(job, specs.get(job.get("custom_id") or "", {})),
             job["status"],
             f"{seconds:.1f}" if seconds is not None else "-",
             str(files.get(job["id"], (job.get("error") or {}).get("message", "-"))),
@@ -312,7 +324,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
 
             arrived = receiver.wait_for(_all_arrived, timeout_s=60)
             verified, rejected = receiver.events(), receiver.rejected()
-        console.print(summary_table(done, files))
+        console.print(summary_table(done, files, specs))
         succeeded = sum(job["status"] == "succeeded" for job in done)
         console.print(
             f"{succeeded}/{len(done)} jobs succeeded; results and contact sheet in {sheet}\n"

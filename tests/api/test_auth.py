@@ -15,10 +15,20 @@ from tests.api.conftest import Tenant
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer "}, {"Authorization": "Bearer ngk_wrong"}, {"Authorization": "Basic eDp5"}],
+    [
+        {},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Bearer ngk_wrong"},
+        {"Authorization": "Basic eDp5"},
+    ],
 )
 def test_missing_or_wrong_key_is_401(client: Any, acme: Tenant, headers: dict[str, str]) -> None:
-    for method, path in [("get", "/v1/jobs"), ("post", "/v1/jobs"), ("post", "/v1/batches"), ("post", "/v1/uploads")]:
+    for method, path in [
+        ("get", "/v1/jobs"),
+        ("post", "/v1/jobs"),
+        ("post", "/v1/batches"),
+        ("post", "/v1/uploads"),
+    ]:
         r = getattr(client, method)(path, headers=headers)
         assert r.status_code == 401 and r.get_json()["error"]["code"] == "unauthorized", path
 

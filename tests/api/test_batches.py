@@ -38,9 +38,11 @@ def test_json_batch_inherits_the_batch_webhook(client: Any, acme: Tenant, engine
     assert batch["total_jobs"] == 2 and batch["counts"]["queued"] == 2 and batch["metadata"] == {"run": 1}
     assert batch["webhook"] == {"url": "http://127.0.0.1:9/batch", "events": ["batch.completed"]}
     with engine.connect() as conn:
-        urls = conn.execute(
-            select(jobs.c.webhook_url).where(jobs.c.batch_id == batch["id"]).order_by(jobs.c.id)
-        ).scalars().all()
+        urls = (
+            conn.execute(select(jobs.c.webhook_url).where(jobs.c.batch_id == batch["id"]).order_by(jobs.c.id))
+            .scalars()
+            .all()
+        )
     assert urls == ["http://127.0.0.1:9/batch", "http://127.0.0.1:9/own"]
 
 
@@ -50,7 +52,13 @@ def test_jsonl_batch_keeps_line_order(client: Any, acme: Tenant) -> None:
     lines = [
         {"task": "generate", "prompt": "一只猫", "params": {"language": "zh"}, "custom_id": "g"},
         {"task": "edit", "instruction": "blue", "image": upload_id, "custom_id": "e"},
-        {"task": "edit", "instruction": "red", "image": inline, "params": {"decoder": "generation"}, "custom_id": "e2"},
+        {
+            "task": "edit",
+            "instruction": "red",
+            "image": inline,
+            "params": {"decoder": "generation"},
+            "custom_id": "e2",
+        },
         "",
         {"task": "understand", "instruction": "what", "image": upload_id, "custom_id": "u"},
     ]
@@ -69,7 +77,9 @@ def test_jsonl_batch_keeps_line_order(client: Any, acme: Tenant) -> None:
     assert [r["job_id"] for r in records] == [j["id"] for j in listed]
 
 
-def test_invalid_jsonl_names_every_bad_line_and_creates_nothing(client: Any, acme: Tenant, engine: Any) -> None:
+def test_invalid_jsonl_names_every_bad_line_and_creates_nothing(
+    client: Any, acme: Tenant, engine: Any
+) -> None:
     good = {"task": "generate", "prompt": "ok"}
     lines = [
         {**good, "custom_id": "1"},
@@ -119,7 +129,11 @@ def test_malformed_batches(client: Any, acme: Tenant) -> None:
         ({"data": b"\n\n", "headers": NDJSON}, 422, "empty_batch"),
         ({"data": b"[1,", "headers": {"Content-Type": "application/json"}}, 400, "invalid_json"),
         ({"data": b"\xff\n", "headers": NDJSON}, 422, "invalid_jsonl"),
-        ({"json": {"jobs": [{"task": "generate", "prompt": "x"}], "webhook": {"url": "gopher://x"}}}, 422, "webhook_url_refused"),
+        (
+            {"json": {"jobs": [{"task": "generate", "prompt": "x"}], "webhook": {"url": "gopher://x"}}},
+            422,
+            "webhook_url_refused",
+        ),
     ]
     for kwargs, status, code in cases:
         headers = {**acme.headers, **kwargs.pop("headers", {})}
@@ -167,5 +181,7 @@ def test_upload_of_another_tenant_is_not_found(client: Any, acme: Tenant, globex
     r = client.post("/v1/jobs", json=job, headers=globex.headers)
     assert r.status_code == 422 and r.get_json()["error"]["code"] == "upload_not_found"
     r = client.post("/v1/batches", json={"jobs": [job]}, headers=globex.headers)
-    assert r.status_code == 422 and r.get_json()["error"]["details"]["errors"][0]["code"] == "upload_not_found"
+    assert (
+        r.status_code == 422 and r.get_json()["error"]["details"]["errors"][0]["code"] == "upload_not_found"
+    )
     assert client.post("/v1/jobs", json=job, headers=acme.headers).status_code == 201

@@ -79,7 +79,9 @@ def test_broker_down_the_jobs_stay_queued_and_the_request_succeeds(
 
     client = create_app(settings.with_overrides(broker_url="redis://127.0.0.1:1/0")).test_client()
     started = time.monotonic()
-    r = client.post("/v1/batches", data=_body(50), headers={**acme.headers, "Content-Type": "application/x-ndjson"})
+    r = client.post(
+        "/v1/batches", data=_body(50), headers={**acme.headers, "Content-Type": "application/x-ndjson"}
+    )
     assert r.status_code == 201, r.get_json()
     assert time.monotonic() - started < 15
     with engine.connect() as conn:

@@ -29,7 +29,9 @@ def test_same_key_same_body_replays(client: Any, acme: Tenant, engine: Any) -> N
 
 def test_same_key_other_body_conflicts(client: Any, acme: Tenant, engine: Any) -> None:
     headers = {**acme.headers, "Idempotency-Key": "k-2"}
-    assert client.post("/v1/jobs", json={"task": "generate", "prompt": "x"}, headers=headers).status_code == 201
+    assert (
+        client.post("/v1/jobs", json={"task": "generate", "prompt": "x"}, headers=headers).status_code == 201
+    )
     r = client.post("/v1/jobs", json={"task": "generate", "prompt": "y"}, headers=headers)
     assert r.status_code == 422 and r.get_json()["error"]["code"] == "idempotency_conflict"
     r = client.post("/v1/batches", json={"jobs": [{"task": "generate", "prompt": "x"}]}, headers=headers)
@@ -47,7 +49,9 @@ def test_keys_are_per_tenant(client: Any, acme: Tenant, globex: Tenant, engine: 
 def test_failed_request_does_not_keep_the_key(client: Any, acme: Tenant, engine: Any) -> None:
     headers = {**acme.headers, "Idempotency-Key": "k-3"}
     assert client.post("/v1/jobs", json={"task": "generate"}, headers=headers).status_code == 422
-    assert client.post("/v1/jobs", json={"task": "generate", "prompt": "x"}, headers=headers).status_code == 201
+    assert (
+        client.post("/v1/jobs", json={"task": "generate", "prompt": "x"}, headers=headers).status_code == 201
+    )
 
 
 def test_batches_and_uploads_replay(client: Any, acme: Tenant, engine: Any) -> None:
@@ -80,7 +84,11 @@ def test_expired_keys_are_ignored_and_purged(client: Any, acme: Tenant, engine: 
 
 
 def test_invalid_key(client: Any, acme: Tenant) -> None:
-    r = client.post("/v1/jobs", json={"task": "generate", "prompt": "x"}, headers={**acme.headers, "Idempotency-Key": "k" * 300})
+    r = client.post(
+        "/v1/jobs",
+        json={"task": "generate", "prompt": "x"},
+        headers={**acme.headers, "Idempotency-Key": "k" * 300},
+    )
     assert r.status_code == 400 and r.get_json()["error"]["code"] == "invalid_idempotency_key"
 
 

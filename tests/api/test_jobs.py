@@ -13,12 +13,12 @@ from core.storage import Storage, result_key
 from tests.api.conftest import Tenant, png_bytes, upload
 
 
-def _claim_and_finish(engine: Any, storage: Storage, job: dict[str, Any], *, text: str | None = None) -> bytes:
+def _claim_and_finish(
+    engine: Any, storage: Storage, job: dict[str, Any], *, text: str | None = None
+) -> bytes:
     """Run the worker's side of the state machine for one job; return the stored image bytes."""
     with engine.begin() as conn:
-        (row,) = claim_batch(
-            conn, worker_id="t", tasks=[job["task"]], max_batch=1, lease_s=60, bucket=None
-        )
+        (row,) = claim_batch(conn, worker_id="t", tasks=[job["task"]], max_batch=1, lease_s=60, bucket=None)
         assert row["id"] == job["id"]
         data = b""
         if text is not None:
@@ -97,7 +97,11 @@ def test_edit_job_defaults_and_bucket(client: Any, acme: Tenant, engine: Any) ->
         ({"task": "edit", "instruction": "x", "image": "data:image/png;base64,!!!"}, 422, "invalid_image"),
         ({"task": "edit", "instruction": "x", "image": "upl_doesnotexist"}, 422, "upload_not_found"),
         ({"task": "generate", "prompt": "x", "webhook": {"url": "ftp://h/x"}}, 422, "webhook_url_refused"),
-        ({"task": "generate", "prompt": "x", "webhook": {"url": "http://h/x", "events": ["x"]}}, 422, "invalid_webhook"),
+        (
+            {"task": "generate", "prompt": "x", "webhook": {"url": "http://h/x", "events": ["x"]}},
+            422,
+            "invalid_webhook",
+        ),
         ({"task": "generate", "prompt": "x", "surprise": 1}, 422, "invalid_job"),
         ([1, 2], 422, "invalid_job"),
     ],
@@ -127,7 +131,9 @@ def test_data_url_image_becomes_an_upload(client: Any, acme: Tenant, settings: A
 
     data = png_bytes(80, 60)
     url = "data:image/png;base64," + base64.b64encode(data).decode()
-    r = client.post("/v1/jobs", json={"task": "understand", "instruction": "what?", "image": url}, headers=acme.headers)
+    r = client.post(
+        "/v1/jobs", json={"task": "understand", "instruction": "what?", "image": url}, headers=acme.headers
+    )
     assert r.status_code == 201, r.get_json()
     assert r.get_json()["params"] == {"max_new_tokens": 1024}
     storage = Storage.from_settings(settings)
@@ -144,7 +150,9 @@ def test_bad_bodies_are_4xx(client: Any, acme: Tenant) -> None:
 
 def test_list_with_cursor_and_filters(client: Any, acme: Tenant) -> None:
     ids = [
-        client.post("/v1/jobs", json={"task": "generate", "prompt": f"p{i}"}, headers=acme.headers).get_json()["id"]
+        client.post(
+            "/v1/jobs", json={"task": "generate", "prompt": f"p{i}"}, headers=acme.headers
+        ).get_json()["id"]
         for i in range(5)
     ]
     client.post(f"/v1/jobs/{ids[0]}/cancel", headers=acme.headers)
@@ -177,7 +185,9 @@ def test_cancel_queued_job(client: Any, acme: Tenant) -> None:
     assert r.status_code == 409 and r.get_json()["error"]["code"] == "no_result"
 
 
-def test_image_result_redirects_to_a_presigned_url(client: Any, acme: Tenant, engine: Any, settings: Any) -> None:
+def test_image_result_redirects_to_a_presigned_url(
+    client: Any, acme: Tenant, engine: Any, settings: Any
+) -> None:
     job = client.post("/v1/jobs", json={"task": "generate", "prompt": "x"}, headers=acme.headers).get_json()
     r = client.get(f"/v1/jobs/{job['id']}/result", headers=acme.headers)
     assert r.status_code == 409 and r.get_json()["error"]["code"] == "not_ready"
@@ -189,21 +199,33 @@ def test_image_result_redirects_to_a_presigned_url(client: Any, acme: Tenant, en
     body = client.get(f"/v1/jobs/{job['id']}", headers=acme.headers).get_json()
     assert body["status"] == "succeeded" and body["provenance"] == {"seed": 1}
     result = body["result"]
-    assert result["sha256"] == hashlib.sha256(data).hexdigest() and (result["width"], result["height"]) == (256, 256)
+    assert result["sha256"] == hashlib.sha256(data).hexdigest() and (result["width"], result["height"]) == (
+        256,
+        256,
+    )
     assert result["url"].startswith(settings.s3_endpoint_url) and result["expires_at"]
     # finished jobs keep their result when canceled afterwards
-    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=acme.headers).get_json()["status"] == "succeeded"
+    assert (
+        client.post(f"/v1/jobs/{job['id']}/cancel", headers=acme.headers).get_json()["status"] == "succeeded"
+    )
 
 
 def test_text_result_is_plain_text(client: Any, acme: Tenant, engine: Any, settings: Any) -> None:
     upload_id = upload(client, acme).get_json()["id"]
     job = client.post(
-        "/v1/jobs", json={"task": "understand", "instruction": "describe", "image": upload_id}, headers=acme.headers
+        "/v1/jobs",
+        json={"task": "understand", "instruction": "describe", "image": upload_id},
+        headers=acme.headers,
     ).get_json()
     _claim_and_finish(engine, Storage.from_settings(settings), job, text="一只红色的狐狸")
     r = client.get(f"/v1/jobs/{job['id']}/result", headers=acme.headers)
-    assert r.status_code == 200 and r.mimetype == "text/plain" and r.get_data(as_text=True) == "一只红色的狐狸"
-    assert client.get(f"/v1/jobs/{job['id']}", headers=acme.headers).get_json()["result"]["text"] == "一只红色的狐狸"
+    assert (
+        r.status_code == 200 and r.mimetype == "text/plain" and r.get_data(as_text=True) == "一只红色的狐狸"
+    )
+    assert (
+        client.get(f"/v1/jobs/{job['id']}", headers=acme.headers).get_json()["result"]["text"]
+        == "一只红色的狐狸"
+    )
 
 
 def test_failed_job_shows_its_error(client: Any, acme: Tenant, engine: Any) -> None:

@@ -32,10 +32,21 @@ def test_readyz_is_503_when_a_dependency_is_down(settings: Any, engine: Any, cle
 
 def test_metrics_are_computed_from_the_database(client: Any, acme: Tenant, engine: Any) -> None:
     for i in range(3):
-        client.post("/v1/jobs", json={"task": "generate", "prompt": "x", "priority": i % 2}, headers=acme.headers)
-    client.post("/v1/jobs", json={"task": "generate", "prompt": "x", "params": {"steps": 4}}, headers=acme.headers)
+        client.post(
+            "/v1/jobs", json={"task": "generate", "prompt": "x", "priority": i % 2}, headers=acme.headers
+        )
+    client.post(
+        "/v1/jobs", json={"task": "generate", "prompt": "x", "params": {"steps": 4}}, headers=acme.headers
+    )
     with engine.begin() as conn:
-        claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=1, lease_s=60, bucket="generate|generation|512x512|4|3|3.5")
+        claim_batch(
+            conn,
+            worker_id="w",
+            tasks=["generate"],
+            max_batch=1,
+            lease_s=60,
+            bucket="generate|generation|512x512|4|3|3.5",
+        )
     r = client.get("/metrics")
     assert r.status_code == 200 and r.mimetype == "text/plain"
     samples = {
@@ -46,8 +57,12 @@ def test_metrics_are_computed_from_the_database(client: Any, acme: Tenant, engin
     assert samples[("nexusgen_jobs", (("status", "queued"), ("task", "generate")))] == 3
     assert samples[("nexusgen_jobs", (("status", "running"), ("task", "generate")))] == 1
     bucket = "generate|generation|512x512|50|3|3.5"
-    assert samples[("nexusgen_queue_depth", (("bucket", bucket), ("priority", "0"), ("task", "generate")))] == 2
-    assert samples[("nexusgen_queue_depth", (("bucket", bucket), ("priority", "1"), ("task", "generate")))] == 1
+    assert (
+        samples[("nexusgen_queue_depth", (("bucket", bucket), ("priority", "0"), ("task", "generate")))] == 2
+    )
+    assert (
+        samples[("nexusgen_queue_depth", (("bucket", bucket), ("priority", "1"), ("task", "generate")))] == 1
+    )
     assert samples[("nexusgen_webhook_deliveries", (("status", "pending"),))] == 0
     assert samples[("nexusgen_metrics_database_up", ())] == 1
 
@@ -55,7 +70,13 @@ def test_metrics_are_computed_from_the_database(client: Any, acme: Tenant, engin
 def test_openapi_is_generated_and_docs_served(client: Any) -> None:
     spec = client.get("/openapi.json").get_json()
     assert spec["openapi"].startswith("3.")
-    for path in ("/v1/jobs", "/v1/batches", "/v1/uploads", "/v1/jobs/{job_id}/result", "/v1/batches/{batch_id}/results"):
+    for path in (
+        "/v1/jobs",
+        "/v1/batches",
+        "/v1/uploads",
+        "/v1/jobs/{job_id}/result",
+        "/v1/batches/{batch_id}/results",
+    ):
         assert path in spec["paths"], path
     body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/JobIn"}

@@ -19,10 +19,17 @@ def _bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header claiming width x height pixels, with almost no data (decompression bomb)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
@@ -73,7 +80,9 @@ def test_pixel_and_byte_limits(settings: Any, engine: Any, clean_db: Any, acme: 
 
 
 def test_missing_file_field(client: Any, acme: Tenant) -> None:
-    r = client.post("/v1/uploads", data={"other": "x"}, headers=acme.headers, content_type="multipart/form-data")
+    r = client.post(
+        "/v1/uploads", data={"other": "x"}, headers=acme.headers, content_type="multipart/form-data"
+    )
     assert r.status_code == 422 and r.get_json()["error"]["code"] == "invalid_image"
 
 
@@ -83,11 +92,15 @@ def test_body_over_the_limit_is_413(settings: Any, engine: Any, clean_db: Any, a
     client = create_app(settings.with_overrides(max_body_bytes=1000)).test_client()
     r = upload(client, acme, png_bytes(200, 200, color="blue") + b"\0" * 2000)
     assert r.status_code == 413 and r.get_json()["error"]["code"] == "payload_too_large"
-    r = client.post("/v1/jobs", data=b"x" * 5000, headers={**acme.headers, "Content-Type": "application/json"})
+    r = client.post(
+        "/v1/jobs", data=b"x" * 5000, headers={**acme.headers, "Content-Type": "application/json"}
+    )
     assert r.status_code == 413 and r.get_json()["error"]["code"] == "payload_too_large"
 
 
-def test_decompression_bomb_warning_is_an_error(settings: Any, engine: Any, clean_db: Any, acme: Tenant) -> None:
+def test_decompression_bomb_warning_is_an_error(
+    settings: Any, engine: Any, clean_db: Any, acme: Tenant
+) -> None:
     """Above PIL's own limit (but under twice it) PIL only warns; the service refuses all the same."""
     from api.app import create_app
 

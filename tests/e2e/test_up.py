@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -78,6 +80,7 @@ def test_up_survives_a_restart_mid_batch(up_process: Any, tmp_path: Path, tiny_c
     for job in jobs:
         path, _ = client.download_result(job, out)
         assert path.read_bytes().startswith(b"\x89PNG")
+    _submit_wait_and_resume(info["api_url"], key, tmp_path)
     # Ctrl-C stops everything cleanly too
     assert second.stop(signal.SIGINT) == 0, second.log_tail()
     assert not port_in_use(api_port)
@@ -86,6 +89,30 @@ def test_up_survives_a_restart_mid_batch(up_process: Any, tmp_path: Path, tiny_c
         p.name for p in logs.iterdir()
     }
     assert (second.state_dir / "flower.db").exists() or any(second.state_dir.glob("flower.db*"))
+
+
+def _submit_wait_and_resume(api_url: str, key: str, tmp_path: Path) -> None:
+    """`nexusgen submit FILE --wait --out DIR` twice: the same batch, and nothing downloaded twice."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(job) for job in _jobs(2)) + "\n")
+    env = dict(os.environ, NEXUSGEN_API_URL=api_url, NEXUSGEN_API_KEY=key)
+
+    def nexusgen(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "nexusgen.cli", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+    first = nexusgen("submit", str(jobs), "--wait", "--out", str(tmp_path / "results"))
+    assert first.returncode == 0, first.stderr
+    assert "2 downloaded, 0 already there" in first.stdout
+    again = nexusgen("submit", str(jobs), "--out", str(tmp_path / "results"))
+    assert again.returncode == 0, again.stderr
+    assert "0 downloaded, 2 already there" in again.stdout
+    batch_id = first.stdout.split("batch_id: ")[1].split()[0]
+    assert f"batch_id: {batch_id}" in again.stdout  # the Idempotency-Key found the same batch
+    status = nexusgen("status", batch_id)
+    assert status.returncode == 0 and json.loads(status.stdout)["counts"]["succeeded"] == 2
+    missing = nexusgen("status", "job_doesnotexist")
+    assert missing.returncode == 1 and "404" in missing.stderr
 
 
 def test_up_refuses_a_taken_port_with_a_clear_error(tmp_path: Path) -> None:

@@ -86,11 +86,11 @@ def child_main(rank: int, world: int, port: int, checkpoint: str, out: str) -> N
         "dit_tp_layers": sharded,
         "ar_tp_layers": sorted({type(m).__name__ for m in pipe.components.ar.modules()} & TP_LAYERS),
     }
-    probe = nn.Linear(4, 4).to(torch.bfloat16)
-    probe.register_buffer("inv_freq", torch.rand(4))  # fp32 on purpose, like a rotary embedding's
-    report["fp32_buffer_kept"] = (
-        engine_mod._init_inference(probe, None).module.inv_freq.dtype == torch.float32
-    )
+    if world == 1:
+        probe = nn.Linear(4, 4).to(torch.bfloat16)
+        probe.register_buffer("inv_freq", torch.rand(4))  # fp32 on purpose, like a rotary embedding's
+        kept = engine_mod._init_inference(probe, None).module.inv_freq.dtype == torch.float32
+        report["fp32_buffer_kept"] = kept
     if rank == 0:
         Path(out).write_text(json.dumps(report))
 
