@@ -14,7 +14,7 @@ from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
-from api.jobs import parse_json_body, results_by_job
+from api.jobs import parse_json_body, require_id, results_by_job
 from api.schemas import BatchIn, BatchOut, batch_json, describes_body, result_json
 from core.ids import new_id
 from core.jobs import cancel_batch
@@ -93,6 +93,7 @@ def _counts(conn: Connection, batch_id: str) -> dict[str, int]:
 
 
 def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> RowMapping:
+    require_id(batch_id, "batch")
     row = (
         conn.execute(select(batches).where(batches.c.id == batch_id, batches.c.tenant_id == tenant_id))
         .mappings()
@@ -205,6 +206,7 @@ def get_results(batch_id: str) -> Response:
 def cancel(batch_id: str) -> Response:
     """Cancel every queued job of the batch and stop its running ones; finished jobs keep their results."""
     principal = current_principal()
+    require_id(batch_id, "batch")
     with services().engine.begin() as conn:
         if cancel_batch(conn, principal.tenant_id, batch_id) is None:
             fail(404, "not_found", f"no batch {batch_id!r}")

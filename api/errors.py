@@ -10,6 +10,8 @@ from typing import Any, NoReturn
 
 from apiflask import APIFlask, HTTPError
 from flask import Response, jsonify
+from sqlalchemy.exc import DataError
+from werkzeug.datastructures import Headers
 
 from core.idempotency import IdempotencyConflict
 from core.images import ImageError
@@ -62,7 +64,7 @@ def register_error_handlers(app: APIFlask) -> None:
         code = (error.extra_data or {}).get("code") or DEFAULT_CODES.get(error.status_code, "error")
         details = error.detail or None
         response = error_response(error.status_code, code, str(error.message), details)
-        for name, value in (error.headers or {}).items():
+        for name, value in Headers(error.headers or {}).items():
             response.headers[name] = value
         return response
 
@@ -73,6 +75,12 @@ def register_error_handlers(app: APIFlask) -> None:
     @app.errorhandler(ImageError)
     def _image_error(error: ImageError) -> Response:
         return error_response(422, error.code, error.message)
+
+    @app.errorhandler(DataError)
+    def _data_error(error: DataError) -> Response:
+        # A last line of defence: input the validators let through but Postgres refused (bad encoding, a
+        # value out of a column's range) is the client's, not a server failure.
+        return error_response(422, "invalid_input", "the database refused a value of this request")
 
     @app.errorhandler(IdempotencyConflict)
     def _idempotency_conflict(error: IdempotencyConflict) -> Response:

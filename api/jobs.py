@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import Response, jsonify, redirect, request
 from sqlalchemy import Connection, RowMapping, select, tuple_
+from werkzeug.wrappers import Response as BaseResponse
 
 from api.auth import auth, current_principal
 from api.context import services
@@ -23,6 +25,16 @@ from core.schema import batches, jobs, results
 from core.submit import SubmitError, job_row, missing_uploads, store_pending_uploads, validate_job
 
 bp = APIBlueprint("jobs", __name__, tag="Jobs")
+
+# Ids are `prefix_` + hex (core.ids); anything else cannot exist and never reaches the database.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def require_id(value: str, kind: str) -> str:
+    """`value` if it could be an id, else a 404 (a NUL byte or a 1,000-character id is simply not found)."""
+    if not _ID.fullmatch(value):
+        fail(404, "not_found", f"no {kind} {value[:60]!r}")
+    return value
 
 
 def parse_json_body() -> Any:
@@ -49,6 +61,7 @@ def render_jobs(conn: Connection, rows: Sequence[RowMapping]) -> list[dict[str, 
 
 
 def load_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping:
+    require_id(job_id, "job")
     row = (
         conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))
         .mappings()
@@ -104,7 +117,7 @@ def encode_cursor(created_at: datetime, job_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(created), str(job_id)
+        return datetime.fromisoformat(created), require_id(str(job_id), "cursor position")
     except (binascii.Error, UnicodeError, ValueError, TypeError) as exc:
         fail(400, "invalid_cursor", f"the cursor is not one this API gave out: {exc}")
 
@@ -121,6 +134,7 @@ def list_jobs(query: dict[str, Any]) -> Response:
     stmt = select(jobs).where(jobs.c.tenant_id == principal.tenant_id)
     with services().engine.connect() as conn:
         if query.get("batch_id"):
+            require_id(query["batch_id"], "batch")
             owned = conn.execute(
                 select(batches.c.id).where(
                     batches.c.id == query["batch_id"], batches.c.tenant_id == principal.tenant_id
@@ -147,6 +161,7 @@ def list_jobs(query: dict[str, Any]) -> Response:
 def cancel(job_id: str) -> Response:
     """Cancel a queued job at once; a running one stops at its next denoising step. Finished jobs stay."""
     principal = current_principal()
+    require_id(job_id, "job")
     with services().engine.begin() as conn:
         row = cancel_job(conn, principal.tenant_id, job_id)
         if row is None:
@@ -163,7 +178,7 @@ def cancel(job_id: str) -> Response:
         409: "The job has no result (yet).",
     }
 )
-def get_result(job_id: str) -> Response:
+def get_result(job_id: str) -> BaseResponse:
     """The result: a redirect to the image, or the text of an understand job."""
     principal = current_principal()
     svc = services()
@@ -175,5 +190,5 @@ def get_result(job_id: str) -> Response:
     if result is None:
         fail(409, "no_result", f"the job ended {row['status']} without a result")
     if result["kind"] == "text":
-        return Response(result["text"] or "", mimetype="text/plain", content_type="text/plain; charset=utf-8")
+        return Response(result["text"] or "", content_type="text/plain; charset=utf-8")
     return redirect(svc.storage.presign_get(result["object_key"], svc.settings.presign_ttl_s), code=302)

@@ -62,13 +62,14 @@ class DatabaseCollector:
                     .where(jobs.c.status == "queued")
                     .group_by(jobs.c.task)
                 ).all()
-                delivered = dict(
-                    conn.execute(
+                delivered: dict[str, int] = {
+                    status: int(n)
+                    for status, n in conn.execute(
                         select(webhook_deliveries.c.status, func.count()).group_by(
                             webhook_deliveries.c.status
                         )
                     ).all()
-                )
+                }
         except SQLAlchemyError:
             up.add_metric([], 0)
             yield up

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +122,8 @@ def serve_api(settings: Settings) -> tuple[str, Any]:
 
     from api.app import create_app
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per poll
+
     server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_port}", server
@@ -207,6 +211,7 @@ def main() -> int:
             worker.wait(30)
         for server in servers:
             server.stop()
+        shutil.rmtree(root, ignore_errors=True)
     report = {
         "bench": "service",
         "what": "generate jobs/s via API->DB->broker->worker->S3 over direct NexusGen.generate jobs/s",

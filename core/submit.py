@@ -91,6 +91,17 @@ class JobDraft:
     webhook_events: list[str] | None = None
 
 
+def storable(text: str) -> bool:
+    """Whether Postgres can store the string: no NUL character, valid UTF-8 (no lone surrogates)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -132,7 +143,8 @@ def normalize_params(task: str, raw: Any) -> dict[str, Any]:
         raise SubmitError("invalid_params", "language must be en or zh")
     if task == "edit" and params["decoder"] not in ("edit", "generation"):
         raise SubmitError("invalid_params", "decoder must be edit or generation")
-    if not isinstance(params["negative_prompt"], str) or len(params["negative_prompt"]) > 4000:
+    negative = params["negative_prompt"]
+    if not isinstance(negative, str) or len(negative) > 4000 or not storable(negative):
         raise SubmitError("invalid_params", "negative_prompt must be a string of at most 4000 characters")
     seed = params.get("seed")
     if seed is None:
@@ -151,6 +163,8 @@ def parse_webhook(
     if not isinstance(raw, dict) or not isinstance(raw.get("url"), str) or set(raw) - {"url", "events"}:
         raise SubmitError("invalid_webhook", "webhook must be an object {url, events?}")
     url, events = raw["url"], raw.get("events")
+    if not storable(url):
+        raise SubmitError("webhook_url_refused", "the webhook URL must not contain NUL characters")
     if events is not None:
         if not isinstance(events, list) or not events or any(e not in ALL_EVENTS for e in events):
             raise SubmitError(
@@ -188,6 +202,10 @@ def validate_job(
     text = spec.get(text_field)
     if not isinstance(text, str) or not text.strip():
         raise SubmitError("missing_prompt", f"a {task} job needs a non-empty string {text_field!r}")
+    if not storable(text):
+        raise SubmitError(
+            "invalid_prompt", f"{text_field} must not contain NUL characters or lone surrogates"
+        )
     if len(text) > settings.max_prompt_chars:
         raise SubmitError(
             "prompt_too_long", f"{text_field} has {len(text)} characters; at most {settings.max_prompt_chars}"
@@ -227,7 +245,9 @@ def validate_job(
     if custom_id is None and require_custom_id:
         raise SubmitError("missing_custom_id", "every line of a JSONL batch needs a custom_id")
     if custom_id is not None and (
-        not isinstance(custom_id, str) or not 1 <= len(custom_id) <= MAX_CUSTOM_ID_CHARS
+        not isinstance(custom_id, str)
+        or not 1 <= len(custom_id) <= MAX_CUSTOM_ID_CHARS
+        or not storable(custom_id)
     ):
         raise SubmitError(
             "invalid_custom_id", f"custom_id must be a string of 1 to {MAX_CUSTOM_ID_CHARS} characters"
@@ -241,7 +261,13 @@ def check_metadata(raw: Any) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise SubmitError("invalid_metadata", "metadata must be an object")
-    size = len(json.dumps(raw, ensure_ascii=False).encode("utf-8"))
+    try:
+        encoded = json.dumps(raw, ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise SubmitError("invalid_metadata", f"metadata must be plain JSON: {exc}") from exc
+    if not storable(encoded) or "\\u0000" in encoded:
+        raise SubmitError("invalid_metadata", "metadata must not contain NUL characters or lone surrogates")
+    size = len(encoded.encode("utf-8"))
     if size > MAX_METADATA_BYTES:
         raise SubmitError(
             "metadata_too_large", f"metadata has {size} bytes as JSON; at most {MAX_METADATA_BYTES}"

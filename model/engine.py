@@ -92,10 +92,14 @@ def init_process_group(device: str | torch.device) -> None:
                 raise ValueError("MASTER_PORT must be set when WORLD_SIZE > 1")
             os.environ["MASTER_PORT"] = str(_free_port())
         tdist.init_process_group(backend=backend, init_method="env://")
-    # DeepSpeed's CPU shared-memory all-reduce only sets itself up when LOCAL_SIZE (set by the `deepspeed`
-    # launcher) equals the world size, yet is used regardless: without it, the first TP all-reduce on CPU
-    # segfaults. Ranks launched without that launcher are taken to share this host.
-    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(tdist.get_world_size())))
+    if backend == "gloo":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ extension: ~2.5 min of
+        # g++ on first use) and, unless LOCAL_SIZE equals the world size (the `deepspeed` launcher sets
+        # it), never sets it up yet still calls it: the first TP all-reduce segfaults. CPU runs are for
+        # tests and development, so use gloo's own all-reduce instead (DeepSpeed falls back to it).
+        import deepspeed.comm.torch as ds_torch_comm
+
+        ds_torch_comm.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
@@ -137,12 +141,24 @@ def apply_deepspeed(components: Components, device: str) -> Components:
         local_rank = int(os.environ.get("LOCAL_RANK", dev.index or 0))
         torch.cuda.set_device(local_rank)
     init_process_group(dev)
+    check_tensor_parallel_size(components, tensor_parallel_world()[1])
     return dataclasses.replace(
         components,
         ar=shard_ar(components.ar),
         gen_dit=shard_dit(components.gen_dit),
         edit_dit=shard_dit(components.edit_dit),
     )
+
+
+def check_tensor_parallel_size(components: Components, world: int) -> None:
+    """Every rank needs whole KV heads (AR) and attention heads (DiTs); the 7B has 4 KV heads: TP <= 4."""
+    kv_heads = components.ar.config.text_config.num_key_value_heads
+    if kv_heads % world:
+        raise ValueError(f"tensor parallel size {world} must divide the AR's {kv_heads} key/value heads")
+    for name in ("gen_dit", "edit_dit"):
+        heads = getattr(components, name).config.num_attention_heads
+        if heads % world:
+            raise ValueError(f"tensor parallel size {world} must divide the {name}'s {heads} attention heads")
 
 
 def shard_ar(ar: nn.Module) -> nn.Module:

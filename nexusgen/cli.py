@@ -59,7 +59,7 @@ def demo(out_dir: Path, n_jobs: int, size: int, steps: int, timeout_s: float) ->
 def migrate() -> None:
     """Bring the database schema up to date (Alembic)."""
     from core.migrate import upgrade
-    from nexusgen.up import configure_logging
+    from nexusgen.services import configure_logging
 
     settings = _settings()
     configure_logging("migrate", settings.log_level)
@@ -78,7 +78,7 @@ def migrate() -> None:
 @click.option("--threads", type=int, default=8, show_default=True, help="threads per worker")
 def api(workers: int, threads: int) -> None:
     """Serve the HTTP API with gunicorn on NEXUSGEN_API_HOST:NEXUSGEN_API_PORT."""
-    from nexusgen.up import configure_logging, serve_api
+    from nexusgen.services import configure_logging, serve_api
 
     settings = _settings()
     configure_logging("api", settings.log_level)
@@ -97,7 +97,7 @@ def api(workers: int, threads: int) -> None:
 def worker(webhooks: bool, concurrency: int | None, hostname: str | None) -> None:
     """Run a Celery worker: the model queues of NEXUSGEN_TASKS, or (--webhooks) delivery and maintenance."""
     from core.queue import MAINTENANCE_QUEUE, MODEL_QUEUES, WEBHOOK_QUEUE
-    from nexusgen.up import configure_logging, keep_celery_logging
+    from nexusgen.services import configure_logging, keep_celery_logging
 
     kind = "webhooks" if webhooks else "model"
     settings = _settings()
@@ -113,7 +113,7 @@ def worker(webhooks: bool, concurrency: int | None, hostname: str | None) -> Non
 @main.command()
 def beat() -> None:
     """Run Celery beat: the periodic sweeper and the webhook outbox poll."""
-    from nexusgen.up import configure_logging, keep_celery_logging
+    from nexusgen.services import configure_logging, keep_celery_logging
 
     settings = _settings()
     configure_logging("beat", settings.log_level)
@@ -132,7 +132,7 @@ def beat() -> None:
 )
 def flower(address: str, port: int | None, db_path: Path | None) -> None:
     """Run Flower (Celery monitoring) against CELERY_BROKER_URL, with persistent state."""
-    from nexusgen.up import run_flower
+    from nexusgen.services import run_flower
 
     settings = _settings()
     settings.require("broker_url")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.config
 import os
 import shlex
 import signal
@@ -23,94 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
+from nexusgen.services import configure_logging
 
 log = logging.getLogger("nexusgen.up")
-
-# --- logging --------------------------------------------------------------------------------------------
-
-
-def json_formatter_config(service: str) -> dict[str, Any]:
-    """A logging.config formatter entry: JSON lines, with `extra=` fields (job_id, batch_id) kept."""
-    return {
-        "()": "pythonjsonlogger.json.JsonFormatter",
-        "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
-        "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
-        "static_fields": {"service": service},
-    }
-
-
-def logging_config(service: str, level: str = "INFO") -> dict[str, Any]:
-    """dictConfig for a service process: everything as JSON on stderr; chatty HTTP client logs quieter."""
-    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
-    quiet = {"level": "WARNING", "handlers": ["console"], "propagate": False}
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": json_formatter_config(service)},
-        "handlers": {"console": handler},
-        "root": {"level": level, "handlers": ["console"]},
-        "loggers": {
-            "httpx": quiet,
-            "httpcore": quiet,
-            "gunicorn.error": {"level": level, "handlers": ["console"], "propagate": False},
-            "gunicorn.access": {"level": level, "handlers": ["console"], "propagate": False},
-        },
-    }
-
-
-def configure_logging(service: str, level: str = "INFO") -> None:
-    """JSON lines on stderr; job and batch ids passed as `extra=` become fields of the record."""
-    logging.config.dictConfig(logging_config(service, level))
-
-
-def keep_celery_logging() -> None:
-    """Stop Celery from replacing the JSON handlers with its own (connecting setup_logging does that)."""
-    from celery.signals import setup_logging
-
-    @setup_logging.connect(weak=False)
-    def _keep(**_: Any) -> None:
-        return None
-
-
-# --- single services (the `nexusgen api` and `nexusgen flower` commands) --------------------------------
-
-
-def serve_api(settings: Settings, *, workers: int, threads: int) -> None:
-    """Run `api.app:create_app(settings)` under gunicorn (threaded workers) on the configured address."""
-    from gunicorn.app.base import BaseApplication
-
-    class _Gunicorn(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{settings.api_host}:{settings.api_port}")
-            self.cfg.set("workers", workers)
-            self.cfg.set("threads", threads)
-            self.cfg.set("worker_class", "gthread")
-            self.cfg.set("timeout", 120)
-            self.cfg.set("graceful_timeout", 10)
-            self.cfg.set("accesslog", "-")
-            self.cfg.set("logconfig_dict", logging_config("api", settings.log_level))
-            # one control socket per state dir, so that several stacks on one machine do not collide
-            self.cfg.set("control_socket", str(settings.state_dir.resolve() / "gunicorn.ctl"))
-
-        def load(self) -> Any:
-            from api.app import create_app
-
-            return create_app(settings)
-
-    _Gunicorn().run()
-
-
-def run_flower(settings: Settings, *, address: str, port: int, db_path: Path) -> None:
-    """Replace this process with Flower on the broker, keeping its state in `db_path` across restarts."""
-    assert settings.broker_url is not None
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    argv = [
-        sys.executable, "-m", "celery", f"--broker={settings.broker_url}", "flower",
-        f"--address={address}", f"--port={port}", "--persistent=True", f"--db={db_path}",
-        "--purge_offline_workers=60",
-    ]  # fmt: skip
-    os.execv(sys.executable, argv)
-
 
 # --- ports ------------------------------------------------------------------------------------------------
 
@@ -147,6 +61,10 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
 
 @dataclass
 class Supervisor:
@@ -168,32 +86,34 @@ class Supervisor:
         log.info("started %s (pid %d): %s", child.name, child.process.pid, shlex.join(child.argv))
 
     def dead(self) -> list[Child]:
-        return [c for c in self.children if c.process is not None and c.process.poll() is not None]
+        return [c for c in self.children if c.exit_code is not None]
 
     def stop_all(self) -> None:
-        for child in reversed(self.children):
-            stop_process(child.name, child.process, child.stop_timeout_s)
+        """SIGTERM every child at once (API first), then wait for each; SIGKILL what outlives its timeout."""
+        started = time.monotonic()
+        running = [c for c in reversed(self.children) if c.process is not None and c.process.poll() is None]
+        for child in running:
+            assert child.process is not None
+            child.process.send_signal(signal.SIGTERM)
+        for child in running:
+            assert child.process is not None
+            remaining = max(0.0, child.stop_timeout_s - (time.monotonic() - started))
+            try:
+                child.process.wait(timeout=remaining)
+                log.info("stopped %s", child.name)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", child.name, child.stop_timeout_s)
+            # the whole session: also pool processes a killed or careless leader left behind
+            kill_group(child.process.pid)
+            child.process.wait(timeout=10)
         self.children.clear()
 
 
-def stop_process(name: str, process: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
-    """SIGTERM the child's process group, then SIGKILL it if it has not exited within timeout_s."""
-    if process is None or process.poll() is not None:
-        return
+def kill_group(pgid: int) -> None:
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    try:
-        process.wait(timeout=timeout_s)
-        log.info("stopped %s", name)
-    except subprocess.TimeoutExpired:
-        log.warning("%s did not stop within %.0f s; killing it", name, timeout_s)
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        process.wait(timeout=10)
 
 
 def service_children(settings: Settings, flower_port: int) -> list[Child]:
@@ -330,7 +250,7 @@ def stop_embedded(servers: list[Any]) -> None:
         log.info("stopped embedded %s", server.name)
 
 
-def run_up(settings: Settings, ready: threading.Event | None = None) -> int:
+def run_up(settings: Settings) -> int:
     """Run the stack until Ctrl-C or SIGTERM; return the exit status."""
     configure_logging("up", settings.log_level)
     settings = settings.with_overrides(state_dir=settings.state_dir.resolve())
@@ -370,13 +290,9 @@ def run_up(settings: Settings, ready: threading.Event | None = None) -> int:
                 "  Ctrl-C stops everything.",
                 flush=True,
             )
-            if ready is not None:
-                ready.set()
         while not stop.wait(0.5):
             if dead := supervisor.dead():
-                log.error(
-                    "%s exited with status %s; stopping the stack", dead[0].name, dead[0].process.returncode
-                )
+                log.error("%s exited with status %s; stopping the stack", dead[0].name, dead[0].exit_code)
                 status = 1
                 break
     except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:

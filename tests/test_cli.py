@@ -103,3 +103,19 @@ def test_make_tiny_checkpoint_writes_the_official_layout(tmp_path: Path) -> None
     ar, flux = tmp_path / "ckpt" / "Nexus-GenV2", tmp_path / "ckpt" / "FLUX" / "FLUX.1-dev"
     assert (ar / "generation_decoder.bin").is_file() and (ar / "edit_decoder.bin").is_file()
     assert list(ar.glob("*.safetensors")) and (flux / "ae.safetensors").is_file()
+
+
+def test_service_logs_are_json_lines_with_job_and_batch_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from nexusgen.services import configure_logging
+
+    configure_logging("worker-model", "INFO")
+    try:
+        logging.getLogger("worker.test").info("claimed", extra={"job_id": "job_1", "batch_id": "bat_1"})
+    finally:
+        logging.getLogger().handlers.clear()
+    record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert record["message"] == "claimed" and record["level"] == "INFO"
+    assert (record["service"], record["job_id"], record["batch_id"]) == ("worker-model", "job_1", "bat_1")

@@ -25,7 +25,7 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
-DRAIN_BUDGET_S = 60.0  # one task drains for at most this long, then hands over to a fresh wake-up
+DRAIN_BUDGET_S = 30.0  # one task drains for at most this long, then hands over to a fresh wake-up
 # Infrastructure hiccups worth a retry (database, object storage, broker), never bad input or OOM.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OperationalError,

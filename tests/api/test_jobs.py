@@ -247,3 +247,41 @@ def test_tenant_isolation_for_jobs(client: Any, acme: Tenant, globex: Tenant) ->
         assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found", path
     assert client.get("/v1/jobs", headers=globex.headers).get_json()["data"] == []
     assert client.get(f"/v1/jobs/{job['id']}", headers=acme.headers).get_json()["status"] == "queued"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"task": "generate", "prompt": "a\u0000b"}, "invalid_prompt"),
+        ({"task": "generate", "prompt": "a\ud800b"}, "invalid_prompt"),
+        ({"task": "generate", "prompt": "x", "custom_id": "\u0000"}, "invalid_custom_id"),
+        ({"task": "generate", "prompt": "x", "metadata": {"k": "\u0000"}}, "invalid_metadata"),
+        ({"task": "generate", "prompt": "x", "metadata": {"k": float("nan")}}, "invalid_metadata"),
+        ({"task": "generate", "prompt": "x", "params": {"negative_prompt": "\u0000"}}, "invalid_params"),
+        (
+            {"task": "generate", "prompt": "x", "webhook": {"url": "http://127.0.0.1/\u0000"}},
+            "webhook_url_refused",
+        ),
+    ],
+)
+def test_text_postgres_cannot_store_is_refused(client: Any, acme: Tenant, body: Any, code: str) -> None:
+    import json
+
+    raw = json.dumps(body)  # NaN and lone surrogates go out as JSON allows them
+    r = client.post("/v1/jobs", data=raw, headers={**acme.headers, "Content-Type": "application/json"})
+    assert r.status_code == 422 and r.get_json()["error"]["code"] == code, r.get_json()
+
+
+@pytest.mark.parametrize("job_id", ["%00", "job_" + "a" * 100, "job%20x", "a.b"])
+def test_impossible_ids_are_not_found(client: Any, acme: Tenant, job_id: str) -> None:
+    for method, path in [
+        ("get", f"/v1/jobs/{job_id}"),
+        ("post", f"/v1/jobs/{job_id}/cancel"),
+        ("get", f"/v1/jobs/{job_id}/result"),
+        ("get", f"/v1/batches/{job_id}"),
+        ("get", f"/v1/batches/{job_id}/results"),
+        ("post", f"/v1/batches/{job_id}/cancel"),
+        ("get", f"/v1/jobs?batch_id={job_id}"),
+    ]:
+        r = getattr(client, method)(path, headers=acme.headers)
+        assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found", (path, r.get_json())

@@ -111,6 +111,9 @@ def _submit_wait_and_resume(api_url: str, key: str, tmp_path: Path) -> None:
     assert f"batch_id: {batch_id}" in again.stdout  # the Idempotency-Key found the same batch
     status = nexusgen("status", batch_id)
     assert status.returncode == 0 and json.loads(status.stdout)["counts"]["succeeded"] == 2
+    canceled = nexusgen("cancel", batch_id)  # finished jobs keep their results
+    assert canceled.returncode == 0, canceled.stderr
+    assert json.loads(nexusgen("status", batch_id).stdout)["counts"]["succeeded"] == 2
     missing = nexusgen("status", "job_doesnotexist")
     assert missing.returncode == 1 and "404" in missing.stderr
 

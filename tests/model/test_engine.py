@@ -181,9 +181,46 @@ def test_unknown_engine_is_rejected() -> None:
         engine_mod.apply_engine(None, "tensorrt", "cpu")  # type: ignore[arg-type]
 
 
+def test_tensor_parallel_size_must_divide_the_heads(checkpoint: Path) -> None:
+    from model.checkpoint import load_components
+
+    components = load_components(checkpoint, "cpu", torch.float32)  # tiny: 2 KV heads, 2 DiT heads
+    engine_mod.check_tensor_parallel_size(components, 2)
+    with pytest.raises(ValueError, match="must divide the AR's 2 key/value heads"):
+        engine_mod.check_tensor_parallel_size(components, 4)
+
+
 def test_fp8_on_cpu_raises_a_clear_error() -> None:
     with pytest.raises(ValueError, match="fp8 requires a CUDA device with fp8 support"):
         engine_mod.check_fp8_support("cpu")
+    with pytest.raises(ValueError, match="fp8 requires a CUDA device with fp8 support"):
+        engine_mod.apply_engine(None, "torch", "cpu", fp8_dit=True)  # type: ignore[arg-type]
+
+
+def test_fp8_dit_blocks_stay_close_to_the_original(checkpoint: Path) -> None:
+    """The quantisation itself runs on CPU too (only its use is gated on CUDA)."""
+    import copy
+
+    from model.checkpoint import load_components
+
+    dit = load_components(checkpoint, "cpu", torch.float32).gen_dit
+    fp8 = engine_mod.quantize_fp8(copy.deepcopy(dit))
+    assert any(isinstance(m, engine_mod.Float8Linear) for m in fp8.modules())
+    gen = torch.Generator().manual_seed(0)
+    j = dit.config.joint_attention_dim
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, dit.config.in_channels, generator=gen),
+        encoder_hidden_states=torch.randn(1, 81, j, generator=gen),
+        pooled_projections=torch.randn(1, dit.config.pooled_projection_dim, generator=gen),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(81, 3),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        ref, out = dit(**inputs)[0], fp8(**inputs)[0]
+    assert (out - ref).norm() / ref.norm() < 0.1
 
 
 def test_float8_linear_stays_close_to_the_original() -> None:

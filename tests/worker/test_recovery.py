@@ -114,7 +114,7 @@ def test_kill_9_mid_batch_every_job_completes_once_elsewhere(
     while b"model loaded" not in doomed.log_path.read_bytes() and time.monotonic() < deadline:
         time.sleep(0.2)
 
-    ids = [insert_job(engine, tenant, "generate", f"long {i}", seed=i, steps=40)[0] for i in range(4)]
+    ids = [insert_job(engine, tenant, "generate", f"long {i}", seed=i, steps=60)[0] for i in range(4)]
     make_publisher(cfg).send_task(TASK_PROCESS, args=["generate", None], queue=doomed.private_queue)
     deadline = time.monotonic() + 60
     victim: dict[str, Any] = {}
@@ -124,6 +124,9 @@ def test_kill_9_mid_batch_every_job_completes_once_elsewhere(
             break
         time.sleep(0.05)
     assert victim["stage"] == "denoising", doomed.tail()
+    time.sleep(0.8)  # the heartbeat keeps the 3 s lease ahead while the batch runs
+    renewed = job_rows(engine, ids[:1])[ids[0]]["lease_expires_at"]
+    assert renewed > victim["lease_expires_at"]
     doomed.kill()
     assert {r["status"] for r in job_rows(engine, ids).values()} == {"running"}
 

@@ -1,0 +1,97 @@
+"""How each single service process runs: JSON logging, the API under gunicorn, Flower with saved state."""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings
+
+# --- logging --------------------------------------------------------------------------------------------
+
+
+def json_formatter_config(service: str) -> dict[str, Any]:
+    """A logging.config formatter entry: JSON lines, with `extra=` fields (job_id, batch_id) kept."""
+    return {
+        "()": "pythonjsonlogger.json.JsonFormatter",
+        "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        "static_fields": {"service": service},
+    }
+
+
+def logging_config(service: str, level: str = "INFO") -> dict[str, Any]:
+    """dictConfig for a service process: everything as JSON on stderr; chatty HTTP client logs quieter."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    quiet = {"level": "WARNING", "handlers": ["console"], "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": json_formatter_config(service)},
+        "handlers": {"console": handler},
+        "root": {"level": level, "handlers": ["console"]},
+        "loggers": {
+            "httpx": quiet,
+            "httpcore": quiet,
+            "gunicorn.error": {"level": level, "handlers": ["console"], "propagate": False},
+            "gunicorn.access": {"level": level, "handlers": ["console"], "propagate": False},
+        },
+    }
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    """JSON lines on stderr; job and batch ids passed as `extra=` become fields of the record."""
+    logging.config.dictConfig(logging_config(service, level))
+
+
+def keep_celery_logging() -> None:
+    """Stop Celery from replacing the JSON handlers with its own (connecting setup_logging does that)."""
+    from celery.signals import setup_logging
+
+    @setup_logging.connect(weak=False)
+    def _keep(**_: Any) -> None:
+        return None
+
+
+# --- single services (the `nexusgen api` and `nexusgen flower` commands) --------------------------------
+
+
+def serve_api(settings: Settings, *, workers: int, threads: int) -> None:
+    """Run `api.app:create_app(settings)` under gunicorn (threaded workers) on the configured address."""
+    from gunicorn.app.base import BaseApplication
+
+    class _Gunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{settings.api_host}:{settings.api_port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("threads", threads)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("timeout", 120)
+            self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("accesslog", "-")
+            self.cfg.set("logconfig_dict", logging_config("api", settings.log_level))
+            # one control socket per state dir, so that several stacks on one machine do not collide
+            self.cfg.set("control_socket", str(settings.state_dir.resolve() / "gunicorn.ctl"))
+
+        def load(self) -> Any:
+            from api.app import create_app
+
+            return create_app(settings)
+
+    _Gunicorn().run()
+
+
+def run_flower(settings: Settings, *, address: str, port: int, db_path: Path) -> None:
+    """Replace this process with Flower on the broker, keeping its state in `db_path` across restarts."""
+    assert settings.broker_url is not None
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable, "-m", "celery", f"--broker={settings.broker_url}", "flower",
+        f"--address={address}", f"--port={port}", "--persistent=True", f"--db={db_path}",
+        "--purge_offline_workers=60",
+    ]  # fmt: skip
+    os.execv(sys.executable, argv)

@@ -1,0 +1,153 @@
+"""Job-spec validation and normalisation, JSONL parsing, image inspection and the set-based insert."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+from sqlalchemy import event, select
+
+from core.auth import create_tenant
+from core.images import ImageError, decode_data_url, inspect_image
+from core.jobs import bucket_key
+from core.schema import jobs
+from core.settings import Settings
+from core.submit import (
+    SubmitError,
+    insert_jobs,
+    normalize_params,
+    parse_jsonl,
+    validate_job,
+    validate_many,
+)
+
+SETTINGS = Settings(webhook_allow_private_networks=True)
+
+
+def _png(width: int = 16, height: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_generate_defaults_and_seed() -> None:
+    draft = validate_job({"task": "generate", "prompt": "a cat"}, SETTINGS)
+    assert draft.params["width"] == draft.params["height"] == 512
+    assert (draft.params["steps"], draft.params["cfg_scale"], draft.params["guidance"]) == (50, 3.0, 3.5)
+    assert 0 <= draft.params["seed"] < 2**32
+    assert draft.bucket == bucket_key("generate", draft.params) == "generate|generation|512x512|50|3|3.5"
+    seeds = {validate_job({"task": "generate", "prompt": "x"}, SETTINGS).params["seed"] for _ in range(20)}
+    assert len(seeds) > 1  # drawn per job at submission
+
+
+def test_edit_defaults_and_explicit_values() -> None:
+    draft = validate_job(
+        {"task": "edit", "instruction": "x", "image": "upl_1", "params": {"seed": 5, "cfg_scale": 2}},
+        SETTINGS,
+    )
+    assert (
+        draft.params["decoder"] == "edit" and draft.params["cfg_scale"] == 2.0 and draft.params["seed"] == 5
+    )
+    assert draft.upload_id == "upl_1" and draft.pending_upload is None
+
+
+def test_understand_params() -> None:
+    assert normalize_params("understand", None) == {"max_new_tokens": 1024}
+    with pytest.raises(SubmitError) as err:
+        normalize_params("understand", {"width": 512})
+    assert err.value.code == "invalid_params"
+    with pytest.raises(SubmitError):
+        normalize_params("understand", {"max_new_tokens": 0})
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"width": 520}, "invalid_size"),
+        ({"width": 240}, "invalid_size"),
+        ({"height": 2064}, "invalid_size"),
+        ({"width": 512.0}, "invalid_size"),
+        ({"steps": 0}, "invalid_steps"),
+        ({"steps": "5"}, "invalid_steps"),
+        ({"cfg_scale": float("nan")}, "invalid_params"),
+        ({"guidance": -1}, "invalid_params"),
+        ({"language": "fr"}, "invalid_params"),
+        ({"seed": 2**64}, "invalid_params"),
+        ({"decoder": "edit"}, "invalid_params"),  # generate takes no decoder
+    ],
+)
+def test_bad_params(params: dict[str, Any], code: str) -> None:
+    with pytest.raises(SubmitError) as err:
+        normalize_params("generate", params)
+    assert err.value.code == code
+
+
+def test_size_bounds_are_inclusive() -> None:
+    assert normalize_params("generate", {"width": 256, "height": 2048})["width"] == 256
+
+
+def test_data_url_and_image_checks() -> None:
+    url = "data:image/png;base64," + base64.b64encode(_png(20, 10)).decode()
+    draft = validate_job({"task": "understand", "instruction": "?", "image": url}, SETTINGS)
+    assert draft.pending_upload is not None and draft.upload_id == draft.pending_upload.id
+    assert (draft.pending_upload.info.width, draft.pending_upload.info.height) == (20, 10)
+    with pytest.raises(ImageError):
+        decode_data_url("data:image/png,abc", 1000)
+    with pytest.raises(ImageError) as err:
+        decode_data_url("data:image/png;base64," + "A" * 4000, 1000)
+    assert err.value.code == "image_too_large"
+    assert inspect_image(_png(30, 40), SETTINGS).content_type == "image/png"
+
+
+def test_parse_jsonl_reports_line_numbers() -> None:
+    items, errors = parse_jsonl(b'{"a": 1}\n\n[2]\n{bad}\n\xff\n')
+    assert items == [(1, {"a": 1}), (3, [2])]
+    assert [(e["line"], e["code"]) for e in errors] == [(4, "invalid_json"), (5, "invalid_json")]
+
+
+def test_validate_many_collects_every_error() -> None:
+    items = [
+        (1, {"task": "generate", "prompt": "x", "custom_id": "a"}),
+        (2, {"task": "generate", "prompt": "x", "custom_id": "a"}),
+        (3, {"task": "generate", "custom_id": "b"}),
+        (4, {"task": "generate", "prompt": "x"}),
+    ]
+    drafts, errors = validate_many(
+        items,
+        SETTINGS,
+        position="line",
+        require_custom_id=True,
+        inherited_webhook=("http://127.0.0.1/h", None),
+    )
+    assert [n for n, _ in drafts] == [1]
+    assert drafts[0][1].webhook_url == "http://127.0.0.1/h"
+    assert [(e["line"], e["code"]) for e in errors] == [
+        (2, "duplicate_custom_id"),
+        (3, "missing_prompt"),
+        (4, "missing_custom_id"),
+    ]
+
+
+def test_insert_jobs_is_set_based(engine: Any, clean_db: Any) -> None:
+    drafts = [validate_job({"task": "generate", "prompt": str(i)}, SETTINGS) for i in range(2500)]
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(args[2])
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with engine.begin() as conn:
+            tenant_id, _ = create_tenant(conn, "acme")
+            statements.clear()
+            wakeups = insert_jobs(conn, tenant_id, None, drafts)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert wakeups == {("generate", "generate|generation|512x512|50|3|3.5")}
+    assert len([s for s in statements if s.lstrip().upper().startswith("INSERT INTO JOBS")]) == 3
+    with engine.connect() as conn:
+        prompts = conn.execute(select(jobs.c.prompt).order_by(jobs.c.id)).scalars().all()
+    assert prompts == [str(i) for i in range(2500)]  # ids follow the submission order

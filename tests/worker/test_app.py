@@ -1,0 +1,44 @@
+"""The Celery app built from Settings: routing, reliability options, beat entries, no import-time app."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+
+from core.queue import MAINTENANCE_QUEUE, TASK_DELIVER, TASK_SWEEP, WEBHOOK_QUEUE
+from core.settings import Settings
+from tests.worker.support import REPO
+from worker.app import SETTINGS_KEY, make_celery, model_queues
+
+
+def test_app_is_configured_from_settings() -> None:
+    settings = Settings(broker_url="redis://127.0.0.1:1/0", sweep_interval_s=7, tasks=("edit", "understand"))
+    app = make_celery(settings)
+    conf = app.conf
+    assert conf[SETTINGS_KEY] is settings
+    assert (conf.task_acks_late, conf.task_reject_on_worker_lost, conf.worker_prefetch_multiplier) == (
+        True,
+        True,
+        1,
+    )
+    assert (conf.worker_pool, conf.worker_concurrency) == ("prefork", 1)
+    assert conf.task_routes[TASK_SWEEP] == {"queue": MAINTENANCE_QUEUE}
+    assert conf.task_routes[TASK_DELIVER] == {"queue": WEBHOOK_QUEUE}
+    sweep = conf.beat_schedule["nexusgen-sweep"]
+    assert (sweep["task"], sweep["schedule"]) == (TASK_SWEEP, timedelta(seconds=7))
+    assert any(entry["task"] == TASK_DELIVER for entry in conf.beat_schedule.values())  # merged from delivery
+    assert {"worker.tasks", "worker.sweeper", "worker.delivery"} <= set(conf.include)
+    assert model_queues(settings) == ["nexusgen.edit", "nexusgen.understand"]
+
+
+def test_importing_the_app_module_builds_nothing() -> None:
+    code = (
+        "import sys, worker.app as m; "
+        "assert m._default_app is None; "
+        "assert 'torch' not in sys.modules and 'worker.execute' not in sys.modules; "
+        "app = m.celery_app; assert app is m.celery_app and app.conf.nexusgen_settings.max_batch == 3"
+    )
+    env = {"PATH": "/usr/bin:/bin", "CELERY_BROKER_URL": "redis://127.0.0.1:1/0", "NEXUSGEN_MAX_BATCH": "3"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
