@@ -17,20 +17,11 @@ from api.idempotency import Created, create_idempotently
 from api.jobs import parse_json_body, require_id, results_by_job
 from api.schemas import BatchIn, BatchOut, batch_json, describes_body, result_json
 from core.ids import new_id
+from core.ingest import insert_jobs, missing_uploads, parse_jsonl, store_pending_uploads, validate_many
 from core.jobs import cancel_batch
 from core.schema import batches, jobs
 from core.settings import Settings
-from core.submit import (
-    JobDraft,
-    SubmitError,
-    check_metadata,
-    insert_jobs,
-    missing_uploads,
-    parse_jsonl,
-    parse_webhook,
-    store_pending_uploads,
-    validate_many,
-)
+from core.submit import JobDraft, SubmitError, check_metadata, parse_webhook
 
 bp = APIBlueprint("batches", __name__, tag="Batches")
 

@@ -20,9 +20,10 @@ from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
 from api.schemas import JobIn, JobListOut, JobListQuery, JobOut, describes_body, job_json
+from core.ingest import job_row, missing_uploads, store_pending_uploads
 from core.jobs import cancel_job
 from core.schema import batches, jobs, results
-from core.submit import SubmitError, job_row, missing_uploads, store_pending_uploads, validate_job
+from core.submit import SubmitError, validate_job
 
 bp = APIBlueprint("jobs", __name__, tag="Jobs")
 

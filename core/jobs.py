@@ -83,7 +83,7 @@ def maybe_complete_batch(conn: Connection, batch_id: str) -> bool:
     )
     if row is None:
         return False
-    counts = dict(
+    counts: dict[str, int] = dict(
         conn.execute(
             select(jobs.c.status, func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.status)
         ).all()

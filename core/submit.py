@@ -1,27 +1,21 @@
-"""Job submission: validate and normalise job specs, inspect input images, insert jobs set-based.
+"""Job specs: validate and normalise one job (defaults, seed, bucket, webhook check) into a JobDraft.
 
 Validation never touches the database or storage, so a whole batch is checked before anything is
-created; `insert_jobs` writes thousands of rows in a few multi-row statements. Idempotency-Key
-handling lives in core/idempotency.py.
+created (core/ingest.py); every refusal is a SubmitError with a machine-readable code.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from sqlalchemy import Connection, select
 
 from core.ids import new_id
 from core.images import ImageError, ImageInfo, decode_data_url, inspect_image
 from core.jobs import bucket_key
-from core.schema import jobs, uploads
 from core.settings import Settings
 from core.ssrf import WebhookURLRefused, check_webhook_url
-from core.storage import Storage, upload_key
 from core.webhooks import ALL_EVENTS
 
 TASKS = ("generate", "edit", "understand")
@@ -29,7 +23,6 @@ PRIORITY_RANGE = (-100, 100)
 MAX_METADATA_BYTES = 16 * 1024
 MAX_CUSTOM_ID_CHARS = 200
 MAX_SEED = 2**63 - 1
-INSERT_CHUNK = 1000
 
 # Allowed params per task, with the defaults filled in at submission (seed: drawn at submission).
 _IMAGE_DEFAULTS: dict[str, Any] = {
@@ -273,137 +266,3 @@ def check_metadata(raw: Any) -> dict[str, Any]:
             "metadata_too_large", f"metadata has {size} bytes as JSON; at most {MAX_METADATA_BYTES}"
         )
     return raw
-
-
-def parse_jsonl(body: bytes) -> tuple[list[tuple[int, Any]], list[dict[str, Any]]]:
-    """Split a JSONL body into (line number, value) pairs and per-line parse errors; skip blank lines."""
-    items: list[tuple[int, Any]] = []
-    errors: list[dict[str, Any]] = []
-    for number, raw in enumerate(body.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            items.append((number, json.loads(raw)))
-        except (UnicodeDecodeError, ValueError) as exc:
-            errors.append({"line": number, "code": "invalid_json", "message": f"not valid JSON: {exc}"})
-    return items, errors
-
-
-def validate_many(
-    items: Sequence[tuple[int, Any]],
-    settings: Settings,
-    *,
-    position: str,
-    require_custom_id: bool,
-    inherited_webhook: tuple[str | None, list[str] | None] = (None, None),
-) -> tuple[list[tuple[int, JobDraft]], list[dict[str, Any]]]:
-    """Validate every item and collect EVERY error (not just the first), with its line or index."""
-    drafts: list[tuple[int, JobDraft]] = []
-    errors: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    cache: dict[str, str | None] = {}
-    for number, spec in items:
-        try:
-            draft = validate_job(spec, settings, webhook_cache=cache, require_custom_id=require_custom_id)
-        except SubmitError as exc:
-            errors.append({position: number, "code": exc.code, "message": exc.message})
-            continue
-        if draft.custom_id is not None:
-            if draft.custom_id in seen:
-                errors.append(
-                    {
-                        position: number,
-                        "code": "duplicate_custom_id",
-                        "message": f"custom_id also at {position} {seen[draft.custom_id]}",
-                    }
-                )
-                continue
-            seen[draft.custom_id] = number
-        if draft.webhook_url is None:
-            draft.webhook_url, draft.webhook_events = inherited_webhook
-        drafts.append((number, draft))
-    return drafts, errors
-
-
-def missing_uploads(
-    conn: Connection, tenant_id: str, drafts: Iterable[tuple[int, JobDraft]], position: str
-) -> list[dict[str, Any]]:
-    """Errors for drafts naming an upload id the tenant does not have (checked in one query)."""
-    wanted = {d.upload_id for _, d in drafts if d.upload_id and d.pending_upload is None}
-    if not wanted:
-        return []
-    found = set(
-        conn.execute(
-            select(uploads.c.id).where(uploads.c.tenant_id == tenant_id, uploads.c.id.in_(wanted))
-        ).scalars()
-    )
-    return [
-        {position: n, "code": "upload_not_found", "message": f"no upload {d.upload_id!r}"}
-        for n, d in drafts
-        if d.upload_id and d.pending_upload is None and d.upload_id not in found
-    ]
-
-
-def store_pending_uploads(
-    conn: Connection, storage: Storage, tenant_id: str, drafts: Iterable[JobDraft]
-) -> int:
-    """Put inline images into object storage and insert their upload rows (before the jobs that use them)."""
-    rows = []
-    for draft in drafts:
-        pending = draft.pending_upload
-        if pending is None:
-            continue
-        key = upload_key(tenant_id, pending.id)
-        digest = storage.put_bytes(key, pending.data, pending.info.content_type)
-        rows.append(
-            {
-                "id": pending.id,
-                "tenant_id": tenant_id,
-                "object_key": key,
-                "content_type": pending.info.content_type,
-                "size_bytes": len(pending.data),
-                "sha256": digest,
-                "width": pending.info.width,
-                "height": pending.info.height,
-            }
-        )
-    for start in range(0, len(rows), INSERT_CHUNK):
-        conn.execute(uploads.insert(), rows[start : start + INSERT_CHUNK])
-    return len(rows)
-
-
-def job_row(
-    tenant_id: str, batch_id: str | None, draft: JobDraft, job_id: str | None = None
-) -> dict[str, Any]:
-    return {
-        "id": job_id or new_id("job"),
-        "tenant_id": tenant_id,
-        "batch_id": batch_id,
-        "custom_id": draft.custom_id,
-        "task": draft.task,
-        "prompt": draft.prompt,
-        "upload_id": draft.upload_id,
-        "params": draft.params,
-        "bucket": draft.bucket,
-        "priority": draft.priority,
-        "metadata": draft.metadata,
-        "webhook_url": draft.webhook_url,
-        "webhook_events": draft.webhook_events,
-    }
-
-
-def insert_jobs(
-    conn: Connection,
-    tenant_id: str,
-    batch_id: str | None,
-    drafts: Sequence[JobDraft],
-) -> set[tuple[str, str]]:
-    """Insert the jobs in multi-row INSERTs of INSERT_CHUNK rows; return the distinct (task, bucket) pairs."""
-    # Sorted ids follow the submission order, so listings and result streams keep the lines' order.
-    ids = sorted(new_id("job") for _ in drafts)
-    rows = [job_row(tenant_id, batch_id, d, job_id) for d, job_id in zip(drafts, ids, strict=True)]
-    for start in range(0, len(rows), INSERT_CHUNK):
-        chunk = rows[start : start + INSERT_CHUNK]
-        # executemany: one compiled statement, sent by SQLAlchemy's "insertmanyvalues" as multi-row INSERTs
-        conn.execute(jobs.insert(), chunk)
-    return {(d.task, d.bucket) for d in drafts}

@@ -8,6 +8,7 @@ pipeline reads attributes such as `ar.model.language_model` or `ar.lm_head` the 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import socket
 from collections.abc import Iterator
@@ -97,9 +98,8 @@ def init_process_group(device: str | torch.device) -> None:
         # g++ on first use) and, unless LOCAL_SIZE equals the world size (the `deepspeed` launcher sets
         # it), never sets it up yet still calls it: the first TP all-reduce segfaults. CPU runs are for
         # tests and development, so use gloo's own all-reduce instead (DeepSpeed falls back to it).
-        import deepspeed.comm.torch as ds_torch_comm
-
-        ds_torch_comm.build_shm_op = lambda: None
+        # (deepspeed.comm re-exports the `torch` package under the same name, so look the module up)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 

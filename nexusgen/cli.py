@@ -255,7 +255,7 @@ def _client() -> Any:
 def submit(file: Path, wait: bool, out_dir: Path | None) -> None:
     """Submit FILE.jsonl as one batch (resubmitting the same file resumes the same batch)."""
     from nexusgen.client import ApiError
-    from nexusgen.demo import wait_for_batch
+    from nexusgen.progress import wait_for_batch
 
     client = _client()
     body = file.read_bytes()

@@ -18,16 +18,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from core.settings import Settings
 from nexusgen.client import Client
-
-TERMINAL = ("succeeded", "failed", "canceled")
-# Wide enough for the summary table when the output is a file or a pipe (rich assumes 80 columns there).
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+from nexusgen.progress import console, wait_for_batch
 
 
 @dataclass
@@ -37,48 +32,6 @@ class DemoOptions:
     size: int = 256
     steps: int = 4
     timeout_s: float = 900.0
-
-
-# --- progress -------------------------------------------------------------------------------------------
-
-
-def _steps(job: dict[str, Any]) -> tuple[int, int]:
-    """(step, total) of a job's progress; total is 1 for stages without steps."""
-    progress = job.get("progress") or {}
-    return progress.get("step") or 0, progress.get("total_steps") or 1
-
-
-def wait_for_batch(
-    client: Client, batch_id: str, timeout_s: float, poll_s: float = 0.5
-) -> list[dict[str, Any]]:
-    """Show one progress bar per job (stage and denoising step) until every job ended; return the jobs."""
-    deadline = time.monotonic() + timeout_s
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stage]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        rows: dict[str, Any] = {}
-        while True:
-            jobs = list(client.iter_jobs(batch_id=batch_id))
-            for job in jobs:
-                label = f"{job.get('custom_id') or job['id']:<16} {job['task']:<10}"
-                if job["id"] not in rows:
-                    rows[job["id"]] = progress.add_task(label, total=1, stage="queued")
-                step, total = _steps(job)
-                done = total if job["status"] == "succeeded" else min(step, total)
-                stage = job["status"] if job["status"] in TERMINAL else job.get("stage") or job["status"]
-                if stage == "denoising":
-                    stage = f"denoising {step}/{total}"
-                progress.update(rows[job["id"]], total=total, completed=done, stage=stage)
-            if jobs and all(job["status"] in TERMINAL for job in jobs):
-                return jobs
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"batch {batch_id} did not finish within {timeout_s:.0f} s")
-            time.sleep(poll_s)
 
 
 # --- inputs ---------------------------------------------------------------------------------------------

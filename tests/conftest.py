@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +15,13 @@ from core.settings import Settings
 
 
 @pytest.fixture(scope="session")
-def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("services")
+def service_dir() -> Iterator[Path]:
+    # Outside pytest's temp root: a concurrent pytest session resets that to mode 0700, and the
+    # embedded PostgreSQL, which runs as an unprivileged user, then loses access to its data.
+    path = Path(tempfile.mkdtemp(prefix="nexusgen-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -117,3 +117,14 @@ def test_env_example_names_only_settings_or_compose_variables() -> None:
     assert not unknown, f".env.example names variables nobody reads: {sorted(unknown)}"
     # and every setting is documented there
     assert settings_env_names() - names == set()
+
+
+def test_the_image_holds_every_package_the_services_import() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY\s+(\S+)\s+\S+\s*$", dockerfile, flags=re.M))
+    assert packages <= copied, f"Dockerfile does not copy {sorted(packages - copied)}"
+    assert all(name in APP_SERVICES or not s.get("build") for name, s in SERVICES.items())

@@ -55,7 +55,7 @@ class LeaseKeeper:
         self.cancel_requested: set[str] = set()
         self.lost: set[str] = set()
         self._pending: dict[str, tuple[str, int | None, int | None]] = {}
-        self._last_flush = 0.0
+        self._last_flush = time.monotonic()  # the first write comes after one interval, for the whole batch
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="nexusgen-heartbeat", daemon=True)

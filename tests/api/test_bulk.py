@@ -1,4 +1,4 @@
-"""A 10,000-line JSONL batch: set-based inserts, a quick answer, wake-ups after the commit, broker outages."""
+"""A 10,000-line JSONL batch: one COPY, a quick answer, wake-ups after the commit, broker outages."""
 
 from __future__ import annotations
 
@@ -64,9 +64,9 @@ def test_ten_thousand_jobs_in_few_statements_then_one_wakeup_per_bucket(
         before_task_publish.disconnect(on_publish)
     assert r.status_code == 201, r.get_json()
     assert r.get_json()["total_jobs"] == N and _count_jobs(engine) == N
-    inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT INTO JOBS")]
-    assert len(inserts) <= 20, len(inserts)  # chunks of 1,000 rows, not 10,000 round trips
-    assert len(statements) < 60
+    # one COPY for the jobs (through the driver, so not among these): a handful of statements, not 10,000
+    assert not [s for s in statements if s.lstrip().upper().startswith("INSERT INTO JOBS")]
+    assert len(statements) < 30, len(statements)
     assert elapsed < 30, elapsed  # a few seconds on a quiet machine; generous for shared CI cores
     assert visible_at_publish == [N, N, N]  # three buckets (sizes), each announced once, after the commit
     assert broker.llen(MODEL_QUEUES["generate"]) == 3

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
-from core.queue import TASK_PROCESS, make_publisher
+from core.queue import MAINTENANCE_QUEUE, MODEL_QUEUES, TASK_PROCESS, TASK_SWEEP, make_publisher
+from core.schema import jobs
 from core.settings import Settings
 from core.storage import Storage
 from tests.worker.support import (
@@ -50,7 +51,8 @@ def survivor(cfg: Settings, start_worker: Callable[..., WorkerProcess]) -> Calla
 
     def get() -> WorkerProcess:
         if not started:
-            started.append(start_worker(cfg, "survivor"))
+            queues = [*MODEL_QUEUES.values(), MAINTENANCE_QUEUE]  # it also runs the sweeper task
+            started.append(start_worker(cfg, "survivor", queues=queues))
         return started[0]
 
     return get
@@ -92,9 +94,10 @@ def test_lost_and_duplicated_wakeups_end_with_each_job_done_once(
     assert_done_once(engine, storage, tenant, [j for j, _ in dup])
     assert {r["status"] for r in job_rows(engine, [j for j, _ in lost]).values()} == {"queued"}
 
-    counts = sweep(engine, make_publisher(cfg), cfg)  # what beat runs every sweep_interval_s
-    assert counts["unclaimed"] == 3 and counts["wakeups"] == 2
+    # What beat sends every sweep_interval_s; the survivor's sweeper task re-publishes the wake-ups.
+    make_publisher(cfg).send_task(TASK_SWEEP, queue=MAINTENANCE_QUEUE)
     wait_for(engine, [j for j, _ in lost], timeout_s=60)
+    assert b"'unclaimed': 3, 'wakeups': 2" in worker.log_path.read_bytes()
     rows = assert_done_once(engine, storage, tenant, [j for j, _ in lost])
     assert {r["attempt"] for r in rows.values()} == {1}
 
@@ -124,7 +127,7 @@ def test_kill_9_mid_batch_every_job_completes_once_elsewhere(
             break
         time.sleep(0.05)
     assert victim["stage"] == "denoising", doomed.tail()
-    time.sleep(0.8)  # the heartbeat keeps the 3 s lease ahead while the batch runs
+    time.sleep(0.8)  # the heartbeat keeps the short lease ahead while the batch runs
     renewed = job_rows(engine, ids[:1])[ids[0]]["lease_expires_at"]
     assert renewed > victim["lease_expires_at"]
     doomed.kill()
@@ -139,3 +142,5 @@ def test_kill_9_mid_batch_every_job_completes_once_elsewhere(
         assert prov["worker"] != victim["lease_owner"]
         assert prov["batch_size"] == 4
     assert len(storage.list_keys(f"tenants/{tenant}/")) == len(ids)
+    with engine.connect() as conn:  # nothing left holding a lease
+        assert conn.execute(select(func.count()).where(jobs.c.status == "running")).scalar() == 0
