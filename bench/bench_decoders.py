@@ -11,7 +11,17 @@ from typing import Any
 
 import torch
 
-from bench.common import base_parser, environment, median, setup, table, timed, tiny_components, write_result
+from bench.common import (
+    KEYS,
+    base_parser,
+    environment,
+    setup,
+    summarize,
+    table,
+    timed,
+    tiny_components,
+    write_result,
+)
 from model.config import NUM_IMAGE_TOKENS, rope_axes_for_head_dim
 from model.decoders import Conditioning, DenoiseJob, denoise, vae_decode, vae_scale_factor
 
@@ -64,57 +74,46 @@ def main() -> None:
             list(range(batch)), list(range(batch)), cond, None, args.size, args.size, args.steps, 1.0, 3.5
         )
 
-    def run(batch: int) -> tuple[float, float]:
-        dit_s, (latents, _) = timed(lambda: denoise(dit, job(batch), scale, channels, device), device)
-        vae_s, images = timed(lambda: vae_decode(vae, latents, device), device)
+    def run(batch: int) -> tuple[float, float, float, float]:
+        """(DiT wall, DiT CPU, VAE wall, VAE CPU) seconds of one bucket."""
+        dit_wall, dit_cpu, (latents, _) = timed(
+            lambda: denoise(dit, job(batch), scale, channels, device), device
+        )
+        vae_wall, vae_cpu, images = timed(lambda: vae_decode(vae, latents, device), device)
         assert len(images) == batch and images[0].size == (args.size, args.size)
-        return dit_s, vae_s
+        return dit_wall, dit_cpu, vae_wall, vae_cpu
 
     run(1)  # warm-up
-    times: dict[int, list[tuple[float, float]]] = {b: [] for b in BATCHES}
+    times: dict[int, list[tuple[float, float, float, float]]] = {b: [] for b in BATCHES}
     for _ in range(runs):  # interleaved, so drift hits every batch size alike
         for batch in BATCHES:
             times[batch].append(run(batch))
 
-    figures = {}
+    figures: dict[int, dict[str, Any]] = {}
     for batch in BATCHES:
-        dit_s = median([t[0] for t in times[batch]])
-        vae_s = median([t[1] for t in times[batch]])
-        total = median([t[0] + t[1] for t in times[batch]])
-        best = min(t[0] + t[1] for t in times[batch])  # least disturbed run (shared machine)
+        total = summarize([(t[0] + t[2], t[1] + t[3]) for t in times[batch]])
         figures[batch] = {
-            "dit_s": dit_s,
-            "vae_s": vae_s,
-            "total_s": total,
-            "images_per_s": batch / total,
-            "best_images_per_s": batch / best,
-            "times_s": times[batch],
+            "dit": summarize([(t[0], t[1]) for t in times[batch]]),
+            "vae": summarize([(t[2], t[3]) for t in times[batch]]),
+            "total": total,
+            "images_per_s": {k: batch / total[k] for k in KEYS},
         }
     for batch in BATCHES:
-        figures[batch]["ratio_vs_batch_1"] = figures[batch]["images_per_s"] / figures[1]["images_per_s"]
-        figures[batch]["best_ratio_vs_batch_1"] = (
-            figures[batch]["best_images_per_s"] / figures[1]["best_images_per_s"]
-        )
+        figures[batch]["ratio_vs_batch_1"] = {
+            k: figures[batch]["images_per_s"][k] / figures[1]["images_per_s"][k] for k in KEYS
+        }
 
     print(
         f"decoders: DiT {args.heads}x{args.head_dim}, {args.layers}+{args.single_layers} blocks, "
         f"{args.size}², {args.steps} steps, {device} ({dtype}), {runs} runs"
     )
-    rows = [
-        [
-            b,
-            f["dit_s"],
-            f["vae_s"],
-            f["images_per_s"],
-            f"{f['ratio_vs_batch_1']:.2f}x",
-            f["best_images_per_s"],
-            f"{f['best_ratio_vs_batch_1']:.2f}x",
-        ]
-        for b, f in figures.items()
-    ]
-    header = ["batch", "DiT loop s", "VAE s", "images/s", "vs batch 1", "best images/s", "best vs 1"]
+    rows = []
+    for b, f in figures.items():
+        rates = [f"{f['images_per_s'][k]:.3g} ({f['ratio_vs_batch_1'][k]:.2f}x)" for k in KEYS]
+        rows.append([b, f["dit"]["wall_median_s"], f["vae"]["wall_median_s"], *rates])
+    header = ["batch", "DiT loop s", "VAE s", "images/s median wall", "min wall", "per CPU-s (median)"]
     print(table(rows, header))
-    print("(median over runs; 'best' = fastest run, least disturbed by other processes)")
+    print("(x: vs batch 1; CPU = process CPU seconds over all threads, independent of other processes' load)")
     write_result(
         "bench_decoders",
         {

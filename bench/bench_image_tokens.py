@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import base_parser, environment, median, setup, table, timed, write_result
+from bench.common import KEYS, base_parser, environment, setup, summarize, table, timed, write_result
 from model.ar import ARStage, Encoded, generation_prompt
 from model.config import GENERATION_PREFIXES, NUM_IMAGE_TOKENS
 
@@ -143,47 +143,44 @@ def main() -> None:
     max_abs = float((ref - new).abs().max())
     min_cos = float(torch.nn.functional.cosine_similarity(ref, new, dim=-1).min())
 
-    # 2. wall time, interleaved (warm-up once each)
-    times_step, times_one = [], []
+    # 2. wall and CPU time, interleaved (warm-up once each)
+    step_t: list[tuple[float, float]] = []
+    one_t: list[tuple[float, float]] = []
     stepwise(encoded[1]), one_pass(encoded[1])
     for i in range(runs):
         enc = encoded[i % len(encoded)]
-        times_step.append(timed(lambda: stepwise(enc), device)[0])  # noqa: B023
-        times_one.append(timed(lambda: one_pass(enc), device)[0])  # noqa: B023
-    step_s, one_s = median(times_step), median(times_one)
+        step_t.append(timed(lambda: stepwise(enc), device)[:2])  # noqa: B023
+        one_t.append(timed(lambda: one_pass(enc), device)[:2])  # noqa: B023
 
     # 3. one-pass throughput: 8 samples one at a time vs one batch of 8, interleaved
-    times_b1, times_b8 = [], []
+    b1_t: list[tuple[float, float]] = []
+    b8_t: list[tuple[float, float]] = []
     one_pass(batch8)
     for _ in range(max(3, runs // 3)):
-        times_b1.append(timed(lambda: [one_pass(e) for e in encoded], device)[0])
-        times_b8.append(timed(lambda: one_pass(batch8), device)[0])
+        b1_t.append(timed(lambda: [one_pass(e) for e in encoded], device)[:2])
+        b8_t.append(timed(lambda: one_pass(batch8), device)[:2])
+
     n = len(PROMPTS)
-    sps_b1, sps_b8 = n / median(times_b1), n / median(times_b8)
-    best_b1, best_b8 = n / min(times_b1), n / min(times_b8)  # least disturbed run (shared machine)
+    stats = {name: summarize(t) for name, t in (("step", step_t), ("one", one_t), ("b1", b1_t), ("b8", b8_t))}
+    speedup = {k: stats["step"][k] / stats["one"][k] for k in ("wall_median_s", "wall_min_s", "cpu_median_s")}
+    rate = {
+        k: {b: n / stats[b][k] for b in ("b1", "b8")} for k in ("wall_median_s", "wall_min_s", "cpu_median_s")
+    }
 
     print(
         f"image-token stage, AR hidden {args.hidden}, {args.layers} layers, {device} ({dtype}), {runs} runs"
     )
-    print(
-        table(
-            [
-                ["reference step-by-step (batch 1)", passes_step, step_s * 1e3, min(times_step) * 1e3],
-                ["one pass (batch 1)", passes_one, one_s * 1e3, min(times_one) * 1e3],
-            ],
-            ["path", "forward passes", "median ms", "min ms"],
-        )
-    )
-    print(
-        f"speed-up one pass vs step-by-step: {step_s / one_s:.2f}x (median), "
-        f"{min(times_step) / min(times_one):.2f}x (min)"
-    )
+    rows = [
+        ["reference step-by-step (batch 1)", passes_step, *[stats["step"][k] * 1e3 for k in KEYS]],
+        ["one pass (batch 1)", passes_one, *[stats["one"][k] * 1e3 for k in KEYS]],
+        ["speed-up", f"{passes_step / passes_one:.0f}x", *[f"{speedup[k]:.2f}x" for k in KEYS]],
+    ]
+    print(table(rows, ["path", "forward passes", "median wall ms", "min wall ms", "median CPU ms"]))
     print(f"embeddings: max |step - one| = {max_abs:.3g}, min cosine = {min_cos:.6f}")
-    print(table([[1, sps_b1, best_b1], [8, sps_b8, best_b8]], ["batch", "samples/s (median)", "(best)"]))
-    print(
-        f"one-pass throughput batch 8 vs batch 1: {sps_b8 / sps_b1:.2f}x (median), "
-        f"{best_b8 / best_b1:.2f}x (best)"
-    )
+    rows = [[b, *[rate[k][key] for k in KEYS]] for b, key in ((1, "b1"), (8, "b8"))]
+    rows.append(["8 vs 1", *[f"{rate[k]['b8'] / rate[k]['b1']:.2f}x" for k in KEYS]])
+    print(table(rows, ["batch", "samples/s (median wall)", "(min wall)", "per CPU-s (median)"]))
+    print("CPU = process CPU seconds over all threads: the work, independent of other processes' load")
     write_result(
         "bench_image_tokens",
         {
@@ -193,22 +190,17 @@ def main() -> None:
             "runs": runs,
             "environment": environment(device),
             "dtype": str(dtype),
-            "stepwise": {"forward_passes": passes_step, "median_s": step_s, "times_s": times_step},
-            "one_pass": {"forward_passes": passes_one, "median_s": one_s, "times_s": times_one},
-            "speedup_one_pass_vs_stepwise": step_s / one_s,
-            "speedup_one_pass_vs_stepwise_min": min(times_step) / min(times_one),
+            "forward_passes": {"stepwise": passes_step, "one_pass": passes_one},
+            "stepwise": stats["step"],
+            "one_pass": stats["one"],
+            "speedup_one_pass_vs_stepwise": speedup,
             "embeddings_max_abs_diff": max_abs,
             "embeddings_min_cosine": min_cos,
-            "throughput_samples_per_s": {
-                "batch_1": sps_b1,
-                "batch_8": sps_b8,
-                "ratio_8_vs_1": sps_b8 / sps_b1,
-                "best_batch_1": best_b1,
-                "best_batch_8": best_b8,
-                "best_ratio_8_vs_1": best_b8 / best_b1,
-                "times_s_batch_1_x8": times_b1,
-                "times_s_batch_8": times_b8,
+            "one_pass_throughput_samples_per_s": {
+                k: {"batch_1": r["b1"], "batch_8": r["b8"], "ratio_8_vs_1": r["b8"] / r["b1"]}
+                for k, r in rate.items()
             },
+            "one_pass_times": {"batch_1_x8": stats["b1"], "batch_8": stats["b8"]},
         },
     )
 

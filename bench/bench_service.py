@@ -37,7 +37,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="NEXUSGEN_MAX_BATCH and the direct batch size")
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 8], help="denoising steps (one run each)")
     parser.add_argument("--size", type=int, default=256, help="output width and height")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads, in the bench and the worker")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in the bench and in the worker (1: no oversubscription)",
+    )
     return parser.parse_args()
 
 

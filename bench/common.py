@@ -42,17 +42,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """(seconds, result) of one call, synchronising the GPU around it."""
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
+    """(wall seconds, process CPU seconds over all threads, result) of one call, GPU synchronised.
+
+    On a shared CPU machine the wall time swings with other processes' load; the CPU time measures the
+    work itself and stays comparable between configurations.
+    """
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, time.process_time() - cpu, out
 
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+KEYS = ("wall_median_s", "wall_min_s", "cpu_median_s")
+
+
+def summarize(times: list[tuple[float, float]]) -> dict[str, Any]:
+    """Median and min wall seconds, median CPU seconds, and the raw (wall, cpu) pairs of timed runs."""
+    return {
+        "wall_median_s": median([t[0] for t in times]),
+        "wall_min_s": min(t[0] for t in times),
+        "cpu_median_s": median([t[1] for t in times]),
+        "times_wall_cpu_s": times,
+    }
 
 
 def tiny_components(device: torch.device, dtype: torch.dtype) -> Any:

@@ -76,8 +76,8 @@ def _free_port() -> int:
 def init_process_group(device: str | torch.device) -> None:
     """Initialise torch.distributed + deepspeed.comm once per process (gloo on CPU, nccl on CUDA).
 
-    Defaults: RANK 0, WORLD_SIZE 1, MASTER_ADDR 127.0.0.1 and, for a lone rank, a free MASTER_PORT (so that
-    several single-rank workers on one host do not collide); a multi-rank launch must set the port itself.
+    Defaults: RANK 0, WORLD_SIZE 1, MASTER_ADDR 127.0.0.1, MASTER_PORT 29500 for several ranks and a free
+    port for a lone rank (so that several single-rank workers on one host do not collide).
     """
     import deepspeed
     import torch.distributed as tdist
@@ -88,10 +88,9 @@ def init_process_group(device: str | torch.device) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if int(os.environ["WORLD_SIZE"]) > 1:
-                raise ValueError("MASTER_PORT must be set when WORLD_SIZE > 1")
-            os.environ["MASTER_PORT"] = str(_free_port())
+        if "MASTER_PORT" not in os.environ:  # ranks of one job must agree: torchrun's default port
+            lone = int(os.environ["WORLD_SIZE"]) == 1
+            os.environ["MASTER_PORT"] = str(_free_port()) if lone else "29500"
         tdist.init_process_group(backend=backend, init_method="env://")
     if backend == "gloo":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ extension: ~2.5 min of
@@ -238,7 +237,8 @@ class PackedRowParallelLinear(nn.Module):
     Under TP each rank holds `cat([attn_r, mlp_r])`, i.e. its own slice of EACH block, not a contiguous
     slice of the concat. A plain row-parallel split (DeepSpeed's LinearAllreduce: columns
     [r·(5·inner)/tp, (r+1)·(5·inner)/tp)) would pair rank 0's input with attention columns of other heads
-    and part of the MLP columns: silently wrong outputs. So rank r keeps the weight columns
+    and part of the MLP columns: silently wrong outputs (on a small Flux over 2 CPU ranks: max error 0.19
+    on outputs of scale 2, against 5e-7 with this layer). So rank r keeps the weight columns
     `W[:, attn_r] ‖ W[:, inner + mlp_r]`, matching its local input, and the partial products are summed
     by an all-reduce; the bias is added once, after it.
     """

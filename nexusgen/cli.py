@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -248,20 +250,34 @@ def _client() -> Any:
         raise click.UsageError(str(exc)) from exc
 
 
+@contextmanager
+def _api_errors() -> Iterator[None]:
+    """API error answers and unreachable servers end the command with a one-line message."""
+    import httpx
+
+    from nexusgen.client import ApiError
+
+    try:
+        yield
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach the API: {exc} (check NEXUSGEN_API_URL)") from exc
+
+
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--wait", is_flag=True, help="wait until every job ended, with a progress bar")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="download results here")
 def submit(file: Path, wait: bool, out_dir: Path | None) -> None:
     """Submit FILE.jsonl as one batch (resubmitting the same file resumes the same batch)."""
-    from nexusgen.client import ApiError
     from nexusgen.progress import wait_for_batch
 
     client = _client()
     body = file.read_bytes()
     # The same file gives the same Idempotency-Key: a rerun finds its batch instead of creating another.
     idempotency_key = "submit-" + hashlib.sha256(body).hexdigest()
-    try:
+    with _api_errors():
         batch = client.create_batch_jsonl(body, idempotency_key=idempotency_key)
         click.echo(f"batch_id: {batch['id']}")
         if not (wait or out_dir):
@@ -281,8 +297,6 @@ def submit(file: Path, wait: bool, out_dir: Path | None) -> None:
             click.echo(
                 f"{job.get('custom_id') or job['id']}: {job['status']} {error.get('message', '')}", err=True
             )
-    except ApiError as exc:
-        raise click.ClickException(str(exc)) from exc
     sys.exit(1 if failed else 0)
 
 
@@ -290,24 +304,16 @@ def submit(file: Path, wait: bool, out_dir: Path | None) -> None:
 @click.argument("object_id")
 def status(object_id: str) -> None:
     """Show a job or a batch (bat_...) as JSON."""
-    from nexusgen.client import ApiError
-
-    try:
+    with _api_errors():
         click.echo(json.dumps(_client().get(object_id), indent=2, ensure_ascii=False))
-    except ApiError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
 @click.argument("object_id")
 def cancel(object_id: str) -> None:
     """Cancel a job or a batch (bat_...); finished jobs keep their results."""
-    from nexusgen.client import ApiError
-
-    try:
+    with _api_errors():
         click.echo(json.dumps(_client().cancel(object_id), indent=2, ensure_ascii=False))
-    except ApiError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 if __name__ == "__main__":

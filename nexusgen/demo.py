@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.table import Table
 
 from core.settings import Settings
@@ -111,8 +112,7 @@ def start_stack(settings: Settings, timeout_s: float) -> tuple[subprocess.Popen[
     """Start `nexusgen up` (private webhook targets allowed, for the loopback receiver); wait until ready."""
     state = settings.state_dir.resolve()
     (state / "logs").mkdir(parents=True, exist_ok=True)
-    info_path = state / "up.json"
-    info_path.unlink(missing_ok=True)
+    info_path = state / "up.json"  # a stale one (from a killed `up`) has another pid
     env = dict(os.environ, WEBHOOK_ALLOW_PRIVATE_NETWORKS="1", NEXUSGEN_STATE_DIR=str(state))
     with (state / "logs" / "up.log").open("ab") as log:
         process = subprocess.Popen(
@@ -285,7 +285,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
             f"{'all expected events arrived' if arrived else 'some expected events did not arrive'}"
         )
         return 0 if succeeded == len(done) and arrived and not rejected else 1
-    except (RuntimeError, TimeoutError, OSError) as exc:
+    except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:  # ApiError is a RuntimeError
         console.print(f"[red]demo failed:[/red] {exc}")
         return 1
     finally:

@@ -152,21 +152,31 @@ def service_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+STATE_EXPORTS = (
+    "DATABASE_URL",
+    "CELERY_BROKER_URL",
+    "S3_ENDPOINT_URL",
+    "S3_ACCESS_KEY",
+    "S3_SECRET_KEY",
+    "S3_BUCKET",
+    "NEXUSGEN_MODEL_DIR",
+    "NEXUSGEN_PREFIX_MODE",
+)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds the S3 secret)."""
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(text)
+
+
 def write_state_files(settings: Settings, env: dict[str, str], flower_port: int) -> Path:
     """STATE_DIR/env (shell exports for admin commands) and STATE_DIR/up.json (read by the demo)."""
-    keys = [
-        "DATABASE_URL",
-        "CELERY_BROKER_URL",
-        "S3_ENDPOINT_URL",
-        "S3_ACCESS_KEY",
-        "S3_SECRET_KEY",
-        "S3_BUCKET",
-    ]
-    keys += ["NEXUSGEN_MODEL_DIR", "NEXUSGEN_PREFIX_MODE"]
     api_url = f"http://{settings.api_host}:{settings.api_port}"
-    exports = {k: env[k] for k in keys if k in env} | {"NEXUSGEN_API_URL": api_url}
-    (settings.state_dir / "env").write_text(
-        "".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items())
+    exports = {k: env[k] for k in STATE_EXPORTS if k in env} | {"NEXUSGEN_API_URL": api_url}
+    _write_private(
+        settings.state_dir / "env", "".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items())
     )
     info = {
         "pid": os.getpid(),
@@ -175,8 +185,23 @@ def write_state_files(settings: Settings, env: dict[str, str], flower_port: int)
         "env": exports,
     }
     path = settings.state_dir / "up.json"
-    path.write_text(json.dumps(info, indent=2))
+    _write_private(path, json.dumps(info, indent=2))
     return path
+
+
+def check_not_running(state_dir: Path) -> None:
+    """Refuse a second `up` on a state dir whose first `up` still runs (its servers hold the data)."""
+    path = state_dir / "up.json"
+    if not path.exists():
+        return
+    try:
+        pid = int(json.loads(path.read_text())["pid"])
+        os.kill(pid, 0)
+    except (ValueError, KeyError, ProcessLookupError):
+        return  # unreadable, or left by an `up` that was killed
+    except PermissionError:
+        pass
+    raise RuntimeError(f"another `nexusgen up` (pid {pid}) is running on {state_dir}; stop it first")
 
 
 def _wait_healthy(url: str, children: Supervisor, timeout_s: float, stop: threading.Event) -> None:
@@ -260,8 +285,10 @@ def run_up(settings: Settings) -> int:
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     servers: list[Any] = []
     supervisor: Supervisor | None = None
+    state_file: Path | None = None
     status = 0
     try:
+        check_not_running(settings.state_dir)
         check_ports(
             {
                 "API": (settings.api_port, "NEXUSGEN_API_PORT"),
@@ -283,7 +310,7 @@ def run_up(settings: Settings) -> int:
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         _wait_healthy(api_url, supervisor, 180, stop)
         if not stop.is_set():
-            write_state_files(settings, supervisor.env, flower_port)
+            state_file = write_state_files(settings, supervisor.env, flower_port)
             print(
                 f"nexusgen is up: API {api_url}  Flower http://127.0.0.1:{flower_port}\n"
                 f"  logs in {supervisor.log_dir}; admin environment: source {settings.state_dir / 'env'}\n"
@@ -300,7 +327,8 @@ def run_up(settings: Settings) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         status = 1
     finally:
-        (settings.state_dir / "up.json").unlink(missing_ok=True)
+        if state_file is not None:  # only ours: a refused second `up` leaves the running one's file alone
+            state_file.unlink(missing_ok=True)
         if supervisor is not None:
             supervisor.stop_all()
         stop_embedded(servers)

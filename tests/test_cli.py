@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -106,7 +109,6 @@ def test_make_tiny_checkpoint_writes_the_official_layout(tmp_path: Path) -> None
 
 
 def test_service_logs_are_json_lines_with_job_and_batch_ids(capsys: pytest.CaptureFixture[str]) -> None:
-    import json
     import logging
 
     from nexusgen.services import configure_logging
@@ -119,3 +121,47 @@ def test_service_logs_are_json_lines_with_job_and_batch_ids(capsys: pytest.Captu
     record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert record["message"] == "claimed" and record["level"] == "INFO"
     assert (record["service"], record["job_id"], record["batch_id"]) == ("worker-model", "job_1", "bat_1")
+
+
+@pytest.fixture
+def api_url(settings: Settings, engine: Engine) -> Iterator[str]:
+    """The real API app on a loopback port (no workers: jobs stay queued until canceled)."""
+    from werkzeug.serving import make_server
+
+    from api.app import create_app
+
+    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join()
+
+
+def test_client_commands_submit_status_cancel(run: CliRunner, api_url: str, tmp_path: Path) -> None:
+    name = f"client-{uuid.uuid4().hex[:8]}"
+    run.invoke(cli, ["tenant", "create", name])
+    key = run.invoke(cli, ["key", "create", "--tenant", name]).output.strip()
+    client = CliRunner(env={"NEXUSGEN_API_URL": api_url, "NEXUSGEN_API_KEY": key})
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [
+        {"custom_id": f"c{i}", "task": "generate", "prompt": "a cat", "params": {"steps": 2}}
+        for i in range(3)
+    ]
+    jobs.write_text("\n".join(json.dumps(line) for line in lines))
+
+    first = client.invoke(cli, ["submit", str(jobs)])
+    assert first.exit_code == 0, first.output
+    batch_id = _fields(first.output)["batch_id"]
+    assert _fields(client.invoke(cli, ["submit", str(jobs)]).output)["batch_id"] == batch_id  # resumed
+    status = json.loads(client.invoke(cli, ["status", batch_id]).output)
+    assert status["counts"]["queued"] == 3
+    assert client.invoke(cli, ["cancel", batch_id]).exit_code == 0
+    # every job ended (canceled): --wait returns at once, nothing to download, and the exit status says so
+    waited = client.invoke(cli, ["submit", str(jobs), "--wait", "--out", str(tmp_path / "out")])
+    assert waited.exit_code == 1
+    assert "0 downloaded, 0 already there" in waited.output and "c0: canceled" in waited.output
+
+    jobs.write_text('{"custom_id": "bad", "task": "paint"}\n')
+    bad = client.invoke(cli, ["submit", str(jobs)])
+    assert bad.exit_code == 1 and "422" in bad.output

@@ -128,3 +128,9 @@ def test_the_image_holds_every_package_the_services_import() -> None:
     copied = set(re.findall(r"^COPY\s+(\S+)\s+\S+\s*$", dockerfile, flags=re.M))
     assert packages <= copied, f"Dockerfile does not copy {sorted(packages - copied)}"
     assert all(name in APP_SERVICES or not s.get("build") for name, s in SERVICES.items())
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = sorted(name for name in settings_env_names() if f"`{name}`" not in readme)
+    assert not missing, f"README's configuration table lacks {missing}"

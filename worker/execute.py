@@ -54,6 +54,16 @@ OUT_OF_MEMORY = (torch.OutOfMemoryError,)  # torch.cuda.OutOfMemoryError is the 
 _model: tuple[int, NexusGen] | None = None
 
 
+def worker_device(settings: Settings) -> str:
+    """The device of this process: with NEXUSGEN_DEVICE=cuda, prefork child i takes cuda:i (one per GPU)."""
+    if settings.device != "cuda" or settings.engine != "torch":
+        return settings.device
+    from billiard.process import current_process
+
+    index = getattr(current_process(), "index", None)  # set on prefork children only
+    return settings.device if index is None else f"cuda:{index}"
+
+
 def load_model(settings: Settings) -> NexusGen:
     """The model of this process, loaded on first use (after the prefork fork, never before)."""
     global _model
@@ -63,12 +73,17 @@ def load_model(settings: Settings) -> NexusGen:
         started = time.monotonic()
         model = NexusGen.from_pretrained(
             settings.model_dir,
-            device=settings.device,
+            device=worker_device(settings),
             dtype=settings.dtype,
             engine=settings.engine,
             prefix_mode=settings.prefix_mode,
         )
-        log.info("model loaded from %s in %.1fs", settings.model_dir, time.monotonic() - started)
+        log.info(
+            "model loaded from %s on %s in %.1fs",
+            settings.model_dir,
+            model.device,
+            time.monotonic() - started,
+        )
         _model = (os.getpid(), model)
     return _model[1]
 
@@ -264,20 +279,32 @@ def drop_stale_object(engine: Engine, storage: Storage, job_id: str, key: str) -
         storage.delete(key)
 
 
-def run_batch(
-    settings: Settings, engine: Engine, storage: Storage, worker_id: str, rows: Sequence[RowMapping]
-) -> dict[str, int]:
-    """Process one claimed batch to the end; returns counts by outcome."""
+@dataclass
+class ComputedBatch:
+    """A batch whose model call is done and whose results still have to be stored (leases still held)."""
+
+    task: str
+    size: int
+    keeper: LeaseKeeper
+    outcomes: list[Outcome]
+    counts: dict[str, int]
+
+
+def compute_batch(
+    settings: Settings, engine: Engine, storage: Storage, rows: Sequence[RowMapping]
+) -> ComputedBatch:
+    """Load the inputs (failing bad ones) and run the model call; the leases stay held until stored."""
     task = str(rows[0]["task"])
     counts: dict[str, int] = {}
     claims = {str(r["id"]): int(r["attempt"]) for r in rows}
-    with LeaseKeeper(
+    keeper = LeaseKeeper(
         engine,
         claims,
         lease_s=settings.lease_s,
         heartbeat_s=settings.heartbeat_s,
         progress_interval_s=settings.progress_interval_s,
-    ) as keeper:
+    ).start()
+    try:
         items: list[Item] = []
         for row in rows:
             item = Item(row)
@@ -293,11 +320,22 @@ def run_batch(
                 continue
             item.input_s = time.monotonic() - started
             items.append(item)
-        if items:
-            model = load_model(settings)
-            for outcome in run_model(model, task, items, keeper):
-                what = store_outcome(engine, storage, keeper, outcome, worker_id)
-                keeper.release([outcome.item.job_id])
-                counts[what] = counts.get(what, 0) + 1
-    log.info("batch of %d %s job(s) done: %s", len(rows), task, counts)
+        outcomes = run_model(load_model(settings), task, items, keeper) if items else []
+    except BaseException:
+        keeper.stop()
+        raise
+    return ComputedBatch(task, len(rows), keeper, outcomes, counts)
+
+
+def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: ComputedBatch) -> dict[str, int]:
+    """Store every outcome of a computed batch and end its jobs; returns counts by outcome."""
+    counts = batch.counts
+    try:
+        for outcome in batch.outcomes:
+            what = store_outcome(engine, storage, batch.keeper, outcome, worker_id)
+            batch.keeper.release([outcome.item.job_id])
+            counts[what] = counts.get(what, 0) + 1
+    finally:
+        batch.keeper.stop()
+    log.info("batch of %d %s job(s) done: %s", batch.size, batch.task, counts)
     return counts

@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from types import TracebackType
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
@@ -36,7 +35,7 @@ def stage_progress(stage: str, step: int | None, total_steps: int | None) -> flo
 
 
 class LeaseKeeper:
-    """Holds (job id -> attempt) claims; use as a context manager around the work on them."""
+    """Holds (job id -> attempt) claims between `start()` and `stop()`."""
 
     def __init__(
         self,
@@ -60,13 +59,11 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="nexusgen-heartbeat", daemon=True)
 
-    def __enter__(self) -> LeaseKeeper:
+    def start(self) -> LeaseKeeper:
         self._thread.start()
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.heartbeat_s + 5)
 

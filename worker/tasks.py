@@ -8,15 +8,19 @@ and loaded only when the first wake-up runs, inside the worker child process.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task, shared_task
-from sqlalchemy import RowMapping
+from sqlalchemy import Engine, RowMapping
 
 from core.queue import TASK_PROCESS, publish_wakeups
 from core.settings import Settings
 from worker.batching import TRANSIENT_ERRORS, drain, release_claims
+
+if TYPE_CHECKING:
+    from worker.execute import ComputedBatch
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,54 @@ def app_resources(app: Celery) -> tuple[Settings, Any]:
     return settings, app
 
 
+def put_back(engine: Engine, rows: Sequence[RowMapping], exc: BaseException) -> None:
+    """Requeue the jobs of a batch hit by a transient error (those this worker still holds)."""
+    log.warning("transient %s during a batch; putting its jobs back", exc.__class__.__name__)
+    try:
+        release_claims(engine, rows, reason=f"transient error: {exc.__class__.__name__}")
+    except TRANSIENT_ERRORS:
+        log.warning("could not put the jobs back; their leases will expire and the sweeper requeues them")
+
+
+class StoreBehind:
+    """Stores one batch's results on a thread while the next batch is claimed and computed.
+
+    At most one batch is in flight; a transient error while storing puts that batch's jobs back and is
+    raised on the next `submit` or `close`.
+    """
+
+    def __init__(self, engine: Engine, store: Callable[[ComputedBatch], dict[str, int]]) -> None:
+        self.engine, self.store = engine, store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexusgen-store")
+        self._pending: tuple[Future[dict[str, int]], Sequence[RowMapping]] | None = None
+
+    def submit(self, rows: Sequence[RowMapping], batch: ComputedBatch) -> None:
+        try:
+            self.wait()
+        except TRANSIENT_ERRORS as exc:  # the batch before failed: this one goes back too
+            batch.keeper.stop()
+            put_back(self.engine, rows, exc)
+            raise
+        future = self._pool.submit(self.store, batch)
+        self._pending = (future, rows)
+
+    def wait(self) -> None:
+        if self._pending is None:
+            return
+        (future, rows), self._pending = self._pending, None
+        try:
+            future.result()
+        except TRANSIENT_ERRORS as exc:
+            put_back(self.engine, rows, exc)
+            raise
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def process(app: Celery, task: str, bucket: str | None) -> int:
     """Drain the queue of `task` (starting with `bucket`); returns how many jobs this call claimed."""
     settings, res = app_resources(app)
@@ -44,24 +96,23 @@ def process(app: Celery, task: str, bucket: str | None) -> int:
 
     execute.load_model(settings)
     engine, storage, worker_id = res.engine, res.storage, res.worker_id
+    behind = StoreBehind(engine, lambda batch: execute.store_batch(engine, storage, worker_id, batch))
 
-    def run_batch(rows: Sequence[RowMapping]) -> dict[str, int]:
+    def run_batch(rows: Sequence[RowMapping]) -> None:
         try:
-            return execute.run_batch(settings, engine, storage, worker_id, rows)
+            computed = execute.compute_batch(settings, engine, storage, rows)
         except TRANSIENT_ERRORS as exc:
-            log.warning("transient %s during a batch; putting its jobs back", exc.__class__.__name__)
-            try:
-                release_claims(engine, rows, reason=f"transient error: {exc.__class__.__name__}")
-            except TRANSIENT_ERRORS:
-                log.warning(
-                    "could not put the jobs back; their leases will expire and the sweeper requeues them"
-                )
+            put_back(engine, rows, exc)
             raise
+        behind.submit(rows, computed)
 
     def hand_over() -> None:
         publish_wakeups(app, [(task, None)])
 
-    return drain(engine, settings, worker_id, task, bucket, run_batch, on_budget_spent=hand_over)
+    try:
+        return drain(engine, settings, worker_id, task, bucket, run_batch, on_budget_spent=hand_over)
+    finally:
+        behind.close()
 
 
 @shared_task(name=TASK_PROCESS, bind=True, ignore_result=True, max_retries=MAX_RETRIES)

@@ -60,6 +60,12 @@ def test_up_survives_a_restart_mid_batch(up_process: Any, tmp_path: Path, tiny_c
     client = Client(info["api_url"], key)
     batch = client.create_batch(_jobs(6))
 
+    # A second `up` on the same state is refused while the first runs (and leaves its state file alone).
+    command = [sys.executable, "-m", "nexusgen.cli", "up"]
+    second_up = subprocess.run(command, env=first.env, capture_output=True, text=True, timeout=60)
+    assert second_up.returncode == 1 and "another `nexusgen up`" in second_up.stderr
+    assert (first.state_dir / "up.json").exists()
+
     # Stop the stack while the batch is under way: some jobs done or running, some still queued.
     started = _wait(
         client, batch["id"], lambda jobs: any(j["status"] in ("running", "succeeded") for j in jobs), 240

@@ -53,7 +53,7 @@ def _run_stack(pipe, prompts: list[str]) -> tuple[torch.Tensor, list[np.ndarray]
     return embeds, images, text
 
 
-def child_main(rank: int, world: int, port: int, checkpoint: str, out: str) -> None:
+def child_main(rank: int, world: int, port: int, checkpoint: str, out: str, device: str = "cpu") -> None:
     """One rank: torch reference, then the deepspeed engine on the same inputs; rank 0 writes the diffs."""
     torch.set_num_threads(1)
     os.environ.update(
@@ -65,9 +65,9 @@ def child_main(rank: int, world: int, port: int, checkpoint: str, out: str) -> N
     )
     from model.pipeline import NexusGen
 
-    ref = NexusGen.from_pretrained(checkpoint, device="cpu", engine="torch", prefix_mode="forced")
+    ref = NexusGen.from_pretrained(checkpoint, device=device, engine="torch", prefix_mode="forced")
     ref_embeds, ref_images, ref_text = _run_stack(ref, PROMPTS)
-    pipe = NexusGen.from_pretrained(checkpoint, device="cpu", engine="deepspeed", prefix_mode="forced")
+    pipe = NexusGen.from_pretrained(checkpoint, device=device, engine="deepspeed", prefix_mode="forced")
     ds_embeds, ds_images, ds_text = _run_stack(pipe, PROMPTS)
     sharded = sorted({type(m).__name__ for m in pipe.components.edit_dit.modules()} & TP_LAYERS)
     report = {
@@ -111,7 +111,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _launch(world: int, checkpoint: Path, tmp_path: Path) -> dict:
+def _launch(world: int, checkpoint: Path, tmp_path: Path, device: str = "cpu") -> dict:
     port, out = _free_port(), tmp_path / f"report-{world}.json"
     env = {
         k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"}
@@ -128,6 +128,7 @@ def _launch(world: int, checkpoint: Path, tmp_path: Path) -> dict:
                 str(port),
                 str(checkpoint),
                 str(out),
+                device,
             ],
             cwd=REPO,
             env=env,
@@ -173,6 +174,14 @@ def test_deepspeed_two_cpu_ranks_tensor_parallel_matches_one_rank(checkpoint: Pa
     assert report["embed_max_abs"] <= 1e-5 * max(1.0, report["embed_scale"])
     assert report["pixel_max_abs"] <= 1, report
     assert report["same_text"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deepspeed_one_rank_on_cuda_matches_torch(checkpoint: Path, tmp_path: Path) -> None:
+    report = _launch(1, checkpoint, tmp_path, device="cuda")
+    assert report["embed_max_abs"] <= 1e-2 * max(1.0, report["embed_scale"])  # bf16
+    assert report["pixel_max_abs"] <= 2, report
 
 
 # ---- in-process checks (no torch.distributed needed) ----------------------------------------------------
@@ -269,4 +278,4 @@ def test_pipeline_with_offload_gives_the_same_image(checkpoint: Path) -> None:
 
 
 if __name__ == "__main__":
-    child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])

@@ -87,3 +87,10 @@ def test_storage_outage_puts_the_batch_back_for_a_retry(
     with transaction(engine) as conn:  # and the next claim takes them again
         again = claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=4, lease_s=60)
     assert sorted(r["id"] for r in again) == sorted(ids)
+
+
+def test_worker_serves_only_its_task_families(engine: Engine, tenant: str, settings: Settings) -> None:
+    only_understand = settings.with_overrides(tasks=("understand",), batch_window_s=0.0)
+    job, _ = insert_job(engine, tenant, "generate")
+    assert process(make_celery(only_understand), "generate", None) == 0
+    assert job_rows(engine, [job])[job]["status"] == "queued"
