@@ -563,8 +563,16 @@ def _load(root: Path, device: str | torch.device, dtype: torch.dtype) -> Compone
         t5,
         vae,
     ]
+    # The reference loads the AR with from_pretrained(torch_dtype=bf16), which leaves the rotary
+    # inv_freq buffers in fp32; a plain .to(bf16) would round them and blur positions far into a sequence.
+    rotary_fp32 = {name: buf.clone() for name, buf in ar.named_buffers() if name.endswith("inv_freq")}
     for module in modules:
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for name, buf in rotary_fp32.items():
+        owner_name, attr = name.rsplit(".", 1)
+        ar.get_submodule(owner_name).register_buffer(
+            attr, buf.to(device=device, dtype=torch.float32), persistent=False
+        )
     return Components(
         tokenizer=tokenizer,
         image_processor=image_processor,

@@ -77,7 +77,7 @@ def test_drain_runs_every_bucket_of_its_task_only(engine: Engine, tenant: str, s
 def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
     engine: Engine, tenant: str, settings: Settings, broker: redis.Redis
 ) -> None:
-    cfg = settings.with_overrides(max_attempts=2, requeue_after_s=0.5)
+    cfg = settings.with_overrides(max_attempts=2, requeue_after_s=1.5)
     queue = MODEL_QUEUES["generate"]
     broker.delete(queue)
     lost, _ = insert_job(engine, tenant, "generate")
@@ -94,7 +94,7 @@ def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
     assert broker.llen(queue) == 1
 
     assert sweep(engine, make_publisher(cfg), cfg)["unclaimed"] == 0  # just requeued: not stale yet
-    time.sleep(0.7)
+    time.sleep(1.7)
     assert sweep(engine, make_publisher(cfg), cfg) == {
         "requeued": 0,
         "poisoned": 0,
