@@ -95,6 +95,11 @@ def model_queues(settings: Settings) -> list[str]:
 def make_celery(settings: Settings) -> NexusGenCelery:
     """Build the app: explicit task routes, late acks, one message at a time, prefork with one child."""
     settings.require("broker_url")
+    if not 0 < settings.heartbeat_s < settings.lease_s:
+        raise ValueError(
+            f"NEXUSGEN_HEARTBEAT_S ({settings.heartbeat_s}) must be positive and below NEXUSGEN_LEASE_S "
+            f"({settings.lease_s}), or leases run out between heartbeats"
+        )
     include = list(TASK_MODULES) + [m for m in OPTIONAL_TASK_MODULES if _optional_module(m) is not None]
     app = NexusGenCelery(
         settings, broker=settings.broker_url, backend=settings.result_backend, include=include

@@ -80,18 +80,21 @@ def gather_and_claim(
         if head is None:
             return []
         wait = settings.batch_window_s - head.age_s
-        if head.queued >= settings.max_batch or wait <= 0:
-            break
-        time.sleep(min(wait, POLL_S))
-    with transaction(engine) as conn:
-        return jobstate.claim_batch(
-            conn,
-            worker_id=worker_id,
-            tasks=[task],
-            max_batch=settings.max_batch,
-            lease_s=settings.lease_s,
-            bucket=head.bucket,
-        )
+        if head.queued < settings.max_batch and wait > 0:
+            time.sleep(min(wait, POLL_S))
+            continue
+        with transaction(engine) as conn:
+            rows = jobstate.claim_batch(
+                conn,
+                worker_id=worker_id,
+                tasks=[task],
+                max_batch=settings.max_batch,
+                lease_s=settings.lease_s,
+                bucket=head.bucket,
+            )
+        if rows:
+            return rows
+        time.sleep(POLL_S)  # another worker claimed that bucket first: look again
 
 
 def release_claims(engine: Engine, rows: Sequence[RowMapping], reason: str) -> int:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
+
 from core.queue import MAINTENANCE_QUEUE, TASK_DELIVER, TASK_SWEEP, WEBHOOK_QUEUE
 from core.settings import Settings
 from tests.worker.support import REPO
@@ -42,3 +44,8 @@ def test_importing_the_app_module_builds_nothing() -> None:
     env = {"PATH": "/usr/bin:/bin", "CELERY_BROKER_URL": "redis://127.0.0.1:1/0", "NEXUSGEN_MAX_BATCH": "3"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_heartbeat_slower_than_the_lease_is_refused() -> None:
+    with pytest.raises(ValueError, match="NEXUSGEN_HEARTBEAT_S"):
+        make_celery(Settings(broker_url="redis://127.0.0.1:1/0", lease_s=5, heartbeat_s=5))

@@ -137,3 +137,23 @@ def test_stale_attempt_writes_nothing(
     assert store_outcome(engine, storage, keeper, outcome, "old") == "lost"
     assert storage.list_keys(f"tenants/{tenant}/jobs/{job}/") == []
     assert job_rows(engine, [job])[job]["status"] == "running"  # still the new attempt's
+
+
+def test_rejected_completion_leaves_no_orphan_object(engine: Engine, tenant: str, storage: Storage) -> None:
+    from core.jobs import fail_job
+    from core.storage import result_key
+    from worker.execute import drop_stale_object
+
+    job, _ = insert_job(engine, tenant, "generate")
+    with transaction(engine) as conn:  # another attempt ended the job without a result
+        fail_job(conn, job, None, code="poison_job", message="lost too often")
+    key = result_key(tenant, job, "png")
+    storage.put_bytes(key, b"late bytes", "image/png")  # a stale attempt's upload landed after that
+    drop_stale_object(engine, storage, job, key)
+    assert storage.list_keys(f"tenants/{tenant}/jobs/{job}/") == []
+
+    running, _ = insert_job(engine, tenant, "generate")  # queued again: its next attempt overwrites the key
+    key = result_key(tenant, running, "png")
+    storage.put_bytes(key, b"late bytes", "image/png")
+    drop_stale_object(engine, storage, running, key)
+    assert storage.list_keys(f"tenants/{tenant}/jobs/{running}/") == [key]
