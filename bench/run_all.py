@@ -9,15 +9,18 @@ import subprocess
 import sys
 import time
 
+# The model benches take the shared --device/--threads/--runs flags; the service benches run with defaults.
 BENCHES = ("bench.bench_image_tokens", "bench.bench_decoders")
+SERVICE_BENCHES = ("bench.bench_ingest", "bench.bench_service")
 
 
 def main() -> int:
     failed = []
-    for name in BENCHES:
+    runs = [(name, sys.argv[1:]) for name in BENCHES] + [(name, []) for name in SERVICE_BENCHES]
+    for name, args in runs:
         print(f"=== {name}", flush=True)
         start = time.perf_counter()
-        code = subprocess.call([sys.executable, "-m", name, *sys.argv[1:]])
+        code = subprocess.call([sys.executable, "-m", name, *args])
         print(f"=== {name}: exit {code} in {time.perf_counter() - start:.0f} s", flush=True)
         if code:
             failed.append(name)

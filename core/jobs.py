@@ -484,7 +484,7 @@ def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[RowMappi
 
 
 def take_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 1000) -> list[RowMapping]:
-    """Queued jobs nobody claimed for a while (a wake-up was lost): stamp them and return them to re-publish."""
+    """Queued jobs nobody claimed for a while (a lost wake-up): stamp and return them to re-publish."""
     stale = (
         select(jobs.c.id)
         .where(jobs.c.status == "queued", jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s))

@@ -128,9 +128,10 @@ def normalize_params(task: str, raw: Any) -> dict[str, Any]:
             )
     if not _is_int(params["steps"]) or not 1 <= params["steps"] <= 100:
         raise SubmitError("invalid_steps", f"steps must be an integer from 1 to 100, got {params['steps']!r}")
-    for name in ("cfg_scale", "guidance"):
-        if not _is_number(params[name]) or not 0 <= params[name] <= 30:
-            raise SubmitError("invalid_params", f"{name} must be a number from 0 to 30")
+    # The same bounds as model.validate_request, so an accepted job never fails in the worker for them.
+    for name, low in (("cfg_scale", 1), ("guidance", 0)):
+        if not _is_number(params[name]) or not low <= params[name] <= 30:
+            raise SubmitError("invalid_params", f"{name} must be a number from {low} to 30")
         params[name] = float(params[name])
     if params["language"] not in ("en", "zh"):
         raise SubmitError("invalid_params", "language must be en or zh")

@@ -14,7 +14,7 @@ Decoder = Literal["edit", "generation"]
 
 @dataclass
 class GenerateRequest:
-    """Text-to-image. Defaults follow the reference `image_generation.py` (512², 50 steps, cfg 3, guidance 3.5)."""
+    """Text-to-image. Defaults follow the reference `image_generation.py` (512², 50 steps, cfg 3)."""
 
     prompt: str
     width: int = 512
@@ -29,7 +29,7 @@ class GenerateRequest:
 
 @dataclass
 class EditRequest:
-    """Image editing. Defaults follow the reference `image_editing.py` (512², 50 steps, cfg 1, edit decoder)."""
+    """Image editing. Defaults follow the reference `image_editing.py` (512², 50 steps, cfg 1)."""
 
     instruction: str
     image: Image.Image

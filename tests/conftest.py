@@ -48,7 +48,8 @@ def s3(service_dir: Path) -> Iterator[dict[str, str]]:
     from nexusgen import embedded
 
     access, secret = embedded.s3_credentials(service_dir)
-    server = embedded.start_s3(service_dir / "s3", embedded.free_port(), service_dir / "s3.log", access, secret)
+    port = embedded.free_port()
+    server = embedded.start_s3(service_dir / "s3", port, service_dir / "s3.log", access, secret)
     yield {"endpoint_url": server.url, "access_key": access, "secret_key": secret, "bucket": "nexusgen-test"}
     server.stop()
 

@@ -1,7 +1,8 @@
 """The sweeper (beat, every sweep_interval_s): recover jobs of lost workers and lost wake-ups.
 
 Requeues running jobs whose lease expired (failing poison jobs after max_attempts), then re-publishes
-one wake-up per (task, bucket) for those and for queued jobs nobody claimed for requeue_after_s.
+one wake-up per (task, bucket) for those and for queued jobs nobody claimed for requeue_after_s;
+also drops Idempotency-Key records past their retention.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from celery import Celery, Task, shared_task
 from sqlalchemy import Engine
 
 from core.db import transaction
+from core.idempotency import purge_expired
 from core.jobs import expire_leases, take_unclaimed
 from core.queue import TASK_SWEEP, publish_wakeups
 from core.settings import Settings
@@ -25,6 +27,7 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
         unclaimed = take_unclaimed(conn, older_than_s=settings.requeue_after_s)
+        purged = purge_expired(conn, settings.idempotency_ttl_s)
     # After the commit: a worker woken now must see the jobs queued.
     wakeups = publish_wakeups(publisher, [(r["task"], r["bucket"]) for r in [*requeued, *unclaimed]])
     counts = {
@@ -32,6 +35,7 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
         "poisoned": len(poisoned),
         "unclaimed": len(unclaimed),
         "wakeups": wakeups,
+        "idempotency_keys_purged": purged,
     }
     if any(counts.values()):
         log.info("sweep: %s", counts)

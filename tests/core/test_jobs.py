@@ -20,15 +20,32 @@ def _tenant(conn: Any) -> str:
     return tenant_id
 
 
-def _jobs(conn: Any, tenant_id: str, n: int, *, batch_id: str | None = None, priority: int = 0,
-          params: dict | None = None, webhook: str | None = None) -> list[str]:
+def _jobs(
+    conn: Any,
+    tenant_id: str,
+    n: int,
+    *,
+    batch_id: str | None = None,
+    priority: int = 0,
+    params: dict | None = None,
+    webhook: str | None = None,
+) -> list[str]:
     p = params or PARAMS
     ids = [new_id("job") for _ in range(n)]
     conn.execute(
         jobs.insert(),
         [
-            dict(id=i, tenant_id=tenant_id, batch_id=batch_id, task="generate", prompt="a cat", params=p,
-                 bucket=sm.bucket_key("generate", p), priority=priority, webhook_url=webhook)
+            dict(
+                id=i,
+                tenant_id=tenant_id,
+                batch_id=batch_id,
+                task="generate",
+                prompt="a cat",
+                params=p,
+                bucket=sm.bucket_key("generate", p),
+                priority=priority,
+                webhook_url=webhook,
+            )
             for i in ids
         ],
     )
