@@ -17,6 +17,7 @@ from sqlalchemy import Engine, RowMapping
 
 from core.queue import TASK_PROCESS, publish_wakeups
 from core.settings import Settings
+from core.webhooks import publish_delivery_kick
 from worker.batching import TRANSIENT_ERRORS, drain, release_claims
 
 if TYPE_CHECKING:
@@ -96,7 +97,16 @@ def process(app: Celery, task: str, bucket: str | None) -> int:
 
     execute.load_model(settings)
     engine, storage, worker_id = res.engine, res.storage, res.worker_id
-    behind = StoreBehind(engine, lambda batch: execute.store_batch(engine, storage, worker_id, batch))
+
+    def store_and_announce(batch: Any) -> dict[str, int]:
+        counts = execute.store_batch(engine, storage, worker_id, batch)
+        try:  # the events are committed: deliver now rather than at the next beat poll of the outbox
+            publish_delivery_kick(app)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("webhook kick not sent (%s); beat's poll delivers them", exc.__class__.__name__)
+        return counts
+
+    behind = StoreBehind(engine, store_and_announce)
 
     def run_batch(rows: Sequence[RowMapping]) -> None:
         try:

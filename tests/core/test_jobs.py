@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from core import jobs as sm
 from core.ids import new_id
@@ -165,3 +165,23 @@ def test_cancel_queued_job_never_starts_and_unclaimed_jobs_are_republished(clean
     with clean_db.begin() as conn:
         rows = sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=8, lease_s=60)
     assert [r["id"] for r in rows] == [b]
+
+
+def test_sweeper_purges_expired_idempotency_keys(clean_db: Engine) -> None:
+    from core.idempotency import purge_expired
+    from core.schema import idempotency_keys
+
+    with clean_db.begin() as conn:
+        tenant_id = _tenant(conn)
+        conn.execute(idempotency_keys.insert().values(tenant_id=tenant_id, key="new", request_hash="h"))
+        conn.execute(
+            idempotency_keys.insert().values(
+                tenant_id=tenant_id,
+                key="old",
+                request_hash="h",
+                created_at=func.now() - text("interval '2 days'"),
+            )
+        )
+    with clean_db.begin() as conn:
+        assert purge_expired(conn, 24 * 3600) == 1
+        assert conn.execute(select(idempotency_keys.c.key)).scalars().all() == ["new"]

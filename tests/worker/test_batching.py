@@ -87,7 +87,13 @@ def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
     assert sorted(claim(engine, max_batch=2, lease_s=0.2)) == sorted([lost, poison])
     time.sleep(0.4)
     counts = sweep(engine, make_publisher(cfg), cfg)
-    assert counts == {"requeued": 1, "poisoned": 1, "unclaimed": 0, "wakeups": 1}
+    assert counts == {
+        "requeued": 1,
+        "poisoned": 1,
+        "unclaimed": 0,
+        "wakeups": 1,
+        "idempotency_keys_purged": 0,
+    }
     rows = job_rows(engine, [lost, poison])
     assert rows[lost]["status"] == "queued" and rows[lost]["lease_owner"] is None
     assert (rows[poison]["status"], rows[poison]["error_code"]) == ("failed", "poison_job")
@@ -100,6 +106,7 @@ def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
         "poisoned": 0,
         "unclaimed": 1,
         "wakeups": 1,
+        "idempotency_keys_purged": 0,
     }
     assert broker.llen(queue) == 2
     broker.delete(queue)
