@@ -300,6 +300,7 @@ def test_parse_dtype() -> None:
         parse_dtype("int8", "cpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tiny_stack_on_cuda_in_bf16(tiny_dir: Path) -> None:
     pipe = NexusGen.from_pretrained(str(tiny_dir), device="cuda", prefix_mode="forced")
