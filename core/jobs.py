@@ -177,6 +177,38 @@ def _owned(job_id: str, attempt: int) -> Any:
     return and_(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempt == attempt)
 
 
+def _ended(status: str, stage: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Column values of a terminal transition: the lease is released and the job finished now."""
+    return {
+        "status": status,
+        "stage": stage or status,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "finished_at": func.now(),
+        "updated_at": func.now(),
+        **extra,
+    }
+
+
+def _back_in_queue(**extra: Any) -> dict[str, Any]:
+    """Column values of running -> queued: the lease is released and the job counts as just enqueued."""
+    return {
+        "status": "queued",
+        "stage": "queued",
+        "step": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "enqueued_at": func.now(),
+        "updated_at": func.now(),
+        **extra,
+    }
+
+
+def _transition(conn: Connection, cond: Any, values: dict[str, Any]) -> list[RowMapping]:
+    """One conditional UPDATE of the jobs matching `cond`; returns the changed rows."""
+    return list(conn.execute(update(jobs).where(cond).values(**values).returning(*jobs.c)).mappings().all())
+
+
 def record_progress(
     conn: Connection,
     job_id: str,
@@ -238,29 +270,13 @@ def complete_job(
     `result` holds the columns of the results table (kind, object_key, content_type, size_bytes, sha256,
     width, height, text).
     """
-    row = (
-        conn.execute(
-            update(jobs)
-            .where(_owned(job_id, attempt))
-            .values(
-                status="succeeded",
-                stage="done",
-                progress=1.0,
-                provenance=provenance,
-                lease_owner=None,
-                lease_expires_at=None,
-                finished_at=func.now(),
-                updated_at=func.now(),
-            )
-            .returning(*jobs.c)
-        )
-        .mappings()
-        .first()
+    rows = _transition(
+        conn, _owned(job_id, attempt), _ended("succeeded", "done", progress=1.0, provenance=provenance)
     )
-    if row is None:
+    if not rows:
         return False
     conn.execute(results.insert().values(id=new_id("res"), job_id=job_id, **result))
-    _announce(conn, row, "job.succeeded")
+    _announce(conn, rows[0], "job.succeeded")
     return True
 
 
@@ -279,22 +295,13 @@ def fail_job(
         if attempt is not None
         else and_(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE))
     )
-    values: dict[str, Any] = {
-        "status": "failed",
-        "stage": "failed",
-        "error_code": code,
-        "error_message": message[:4000],
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "finished_at": func.now(),
-        "updated_at": func.now(),
-    }
+    values = _ended("failed", error_code=code, error_message=message[:4000])
     if provenance is not None:
         values["provenance"] = provenance
-    row = conn.execute(update(jobs).where(cond).values(**values).returning(*jobs.c)).mappings().first()
-    if row is None:
+    rows = _transition(conn, cond, values)
+    if not rows:
         return False
-    _announce(conn, row, "job.failed")
+    _announce(conn, rows[0], "job.failed")
     return True
 
 
@@ -306,46 +313,15 @@ def requeue_job(conn: Connection, job_id: str, attempt: int, *, reason: str) -> 
     """
     if _cancel_running(conn, and_(_owned(job_id, attempt), jobs.c.cancel_requested.is_(True))):
         return True
-    row = conn.execute(
-        update(jobs)
-        .where(_owned(job_id, attempt))
-        .values(
-            status="queued",
-            stage="queued",
-            step=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            error_message=reason[:4000],
-            enqueued_at=func.now(),
-            updated_at=func.now(),
-        )
-        .returning(jobs.c.id)
-    ).first()
-    return row is not None
+    return bool(_transition(conn, _owned(job_id, attempt), _back_in_queue(error_message=reason[:4000])))
 
 
 def _cancel_running(conn: Connection, cond: Any) -> list[RowMapping]:
     """running -> canceled for the jobs matching `cond`; announce each."""
-    rows = (
-        conn.execute(
-            update(jobs)
-            .where(cond)
-            .values(
-                status="canceled",
-                stage="canceled",
-                lease_owner=None,
-                lease_expires_at=None,
-                finished_at=func.now(),
-                updated_at=func.now(),
-            )
-            .returning(*jobs.c)
-        )
-        .mappings()
-        .all()
-    )
+    rows = _transition(conn, cond, _ended("canceled"))
     for row in rows:
         _announce(conn, row, "job.canceled")
-    return list(rows)
+    return rows
 
 
 def mark_canceled(conn: Connection, job_id: str, attempt: int) -> bool:
@@ -358,25 +334,11 @@ def cancel_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping | No
 
     Returns the job row after the change, or None if the tenant has no such job.
     """
-    row = (
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status == "queued")
-            .values(
-                status="canceled",
-                stage="canceled",
-                cancel_requested=True,
-                finished_at=func.now(),
-                updated_at=func.now(),
-            )
-            .returning(*jobs.c)
-        )
-        .mappings()
-        .first()
-    )
-    if row is not None:
-        _announce(conn, row, "job.canceled")
-        return row
+    queued = and_(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status == "queued")
+    canceled = _transition(conn, queued, _ended("canceled", cancel_requested=True))
+    if canceled:
+        _announce(conn, canceled[0], "job.canceled")
+        return canceled[0]
     conn.execute(
         update(jobs)
         .where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status == "running")
@@ -396,21 +358,10 @@ def cancel_batch(conn: Connection, tenant_id: str, batch_id: str) -> int | None:
     ).first()
     if found is None:
         return None
-    rows = (
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.batch_id == batch_id, jobs.c.status == "queued")
-            .values(
-                status="canceled",
-                stage="canceled",
-                cancel_requested=True,
-                finished_at=func.now(),
-                updated_at=func.now(),
-            )
-            .returning(*jobs.c)
-        )
-        .mappings()
-        .all()
+    rows = _transition(
+        conn,
+        and_(jobs.c.batch_id == batch_id, jobs.c.status == "queued"),
+        _ended("canceled", cancel_requested=True),
     )
     conn.execute(
         update(jobs)
@@ -441,46 +392,16 @@ def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[RowMappi
     expired = and_(jobs.c.status == "running", jobs.c.lease_expires_at < func.now())
     # A job whose cancel was requested is not retried: it ends canceled (claims would skip it forever).
     _cancel_running(conn, and_(expired, jobs.c.cancel_requested.is_(True)))
-    failed = (
-        conn.execute(
-            update(jobs)
-            .where(expired, jobs.c.attempt >= max_attempts)
-            .values(
-                status="failed",
-                stage="failed",
-                error_code="poison_job",
-                error_message=f"the job's worker was lost {max_attempts} times; not retried again",
-                lease_owner=None,
-                lease_expires_at=None,
-                finished_at=func.now(),
-                updated_at=func.now(),
-            )
-            .returning(*jobs.c)
-        )
-        .mappings()
-        .all()
+    message = f"the job's worker was lost {max_attempts} times; not retried again"
+    failed = _transition(
+        conn,
+        and_(expired, jobs.c.attempt >= max_attempts),
+        _ended("failed", error_code="poison_job", error_message=message),
     )
     for row in failed:
         _announce(conn, row, "job.failed")
-    requeued = (
-        conn.execute(
-            update(jobs)
-            .where(expired)
-            .values(
-                status="queued",
-                stage="queued",
-                step=None,
-                lease_owner=None,
-                lease_expires_at=None,
-                enqueued_at=func.now(),
-                updated_at=func.now(),
-            )
-            .returning(*jobs.c)
-        )
-        .mappings()
-        .all()
-    )
-    return list(requeued), list(failed)
+    requeued = _transition(conn, expired, _back_in_queue())
+    return requeued, failed
 
 
 def take_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 1000) -> list[RowMapping]:
