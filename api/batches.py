@@ -14,7 +14,7 @@ from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
-from api.jobs import parse_json_body, require_id, results_by_job
+from api.jobs import load_owned, parse_json_body, require_id, results_by_job
 from api.schemas import BatchIn, BatchOut, batch_json, describes_body, result_json
 from core.ids import new_id
 from core.ingest import insert_jobs, missing_uploads, parse_jsonl, store_pending_uploads, validate_many
@@ -84,15 +84,7 @@ def _counts(conn: Connection, batch_id: str) -> dict[str, int]:
 
 
 def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> RowMapping:
-    require_id(batch_id, "batch")
-    row = (
-        conn.execute(select(batches).where(batches.c.id == batch_id, batches.c.tenant_id == tenant_id))
-        .mappings()
-        .first()
-    )
-    if row is None:
-        fail(404, "not_found", f"no batch {batch_id!r}")
-    return row
+    return load_owned(conn, batches, "batch", tenant_id, batch_id)
 
 
 @bp.post("/v1/batches")

@@ -12,7 +12,7 @@ from typing import Any
 
 from apiflask import APIBlueprint
 from flask import Response, jsonify, redirect, request
-from sqlalchemy import Connection, RowMapping, select, tuple_
+from sqlalchemy import Connection, RowMapping, Table, select, tuple_
 from werkzeug.wrappers import Response as BaseResponse
 
 from api.auth import auth, current_principal
@@ -61,16 +61,21 @@ def render_jobs(conn: Connection, rows: Sequence[RowMapping]) -> list[dict[str, 
     return [job_json(r, by_job.get(r["id"]), svc.storage, svc.settings.presign_ttl_s) for r in rows]
 
 
-def load_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping:
-    require_id(job_id, "job")
+def load_owned(conn: Connection, table: Table, kind: str, tenant_id: str, object_id: str) -> RowMapping:
+    """The tenant's row of `table` with this id; another tenant's id is a 404 like a missing one."""
+    require_id(object_id, kind)
     row = (
-        conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))
+        conn.execute(select(table).where(table.c.id == object_id, table.c.tenant_id == tenant_id))
         .mappings()
         .first()
     )
     if row is None:
-        fail(404, "not_found", f"no job {job_id!r}")
+        fail(404, "not_found", f"no {kind} {object_id!r}")
     return row
+
+
+def load_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping:
+    return load_owned(conn, jobs, "job", tenant_id, job_id)
 
 
 @bp.post("/v1/jobs")
