@@ -15,6 +15,7 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.context import services
+from api.metrics import RecentJobsCollector
 from core.schema import JOB_STATUSES, jobs, webhook_deliveries
 from core.webhooks import DELIVERY_STATUSES
 
@@ -91,6 +92,7 @@ class DatabaseCollector:
 def make_registry(engine: Engine) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(engine))  # type: ignore[arg-type]
+    registry.register(RecentJobsCollector(engine))  # type: ignore[arg-type]
     return registry
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.jobs import claim_batch
+from core.jobs import claim_batch, complete_job
 from tests.api.conftest import Tenant
 
 
@@ -65,6 +65,33 @@ def test_metrics_are_computed_from_the_database(client: Any, acme: Tenant, engin
     )
     assert samples[("nexusgen_webhook_deliveries", (("status", "pending"),))] == 0
     assert samples[("nexusgen_metrics_database_up", ())] == 1
+
+
+def test_latency_and_batch_size_histograms_of_finished_jobs(client: Any, acme: Tenant, engine: Any) -> None:
+    for _ in range(2):
+        client.post("/v1/jobs", json={"task": "generate", "prompt": "x"}, headers=acme.headers)
+    with engine.begin() as conn:
+        rows = claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=2, lease_s=60)
+    for row, denoise_s in zip(rows, (0.3, 7.0), strict=True):
+        with engine.begin() as conn:
+            prov = {"batch_size": 2, "timings": {"denoise_s": denoise_s, "upload_s": 0.01}}
+            complete_job(
+                conn, row["id"], row["attempt"], provenance=prov, result={"kind": "text", "text": "t"}
+            )
+    text = client.get("/metrics").get_data(as_text=True)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    denoise = (("stage", "denoise"), ("task", "generate"))
+    assert samples[("nexusgen_job_stage_seconds_count", denoise)] == 2
+    assert samples[("nexusgen_job_stage_seconds_sum", denoise)] == 7.3
+    assert samples[("nexusgen_job_stage_seconds_bucket", (("le", "0.5"), *denoise))] == 1
+    assert samples[("nexusgen_job_stage_seconds_bucket", (("le", "10.0"), *denoise))] == 2
+    assert samples[("nexusgen_batch_size_bucket", (("le", "1.0"), ("task", "generate")))] == 0
+    assert samples[("nexusgen_batch_size_bucket", (("le", "2.0"), ("task", "generate")))] == 2
+    assert samples[("nexusgen_job_wait_seconds_count", (("task", "generate"),))] == 2
 
 
 def test_openapi_is_generated_and_docs_served(client: Any) -> None:
