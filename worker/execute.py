@@ -334,6 +334,13 @@ def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: Compute
         for outcome in batch.outcomes:
             what = store_outcome(engine, storage, batch.keeper, outcome, worker_id)
             batch.keeper.release([outcome.item.job_id])
+            row = outcome.item.row
+            log.info(
+                "job %s %s",
+                row["id"],
+                what,
+                extra={"job_id": row["id"], "batch_id": row["batch_id"], "attempt": row["attempt"]},
+            )
             counts[what] = counts.get(what, 0) + 1
     finally:
         batch.keeper.stop()
