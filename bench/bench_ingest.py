@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from bench.services import start_services
 from core.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ingest.json"
@@ -60,29 +61,6 @@ def jsonl_body(n: int) -> bytes:
         }
         lines.append(json.dumps(spec, ensure_ascii=False))
     return ("\n".join(lines) + "\n").encode()
-
-
-def start_services(root: Path) -> tuple[Settings, list[Any]]:
-    from core.migrate import upgrade
-    from core.storage import Storage
-    from nexusgen import embedded
-
-    pg = embedded.start_postgres(root / "pg", embedded.free_port(), root / "pg.log")
-    redis = embedded.start_redis(root / "redis", embedded.free_port(), root / "redis.log")
-    access, secret = embedded.s3_credentials(root)
-    s3 = embedded.start_s3(root / "s3", embedded.free_port(), root / "s3.log", access, secret)
-    settings = Settings(
-        database_url=pg.url,
-        broker_url=redis.url,
-        s3_endpoint_url=s3.url,
-        s3_access_key=access,
-        s3_secret_key=secret,
-        s3_bucket="bench",
-        state_dir=root / "state",
-    )
-    upgrade(settings)
-    Storage.from_settings(settings).ensure_bucket()
-    return settings, [s3, redis, pg]
 
 
 def start_gunicorn(settings: Settings, workers: int, threads: int, log_path: Path) -> tuple[str, Any]:

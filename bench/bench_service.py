@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from bench.common import base_parser, median
+from bench.services import start_services
 from core.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "service.json"
@@ -71,33 +72,6 @@ def direct_throughput(
         times.append(time.perf_counter() - started)
     elapsed = median(times)
     return {"seconds": round(elapsed, 3), "jobs_per_s": round(len(requests) / elapsed, 3)}
-
-
-def start_services(root: Path) -> tuple[Settings, list[Any]]:
-    """Embedded Postgres, Redis and S3 (the servers `nexusgen up` and the tests use), migrated."""
-    from core.migrate import upgrade
-    from core.storage import Storage
-    from model.tiny import write_tiny_checkpoint
-    from nexusgen import embedded
-
-    pg = embedded.start_postgres(root / "pg", embedded.free_port(), root / "pg.log")
-    redis = embedded.start_redis(root / "redis", embedded.free_port(), root / "redis.log")
-    access, secret = embedded.s3_credentials(root)
-    s3 = embedded.start_s3(root / "s3", embedded.free_port(), root / "s3.log", access, secret)
-    settings = Settings(
-        database_url=pg.url,
-        broker_url=redis.url,
-        s3_endpoint_url=s3.url,
-        s3_access_key=access,
-        s3_secret_key=secret,
-        s3_bucket="bench",
-        model_dir=str(write_tiny_checkpoint(root / "tiny", seed=0)),
-        prefix_mode="forced",
-        state_dir=root / "state",
-    )
-    upgrade(settings)
-    Storage.from_settings(settings).ensure_bucket()
-    return settings, [s3, redis, pg]
 
 
 def start_worker(settings: Settings, threads: int, log_path: Path) -> subprocess.Popen[bytes]:
@@ -195,7 +169,11 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="nexusgen-bench-"))
-    settings, servers = start_services(root)
+    from model.tiny import write_tiny_checkpoint
+
+    settings, servers = start_services(
+        root, model_dir=str(write_tiny_checkpoint(root / "tiny", seed=0)), prefix_mode="forced"
+    )
     settings = settings.with_overrides(device=args.device, max_batch=args.batch)
     worker = None
     api_server = None
