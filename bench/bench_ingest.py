@@ -68,14 +68,7 @@ def start_gunicorn(settings: Settings, workers: int, threads: int, log_path: Pat
 
     port = embedded.free_port()
     env = dict(os.environ)
-    env.update(
-        DATABASE_URL=str(settings.database_url),
-        CELERY_BROKER_URL=str(settings.broker_url),
-        S3_ENDPOINT_URL=str(settings.s3_endpoint_url),
-        S3_ACCESS_KEY=settings.s3_access_key,
-        S3_SECRET_KEY=settings.s3_secret_key,
-        S3_BUCKET=settings.s3_bucket,
-    )
+    env.update(settings.to_env())
     argv = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-k", "gthread", "--threads", str(threads),
             "-b", f"127.0.0.1:{port}", "--timeout", "120", "api.app:create_app()"]  # fmt: skip
     log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it until it stops

@@ -77,19 +77,8 @@ def direct_throughput(
 def start_worker(settings: Settings, threads: int, log_path: Path) -> subprocess.Popen[bytes]:
     """One real model worker process (`celery -A worker.app:celery_app worker`) on the model queues."""
     env = dict(os.environ)
-    env.update(
-        DATABASE_URL=str(settings.database_url),
-        CELERY_BROKER_URL=str(settings.broker_url),
-        S3_ENDPOINT_URL=str(settings.s3_endpoint_url),
-        S3_ACCESS_KEY=settings.s3_access_key,
-        S3_SECRET_KEY=settings.s3_secret_key,
-        S3_BUCKET=settings.s3_bucket,
-        NEXUSGEN_MODEL_DIR=str(settings.model_dir),
-        NEXUSGEN_PREFIX_MODE="forced",
-        NEXUSGEN_DEVICE=settings.device,
-        NEXUSGEN_MAX_BATCH=str(settings.max_batch),
-        OMP_NUM_THREADS=str(threads),
-    )
+    env.update(settings.to_env())
+    env["OMP_NUM_THREADS"] = str(threads)
     argv = [sys.executable, "-m", "celery", "-A", "worker.app:celery_app", "worker", "-Q",
             "nexusgen.generate,nexusgen.edit,nexusgen.understand", "-c", "1", "--without-gossip",
             "--without-mingle", "--loglevel", "INFO"]  # fmt: skip

@@ -36,6 +36,49 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
 
 
+# The environment variable of each Settings field (from_env reads them, to_env writes them).
+ENV_NAMES = {
+    "database_url": "DATABASE_URL",
+    "broker_url": "CELERY_BROKER_URL",
+    "result_backend": "CELERY_RESULT_BACKEND",
+    "s3_endpoint_url": "S3_ENDPOINT_URL",
+    "s3_access_key": "S3_ACCESS_KEY",
+    "s3_secret_key": "S3_SECRET_KEY",
+    "s3_bucket": "S3_BUCKET",
+    "s3_region": "S3_REGION",
+    "model_dir": "NEXUSGEN_MODEL_DIR",
+    "device": "NEXUSGEN_DEVICE",
+    "engine": "NEXUSGEN_ENGINE",
+    "dtype": "NEXUSGEN_DTYPE",
+    "max_batch": "NEXUSGEN_MAX_BATCH",
+    "tasks": "NEXUSGEN_TASKS",
+    "prefix_mode": "NEXUSGEN_PREFIX_MODE",
+    "batch_window_s": "NEXUSGEN_BATCH_WINDOW_S",
+    "lease_s": "NEXUSGEN_LEASE_S",
+    "heartbeat_s": "NEXUSGEN_HEARTBEAT_S",
+    "max_attempts": "NEXUSGEN_MAX_ATTEMPTS",
+    "sweep_interval_s": "NEXUSGEN_SWEEP_INTERVAL_S",
+    "requeue_after_s": "NEXUSGEN_REQUEUE_AFTER_S",
+    "progress_interval_s": "NEXUSGEN_PROGRESS_INTERVAL_S",
+    "api_host": "NEXUSGEN_API_HOST",
+    "api_port": "NEXUSGEN_API_PORT",
+    "public_base_url": "NEXUSGEN_PUBLIC_URL",
+    "flower_port": "NEXUSGEN_FLOWER_PORT",
+    "log_level": "NEXUSGEN_LOG_LEVEL",
+    "max_body_bytes": "NEXUSGEN_MAX_BODY_BYTES",
+    "max_upload_bytes": "NEXUSGEN_MAX_UPLOAD_BYTES",
+    "max_image_pixels": "NEXUSGEN_MAX_IMAGE_PIXELS",
+    "max_prompt_chars": "NEXUSGEN_MAX_PROMPT_CHARS",
+    "max_batch_jobs": "NEXUSGEN_MAX_BATCH_JOBS",
+    "presign_ttl_s": "NEXUSGEN_PRESIGN_TTL_S",
+    "idempotency_ttl_s": "NEXUSGEN_IDEMPOTENCY_TTL_S",
+    "webhook_allow_private_networks": "WEBHOOK_ALLOW_PRIVATE_NETWORKS",
+    "webhook_timeout_s": "WEBHOOK_TIMEOUT_S",
+    "webhook_retry_schedule_s": "WEBHOOK_RETRY_SCHEDULE",
+    "state_dir": "NEXUSGEN_STATE_DIR",
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service configuration. Build it with `Settings.from_env()`; tests build it directly."""
@@ -163,13 +206,23 @@ class Settings:
         """Return a copy with some fields changed (used by `nexusgen up` after starting embedded servers)."""
         return replace(self, **changes)  # type: ignore[arg-type]
 
+    def to_env(self) -> dict[str, str]:
+        """The environment under which `Settings.from_env` rebuilds these settings (for child processes)."""
+        env = {}
+        for name, var in ENV_NAMES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                env[var] = "1" if value else "0"
+            elif isinstance(value, tuple):
+                env[var] = ",".join(str(v) for v in value)
+            else:
+                env[var] = str(value)
+        return env
+
     def require(self, *names: str) -> None:
         """Raise a clear error if a needed service URL is not configured."""
         missing = [n for n in names if getattr(self, n) in (None, "")]
         if missing:
-            env = {
-                "database_url": "DATABASE_URL",
-                "broker_url": "CELERY_BROKER_URL",
-                "s3_endpoint_url": "S3_ENDPOINT_URL",
-            }
-            raise RuntimeError("not configured: " + ", ".join(env.get(n, n) for n in missing))
+            raise RuntimeError("not configured: " + ", ".join(ENV_NAMES.get(n, n) for n in missing))

@@ -134,20 +134,7 @@ def service_children(settings: Settings, flower_port: int) -> list[Child]:
 def service_env(settings: Settings) -> dict[str, str]:
     """The environment that makes every child read the same (possibly embedded) settings."""
     env = dict(os.environ)
-    values = {
-        "DATABASE_URL": settings.database_url,
-        "CELERY_BROKER_URL": settings.broker_url,
-        "S3_ENDPOINT_URL": settings.s3_endpoint_url,
-        "S3_ACCESS_KEY": settings.s3_access_key,
-        "S3_SECRET_KEY": settings.s3_secret_key,
-        "S3_BUCKET": settings.s3_bucket,
-        "NEXUSGEN_MODEL_DIR": settings.model_dir,
-        "NEXUSGEN_PREFIX_MODE": settings.prefix_mode,
-        "NEXUSGEN_STATE_DIR": str(settings.state_dir),
-        "NEXUSGEN_API_HOST": settings.api_host,
-        "NEXUSGEN_API_PORT": str(settings.api_port),
-    }
-    env.update({k: v for k, v in values.items() if v is not None})
+    env.update(settings.to_env())
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

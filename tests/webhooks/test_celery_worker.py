@@ -27,17 +27,8 @@ _WORKER = (
 
 def _env(settings: Any) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(
-        DATABASE_URL=settings.database_url,
-        CELERY_BROKER_URL=settings.broker_url,
-        S3_ENDPOINT_URL=settings.s3_endpoint_url or "",
-        S3_ACCESS_KEY=settings.s3_access_key,
-        S3_SECRET_KEY=settings.s3_secret_key,
-        S3_BUCKET=settings.s3_bucket,
-        WEBHOOK_ALLOW_PRIVATE_NETWORKS="1",
-        WEBHOOK_TIMEOUT_S="2",
-        NEXUSGEN_PUBLIC_URL="http://api.test:8080",
-    )
+    env.update(settings.to_env())
+    env.update(WEBHOOK_TIMEOUT_S="2", NEXUSGEN_PUBLIC_URL="http://api.test:8080")
     return env
 
 

@@ -30,31 +30,12 @@ IMAGE_PARAMS = {"width": 256, "height": 256, "steps": 2, "guidance": 3.5, "langu
 def settings_env(settings: Settings, **overrides: Any) -> dict[str, str]:
     """The environment under which Settings.from_env() gives `settings` (plus NEXUSGEN_* overrides)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXUSGEN_", "S3_", "CELERY_"))}
-    values: dict[str, Any] = {
-        "DATABASE_URL": settings.database_url,
-        "CELERY_BROKER_URL": settings.broker_url,
-        "S3_ENDPOINT_URL": settings.s3_endpoint_url,
-        "S3_ACCESS_KEY": settings.s3_access_key,
-        "S3_SECRET_KEY": settings.s3_secret_key,
-        "S3_BUCKET": settings.s3_bucket,
-        "S3_REGION": settings.s3_region,
-        "NEXUSGEN_MODEL_DIR": settings.model_dir,
-        "NEXUSGEN_PREFIX_MODE": settings.prefix_mode,
-        "NEXUSGEN_DEVICE": settings.device,
-        "NEXUSGEN_MAX_BATCH": settings.max_batch,
-        "NEXUSGEN_TASKS": ",".join(settings.tasks),
-        "NEXUSGEN_BATCH_WINDOW_S": settings.batch_window_s,
-        "NEXUSGEN_LEASE_S": settings.lease_s,
-        "NEXUSGEN_HEARTBEAT_S": settings.heartbeat_s,
-        "NEXUSGEN_MAX_ATTEMPTS": settings.max_attempts,
-        "NEXUSGEN_PROGRESS_INTERVAL_S": settings.progress_interval_s,
-        "NEXUSGEN_REQUEUE_AFTER_S": settings.requeue_after_s,
-        "NEXUSGEN_SWEEP_INTERVAL_S": settings.sweep_interval_s,
-        "NEXUSGEN_STATE_DIR": settings.state_dir,
-        "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "1" if settings.webhook_allow_private_networks else "0",
-    }
-    values.update(overrides)
-    env.update({k: str(v) for k, v in values.items() if v is not None})
+    env.update(settings.to_env())
+    for name, value in overrides.items():  # None removes a variable
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
     env["OMP_NUM_THREADS"] = "1"  # two cores shared by everything in a test run
     return env
