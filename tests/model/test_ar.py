@@ -13,17 +13,6 @@ from model.ar import ARStage, Encoded, editing_prompt, generation_prompt, smart_
 from model.config import EDIT_PREFIXES, GENERATION_PREFIXES, NUM_IMAGE_TOKENS, SPECIAL_TOKENS
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared `tiny_checkpoint` when tests/conftest.py provides it, else one written here."""
-    try:
-        return Path(request.getfixturevalue("tiny_checkpoint"))
-    except pytest.FixtureLookupError:
-        from model.tiny import write_tiny_checkpoint
-
-        return Path(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-m2"), seed=0))
-
-
 @pytest.fixture(scope="module")
 def components(tiny_dir: Path):  # type: ignore[no-untyped-def]
     from model.checkpoint import load_components

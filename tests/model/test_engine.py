@@ -145,13 +145,8 @@ def _launch(world: int, checkpoint: Path, tmp_path: Path, device: str = "cpu") -
 
 
 @pytest.fixture(scope="module")
-def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:  # the session fixture of tests/conftest.py, when present
-        return Path(request.getfixturevalue("tiny_checkpoint"))
-    except pytest.FixtureLookupError:
-        from model.tiny import write_tiny_checkpoint
-
-        return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def test_deepspeed_one_rank_matches_torch(checkpoint: Path, tmp_path: Path) -> None:

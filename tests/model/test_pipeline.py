@@ -26,17 +26,6 @@ from model.decoders import (
 from model.pipeline import parse_dtype
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared `tiny_checkpoint` when tests/conftest.py provides it, else one written here."""
-    try:
-        return Path(request.getfixturevalue("tiny_checkpoint"))
-    except pytest.FixtureLookupError:
-        from model.tiny import write_tiny_checkpoint
-
-        return Path(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-m2"), seed=0))
-
-
 @pytest.fixture(scope="module")
 def forced(tiny_dir: Path) -> NexusGen:
     torch.set_num_threads(1)
