@@ -22,7 +22,7 @@ from bench.common import (
     tiny_components,
     write_result,
 )
-from model.config import NUM_IMAGE_TOKENS, rope_axes_for_head_dim
+from model.config import NUM_IMAGE_TOKENS, flux_dit_config
 from model.decoders import Conditioning, DenoiseJob, denoise, vae_decode, vae_scale_factor
 
 BATCHES = (1, 4, 8)
@@ -33,16 +33,15 @@ def small_dit(device: torch.device, dtype: torch.dtype, args: Any, channels: int
 
     torch.manual_seed(0)
     dit = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=channels * 4,
-        num_layers=args.layers,
-        num_single_layers=args.single_layers,
-        attention_head_dim=args.head_dim,
-        num_attention_heads=args.heads,
-        joint_attention_dim=args.joint_dim,
-        pooled_projection_dim=args.joint_dim,
-        guidance_embeds=True,
-        axes_dims_rope=rope_axes_for_head_dim(args.head_dim),
+        **flux_dit_config(
+            head_dim=args.head_dim,
+            heads=args.heads,
+            layers=args.layers,
+            single_layers=args.single_layers,
+            joint_dim=args.joint_dim,
+            pooled_dim=args.joint_dim,
+            in_channels=channels * 4,
+        )
     )
     return dit.to(device, dtype).eval().requires_grad_(False)
 

@@ -37,7 +37,7 @@ from model.config import (
     VAE_SHIFT_FACTOR,
     VISION_HEAD_KEY,
     MergerConfig,
-    rope_axes_for_head_dim,
+    flux_dit_config,
     vae_norm_groups,
 )
 from model.merger import ImageEmbeddingMerger
@@ -249,19 +249,17 @@ def infer_dit_config(sd: dict[str, torch.Tensor], file: str) -> dict[str, Any]:
         idx = [int(m.group(2)) for k in sd if (m := _BLOCK.match(k)) and m.group(1) == kind]
         return max(idx) + 1 if idx else 0
 
-    return {
-        "patch_size": 1,
-        "in_channels": x.shape[1],
-        "out_channels": _require(sd, "final_proj_out.weight", file, DIT_PREFIX).shape[0],
-        "num_layers": count("blocks"),
-        "num_single_layers": count("single_blocks"),
-        "attention_head_dim": head_dim,
-        "num_attention_heads": x.shape[0] // head_dim,
-        "joint_attention_dim": _require(sd, "context_embedder.weight", file, DIT_PREFIX).shape[1],
-        "pooled_projection_dim": _require(sd, "pooled_text_embedder.0.weight", file, DIT_PREFIX).shape[1],
-        "guidance_embeds": "guidance_embedder.timestep_embedder.0.weight" in sd,
-        "axes_dims_rope": rope_axes_for_head_dim(head_dim),
-    }
+    return flux_dit_config(
+        head_dim=head_dim,
+        heads=x.shape[0] // head_dim,
+        layers=count("blocks"),
+        single_layers=count("single_blocks"),
+        joint_dim=_require(sd, "context_embedder.weight", file, DIT_PREFIX).shape[1],
+        pooled_dim=_require(sd, "pooled_text_embedder.0.weight", file, DIT_PREFIX).shape[1],
+        in_channels=x.shape[1],
+        out_channels=_require(sd, "final_proj_out.weight", file, DIT_PREFIX).shape[0],
+        guidance="guidance_embedder.timestep_embedder.0.weight" in sd,
+    )
 
 
 def build_dit(ds_sd: dict[str, torch.Tensor], file: str) -> nn.Module:

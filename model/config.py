@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 # ---- checkpoint layout (as the reference download_models.py lays it out) --------------------------------
 AR_SUBDIR = "Nexus-GenV2"  # Qwen2.5-VL (4.49 layout) + tokenizer + processor + the two decoder .bin files
@@ -101,6 +102,34 @@ def rope_axes_for_head_dim(head_dim: int) -> tuple[int, int, int]:
         raise ValueError(f"DiT head_dim {head_dim} is not a multiple of 16")
     spatial = 2 * (7 * head_dim // 32)
     return head_dim - 2 * spatial, spatial, spatial
+
+
+def flux_dit_config(
+    *,
+    head_dim: int,
+    heads: int,
+    layers: int,
+    single_layers: int,
+    joint_dim: int,
+    pooled_dim: int,
+    in_channels: int = 64,
+    out_channels: int | None = None,
+    guidance: bool = True,
+) -> dict[str, Any]:
+    """FluxTransformer2DModel kwargs with the FLUX.1-dev conventions (patch 1, rope axes from head dim)."""
+    return {
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "num_layers": layers,
+        "num_single_layers": single_layers,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": heads,
+        "joint_attention_dim": joint_dim,
+        "pooled_projection_dim": pooled_dim,
+        "guidance_embeds": guidance,
+        "axes_dims_rope": rope_axes_for_head_dim(head_dim),
+    }
 
 
 def vae_norm_groups(block_out_channels: list[int] | tuple[int, ...]) -> int:

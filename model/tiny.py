@@ -36,7 +36,7 @@ from model.config import (
     VISION_HEAD_KEY,
     MergerConfig,
     TinySizes,
-    rope_axes_for_head_dim,
+    flux_dit_config,
     vae_norm_groups,
 )
 from model.merger import ImageEmbeddingMerger
@@ -378,16 +378,15 @@ def _tiny_dit(sizes: TinySizes, seed: int) -> dict[str, torch.Tensor]:
 
     with _seeded(seed):
         dit = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4 * VAE_LATENT_CHANNELS,
-            num_layers=sizes.dit_layers,
-            num_single_layers=sizes.dit_single_layers,
-            attention_head_dim=sizes.dit_head_dim,
-            num_attention_heads=sizes.dit_heads,
-            joint_attention_dim=sizes.joint_dim,
-            pooled_projection_dim=sizes.clip_hidden,
-            guidance_embeds=True,
-            axes_dims_rope=rope_axes_for_head_dim(sizes.dit_head_dim),
+            **flux_dit_config(
+                head_dim=sizes.dit_head_dim,
+                heads=sizes.dit_heads,
+                layers=sizes.dit_layers,
+                single_layers=sizes.dit_single_layers,
+                joint_dim=sizes.joint_dim,
+                pooled_dim=sizes.clip_hidden,
+                in_channels=4 * VAE_LATENT_CHANNELS,
+            )
         )
         _jitter_constant_params(dit)
     return {"pipe.dit." + k: v for k, v in diffusers_dit_to_ds(dit.state_dict()).items()}
