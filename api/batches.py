@@ -94,7 +94,7 @@ def _parse_batch(
     numbered, invalid = validate_many(
         items, settings, position=position, require_custom_id=jsonl, inherited_webhook=webhook
     )
-    errors += invalid + missing_uploads(conn, tenant_id, numbered, position)
+    errors += invalid + missing_uploads(conn, tenant_id, numbered, position, settings.result_ttl_s)
     if errors:
         errors.sort(key=lambda e: e[position])
         raise SubmitError(
@@ -149,7 +149,7 @@ def create_batch(query: dict[str, Any]) -> Response:
             .mappings()
             .one()
         )
-        store_pending_uploads(conn, svc.storage, principal.tenant_id, drafts)
+        store_pending_uploads(conn, svc.storage, principal.tenant_id, drafts, svc.settings.result_ttl_s)
         wakeups = insert_jobs(conn, principal.tenant_id, batch_id, drafts)
         return Created(201, batch_json(row, {"queued": len(drafts)}), wakeups)
 

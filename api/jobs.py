@@ -91,10 +91,10 @@ def create_job() -> Response:
 
     def work(conn: Connection) -> Created:
         draft = validate_job(parse_json_body(), svc.settings)
-        missing = missing_uploads(conn, principal.tenant_id, [(0, draft)], "index")
+        missing = missing_uploads(conn, principal.tenant_id, [(0, draft)], "index", svc.settings.result_ttl_s)
         if missing:
-            raise SubmitError("upload_not_found", missing[0]["message"])
-        store_pending_uploads(conn, svc.storage, principal.tenant_id, [draft])
+            raise SubmitError(missing[0]["code"], missing[0]["message"])
+        store_pending_uploads(conn, svc.storage, principal.tenant_id, [draft], svc.settings.result_ttl_s)
         row = (
             conn.execute(jobs.insert().values(job_row(principal.tenant_id, None, draft)).returning(*jobs.c))
             .mappings()
@@ -182,6 +182,7 @@ def cancel(job_id: str) -> Response:
         200: "The text of an understand job (text/plain).",
         302: "A redirect to a short-lived presigned URL of the image.",
         409: "The job has no result (yet).",
+        410: "The result was deleted after its retention (`result_expired`).",
     }
 )
 def get_result(job_id: str) -> BaseResponse:
@@ -195,6 +196,10 @@ def get_result(job_id: str) -> BaseResponse:
         result = results_by_job(conn, [row]).get(job_id)
     if result is None:
         fail(409, "no_result", f"the job ended {row['status']} without a result")
+    if result["expired_at"] is not None:
+        fail(
+            410, "result_expired", f"the result was deleted at {result['expired_at'].isoformat()} (retention)"
+        )
     if result["kind"] == "text":
         return Response(result["text"] or "", content_type="text/plain; charset=utf-8")
     return redirect(svc.storage.presign_get(result["object_key"], svc.settings.presign_ttl_s), code=302)

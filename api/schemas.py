@@ -121,7 +121,10 @@ class ErrorInfoOut(Schema):
 
 class ResultOut(Schema):
     url = String()
-    expires_at = DateTime()
+    expires_at = DateTime(metadata={"description": "when the presigned url stops working"})
+    retained_until = DateTime(allow_none=True, metadata={"description": "when retention deletes the result"})
+    expired = Boolean(metadata={"description": "true once retention deleted the result"})
+    expired_at = DateTime(allow_none=True)
     text = String()
     content_type = String(allow_none=True)
     sha256 = String(allow_none=True)
@@ -192,8 +195,15 @@ def result_json(result: RowMapping | None, storage: Storage, ttl_s: int) -> dict
     """The result part of a job: a presigned URL with its expiry (images) or the text (understanding)."""
     if result is None:
         return None
-    out: dict[str, Any] = {"content_type": result["content_type"], "sha256": result["sha256"]}
-    if result["kind"] == "text":
+    out: dict[str, Any] = {
+        "content_type": result["content_type"],
+        "sha256": result["sha256"],
+        "retained_until": _iso(result["expires_at"]),
+        "expired": result["expired_at"] is not None,
+    }
+    if result["expired_at"] is not None:
+        out["expired_at"] = _iso(result["expired_at"])
+    elif result["kind"] == "text":
         out["text"] = result["text"] or ""
     else:
         out["url"] = storage.presign_get(result["object_key"], ttl_s)

@@ -15,6 +15,7 @@ from api.idempotency import Created, create_idempotently
 from api.schemas import UploadIn, UploadOut, describes_body, upload_json
 from core.ids import new_id
 from core.images import inspect_image
+from core.retention import retained_until
 from core.schema import uploads
 from core.storage import upload_key
 
@@ -55,6 +56,7 @@ def create_upload() -> Response:
                     sha256=digest,
                     width=info.width,
                     height=info.height,
+                    expires_at=retained_until(principal.tenant_id, svc.settings.result_ttl_s),
                 )
                 .returning(*uploads.c)
             )

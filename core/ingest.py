@@ -14,6 +14,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, select
 
 from core.ids import new_id
+from core.retention import keep_uploads, retained_until
 from core.schema import uploads
 from core.settings import Settings
 from core.storage import Storage, upload_key
@@ -74,26 +75,35 @@ def validate_many(
 
 
 def missing_uploads(
-    conn: Connection, tenant_id: str, drafts: Iterable[tuple[int, JobDraft]], position: str
+    conn: Connection, tenant_id: str, drafts: Iterable[tuple[int, JobDraft]], position: str, ttl_s: float
 ) -> list[dict[str, Any]]:
-    """Errors for drafts naming an upload id the tenant does not have (checked in one query)."""
+    """Errors for drafts naming an upload id the tenant does not have or whose retention ended; the
+    others are kept `ttl_s` (or the tenant's override) from now (one statement)."""
+    drafts = list(drafts)
     wanted = {d.upload_id for _, d in drafts if d.upload_id and d.pending_upload is None}
-    if not wanted:
+    found = keep_uploads(conn, tenant_id, wanted, ttl_s)
+    if found == wanted:
         return []
-    found = set(
+    expired = set(
         conn.execute(
-            select(uploads.c.id).where(uploads.c.tenant_id == tenant_id, uploads.c.id.in_(wanted))
+            select(uploads.c.id).where(uploads.c.tenant_id == tenant_id, uploads.c.id.in_(wanted - found))
         ).scalars()
     )
-    return [
-        {position: n, "code": "upload_not_found", "message": f"no upload {d.upload_id!r}"}
-        for n, d in drafts
-        if d.upload_id and d.pending_upload is None and d.upload_id not in found
-    ]
+    errors = []
+    for n, d in drafts:
+        if d.upload_id is None or d.pending_upload is not None or d.upload_id in found:
+            continue
+        if d.upload_id in expired:
+            errors.append(
+                {position: n, "code": "upload_expired", "message": f"upload {d.upload_id!r} expired"}
+            )
+        else:
+            errors.append({position: n, "code": "upload_not_found", "message": f"no upload {d.upload_id!r}"})
+    return errors
 
 
 def store_pending_uploads(
-    conn: Connection, storage: Storage, tenant_id: str, drafts: Iterable[JobDraft]
+    conn: Connection, storage: Storage, tenant_id: str, drafts: Iterable[JobDraft], ttl_s: float
 ) -> int:
     """Put inline images into object storage and insert their upload rows (before the jobs that use them)."""
     rows = []
@@ -113,6 +123,7 @@ def store_pending_uploads(
                 "sha256": digest,
                 "width": pending.info.width,
                 "height": pending.info.height,
+                "expires_at": retained_until(tenant_id, ttl_s),
             }
         )
     for start in range(0, len(rows), INSERT_CHUNK):

@@ -15,10 +15,13 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, and_, exists, func, select, update
 
 from core.ids import new_id
+from core.retention import retained_until
 from core.schema import TERMINAL_STATUSES, batches, jobs, results
+from core.settings import Settings
 from core.webhooks import enqueue_event, enqueue_progress_event
 
 ACTIVE = ("queued", "running")
+DEFAULT_RESULT_TTL_S = Settings.result_ttl_s
 
 
 def bucket_key(task: str, params: dict[str, Any]) -> str:
@@ -264,18 +267,20 @@ def complete_job(
     *,
     provenance: dict[str, Any],
     result: dict[str, Any],
+    result_ttl_s: float = DEFAULT_RESULT_TTL_S,
 ) -> bool:
     """running -> succeeded with its result row and event; False if this attempt no longer owns the job.
 
     `result` holds the columns of the results table (kind, object_key, content_type, size_bytes, sha256,
-    width, height, text).
+    width, height, text); it is kept `result_ttl_s` (or the tenant's override) from now.
     """
     rows = _transition(
         conn, _owned(job_id, attempt), _ended("succeeded", "done", progress=1.0, provenance=provenance)
     )
     if not rows:
         return False
-    conn.execute(results.insert().values(id=new_id("res"), job_id=job_id, **result))
+    expires_at = retained_until(rows[0]["tenant_id"], result_ttl_s)
+    conn.execute(results.insert().values(id=new_id("res"), job_id=job_id, expires_at=expires_at, **result))
     _announce(conn, rows[0], "job.succeeded")
     return True
 

@@ -41,6 +41,7 @@ tenants = Table(
     Column("webhook_secret_previous", String(200)),  # still signs until the overlap ends
     Column("webhook_secret_previous_expires_at", DateTime(timezone=True)),
     _created(),
+    Column("result_ttl_s", Integer),  # None: NEXUSGEN_RESULT_TTL_S
 )
 
 api_keys = Table(
@@ -60,13 +61,22 @@ uploads = Table(
     metadata,
     Column("id", String(40), primary_key=True),
     Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
-    Column("object_key", Text, nullable=False),
+    Column("object_key", Text),  # None once retention deleted the object
     Column("content_type", String(100), nullable=False),
     Column("size_bytes", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("width", Integer, nullable=False),
     Column("height", Integer, nullable=False),
     _created(),
+    Column("expires_at", DateTime(timezone=True)),  # kept until then (pushed back by each job using it)
+    Column("expired_at", DateTime(timezone=True)),  # set when retention ended; the object goes next
+)
+# Retention (core.retention): due rows, and expired rows whose object is still to be deleted.
+Index("ix_uploads_expiry", uploads.c.expires_at, postgresql_where=text("expired_at IS NULL"))
+Index(
+    "ix_uploads_purge",
+    uploads.c.expired_at,
+    postgresql_where=text("expired_at IS NOT NULL AND object_key IS NOT NULL"),
 )
 
 batches = Table(
@@ -140,6 +150,16 @@ results = Table(
     Column("height", Integer),
     Column("text", Text),
     _created(),
+    Column("expires_at", DateTime(timezone=True)),  # the result is kept until then
+    Column(
+        "expired_at", DateTime(timezone=True)
+    ),  # set when retention ended; object_key cleared once deleted
+)
+Index("ix_results_expiry", results.c.expires_at, postgresql_where=text("expired_at IS NULL"))
+Index(
+    "ix_results_purge",
+    results.c.expired_at,
+    postgresql_where=text("expired_at IS NOT NULL AND object_key IS NOT NULL"),
 )
 
 idempotency_keys = Table(

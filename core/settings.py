@@ -72,6 +72,7 @@ ENV_NAMES = {
     "max_batch_jobs": "NEXUSGEN_MAX_BATCH_JOBS",
     "presign_ttl_s": "NEXUSGEN_PRESIGN_TTL_S",
     "idempotency_ttl_s": "NEXUSGEN_IDEMPOTENCY_TTL_S",
+    "result_ttl_s": "NEXUSGEN_RESULT_TTL_S",
     "webhook_allow_private_networks": "WEBHOOK_ALLOW_PRIVATE_NETWORKS",
     "webhook_timeout_s": "WEBHOOK_TIMEOUT_S",
     "webhook_retry_schedule_s": "WEBHOOK_RETRY_SCHEDULE",
@@ -120,6 +121,7 @@ class Settings:
     max_batch_jobs: int = 50_000
     presign_ttl_s: int = 3600
     idempotency_ttl_s: int = 24 * 3600
+    result_ttl_s: int = 7 * 24 * 3600  # results and inputs are deleted this long after their last use
     # webhooks
     webhook_allow_private_networks: bool = False
     webhook_timeout_s: float = 10.0
@@ -203,6 +205,7 @@ class Settings:
             max_batch_jobs=_int(env, "NEXUSGEN_MAX_BATCH_JOBS", 50_000),
             presign_ttl_s=_int(env, "NEXUSGEN_PRESIGN_TTL_S", 3600),
             idempotency_ttl_s=_int(env, "NEXUSGEN_IDEMPOTENCY_TTL_S", 24 * 3600),
+            result_ttl_s=_int(env, "NEXUSGEN_RESULT_TTL_S", 7 * 24 * 3600),
             webhook_allow_private_networks=_bool(env.get("WEBHOOK_ALLOW_PRIVATE_NETWORKS")),
             webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", 10.0),
             webhook_retry_schedule_s=(

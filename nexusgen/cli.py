@@ -202,6 +202,43 @@ def tenant_rotate_secret(name: str, overlap_s: float) -> None:
     click.echo(f"webhook_secret: {secret}")
 
 
+@tenant.command("set-limits")
+@click.argument("name")
+@click.option(
+    "--result-ttl",
+    "result_ttl_s",
+    type=click.IntRange(min=1),
+    default=None,
+    help="seconds results and inputs are kept (default: NEXUSGEN_RESULT_TTL_S)",
+)
+@click.option("--default", "reset", multiple=True, help="go back to the setting's default for this limit")
+def tenant_set_limits(name: str, result_ttl_s: int | None, reset: tuple[str, ...]) -> None:
+    """Set a tenant's limits; print them all (unset ones follow the settings)."""
+    from core.auth import tenant_id_by_name
+    from core.db import transaction
+    from core.limits import LIMIT_NAMES, set_limits, tenant_limits
+
+    unknown = sorted(set(reset) - set(LIMIT_NAMES))
+    if unknown:
+        raise click.UsageError(f"--default takes {', '.join(LIMIT_NAMES)}; not {', '.join(unknown)}")
+    changes: dict[str, int | None] = {name: None for name in reset}
+    if result_ttl_s is not None:
+        changes["result_ttl_s"] = result_ttl_s
+    settings = _settings()
+    engine = _engine()
+    try:
+        with transaction(engine) as conn:
+            tenant_id = tenant_id_by_name(conn, name)
+            set_limits(conn, tenant_id, changes)
+            limits = tenant_limits(conn, tenant_id, settings)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        engine.dispose()
+    for limit, (value, own) in limits.items():
+        click.echo(f"{limit}: {value}" + ("" if own else " (default)"))
+
+
 @main.group()
 def key() -> None:
     """API keys (only their hash is stored)."""

@@ -186,3 +186,17 @@ def test_submit_with_webhook_sets_the_batch_webhook(run: CliRunner, api_url: str
     plain = client.invoke(cli, ["submit", str(jobs)])
     assert plain.exit_code == 0 and _fields(plain.output)["batch_id"] != batch_id
     client.invoke(cli, ["cancel", batch_id])
+
+
+def test_tenant_set_limits_sets_and_resets_the_result_ttl(run: CliRunner, engine: Engine) -> None:
+    name = f"limits-{uuid.uuid4().hex[:8]}"
+    run.invoke(cli, ["tenant", "create", name])
+    result = run.invoke(cli, ["tenant", "set-limits", name, "--result-ttl", "60"])
+    assert result.exit_code == 0, result.output
+    assert "result_ttl_s: 60\n" in result.output
+    with engine.connect() as conn:
+        assert conn.execute(select(tenants.c.result_ttl_s).where(tenants.c.name == name)).scalar_one() == 60
+    reset = run.invoke(cli, ["tenant", "set-limits", name, "--default", "result_ttl_s"])
+    assert reset.exit_code == 0 and f"result_ttl_s: {7 * 24 * 3600} (default)" in reset.output
+    assert run.invoke(cli, ["tenant", "set-limits", name, "--result-ttl", "0"]).exit_code == 2
+    assert run.invoke(cli, ["tenant", "set-limits", "no-such", "--result-ttl", "5"]).exit_code == 2

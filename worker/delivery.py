@@ -152,6 +152,8 @@ def build_body(conn: Connection, settings: Settings, delivery: RowMapping, stora
 
 def result_link(result: RowMapping, settings: Settings, storage: Storage | None) -> dict[str, Any]:
     """Describe a result for the payload: a presigned URL with its expiry for images, the text for text."""
+    if result["expired_at"] is not None:  # retention deleted it before this delivery
+        return {"kind": result["kind"], "expired": True}
     if result["kind"] == "text":
         return {"kind": "text", "text": result["text"]}
     described: dict[str, Any] = {

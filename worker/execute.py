@@ -220,7 +220,12 @@ def encode_result(outcome: Outcome) -> tuple[str, bytes, str, dict[str, Any]]:
 
 
 def store_outcome(
-    engine: Engine, storage: Storage, keeper: LeaseKeeper, outcome: Outcome, worker_id: str
+    engine: Engine,
+    storage: Storage,
+    keeper: LeaseKeeper,
+    outcome: Outcome,
+    worker_id: str,
+    result_ttl_s: float = Settings.result_ttl_s,
 ) -> str:
     """Write one job's final state (and its result object); returns what happened to it."""
     item, res = outcome.item, outcome.result
@@ -254,7 +259,12 @@ def store_outcome(
     }
     with transaction(engine) as conn:
         done = jobstate.complete_job(
-            conn, job_id, attempt, provenance=provenance_of(outcome, worker_id, timings), result=result
+            conn,
+            job_id,
+            attempt,
+            provenance=provenance_of(outcome, worker_id, timings),
+            result=result,
+            result_ttl_s=result_ttl_s,
         )
     if not done:
         drop_stale_object(engine, storage, job_id, key)
@@ -288,6 +298,7 @@ class ComputedBatch:
     keeper: LeaseKeeper
     outcomes: list[Outcome]
     counts: dict[str, int]
+    result_ttl_s: float = Settings.result_ttl_s
 
 
 def compute_batch(
@@ -324,7 +335,7 @@ def compute_batch(
     except BaseException:
         keeper.stop()
         raise
-    return ComputedBatch(task, len(rows), keeper, outcomes, counts)
+    return ComputedBatch(task, len(rows), keeper, outcomes, counts, settings.result_ttl_s)
 
 
 def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: ComputedBatch) -> dict[str, int]:
@@ -332,7 +343,7 @@ def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: Compute
     counts = batch.counts
     try:
         for outcome in batch.outcomes:
-            what = store_outcome(engine, storage, batch.keeper, outcome, worker_id)
+            what = store_outcome(engine, storage, batch.keeper, outcome, worker_id, batch.result_ttl_s)
             batch.keeper.release([outcome.item.job_id])
             row = outcome.item.row
             log.info(

@@ -2,7 +2,8 @@
 
 Requeues running jobs whose lease expired (failing poison jobs after max_attempts), then re-publishes
 one wake-up per (task, bucket) for those and for queued jobs nobody claimed for requeue_after_s;
-also drops Idempotency-Key records past their retention.
+also drops Idempotency-Key records past their retention and deletes expired results and inputs
+(core.retention).
 """
 
 from __future__ import annotations
@@ -12,17 +13,21 @@ import logging
 from celery import Celery, Task, shared_task
 from sqlalchemy import Engine
 
+from core import retention
 from core.db import transaction
 from core.idempotency import purge_expired
 from core.jobs import expire_leases, take_unclaimed
 from core.queue import TASK_SWEEP, publish_wakeups
 from core.settings import Settings
+from core.storage import Storage
 from worker.batching import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
 
-def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, int]:
+def sweep(
+    engine: Engine, publisher: Celery, settings: Settings, storage: Storage | None = None
+) -> dict[str, int]:
     """One sweep; returns counts (requeued, poisoned, unclaimed, wakeups)."""
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
@@ -37,6 +42,8 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
         "wakeups": wakeups,
         "idempotency_keys_purged": purged,
     }
+    if storage is not None:
+        counts.update(retention.expire(engine, storage))
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts
@@ -49,7 +56,7 @@ def sweep_task(self: Task) -> dict[str, int]:
 
     settings, app = app_resources(self.app)
     try:
-        return sweep(app.engine, app, settings)
+        return sweep(app.engine, app, settings, app.storage)
     except TRANSIENT_ERRORS as exc:
         log.warning("sweep skipped (%s); the next beat retries", exc.__class__.__name__)
         return {}
