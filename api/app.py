@@ -39,10 +39,10 @@ def create_app(settings: Settings | None = None) -> APIFlask:
     )
     app.extensions["nexusgen"] = services
 
-    from api import batches, jobs, ops, uploads
+    from api import batches, jobs, ops, uploads, usage
 
     app.extensions["nexusgen_metrics"] = ops.make_registry(services.engine)
-    for module in (uploads, jobs, batches, ops):
+    for module in (uploads, jobs, batches, usage, ops):
         app.register_blueprint(module.bp)
     if importlib.util.find_spec("api.webhooks") is not None:  # helper H's blueprint (delivery log, redeliver)
         from api import webhooks

@@ -19,6 +19,7 @@ from api.schemas import BatchIn, BatchOut, BatchQuery, batch_json, describes_bod
 from core.ids import new_id
 from core.ingest import insert_jobs, missing_uploads, parse_jsonl, store_pending_uploads, validate_many
 from core.jobs import cancel_batch
+from core.limits import admit
 from core.schema import batches, jobs
 from core.settings import Settings
 from core.submit import JobDraft, SubmitError, check_metadata, parse_webhook
@@ -121,7 +122,7 @@ def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> RowMapping:
 @bp.input(BatchQuery, location="query", arg_name="query")
 @describes_body(BatchIn)
 @bp.output(BatchOut, status_code=201, description="The batch with its job counts.")
-@bp.doc(responses=[400, 409, 413, 422])
+@bp.doc(responses=[400, 409, 413, 422, 429])
 def create_batch(query: dict[str, Any]) -> Response:
     """Submit many jobs: JSON `{jobs, webhook, metadata}` or JSONL (`application/x-ndjson`, one job a line,
     each with a unique custom_id). A JSONL batch takes its webhook and metadata as query parameters
@@ -150,8 +151,10 @@ def create_batch(query: dict[str, Any]) -> Response:
             .one()
         )
         store_pending_uploads(conn, svc.storage, principal.tenant_id, drafts, svc.settings.result_ttl_s)
+        # all or nothing; locks the tenant row, so no network I/O after this
+        admission = admit(conn, principal.tenant_id, len(drafts), svc.settings)
         wakeups = insert_jobs(conn, principal.tenant_id, batch_id, drafts)
-        return Created(201, batch_json(row, {"queued": len(drafts)}), wakeups)
+        return Created(201, batch_json(row, {"queued": len(drafts)}), wakeups, admission.headers())
 
     # The query parameters are part of the request: the same body with another webhook is another request.
     fingerprint = request.get_data(cache=True)

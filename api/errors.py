@@ -15,6 +15,7 @@ from werkzeug.datastructures import Headers
 
 from core.idempotency import IdempotencyConflict
 from core.images import ImageError
+from core.limits import LimitExceeded
 from core.submit import SubmitError
 
 DEFAULT_CODES = {
@@ -71,6 +72,12 @@ def register_error_handlers(app: APIFlask) -> None:
     @app.errorhandler(SubmitError)
     def _submit_error(error: SubmitError) -> Response:
         return error_response(error.status, error.code, error.message, error.details)
+
+    @app.errorhandler(LimitExceeded)
+    def _limit_exceeded(error: LimitExceeded) -> Response:
+        response = error_response(429, error.code, error.message, error.details)
+        response.headers.update(error.headers)
+        return response
 
     @app.errorhandler(ImageError)
     def _image_error(error: ImageError) -> Response:

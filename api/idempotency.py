@@ -21,6 +21,7 @@ class Created:
     status: int
     body: dict[str, Any]
     wakeups: set[tuple[str, str]] = field(default_factory=set)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def create_idempotently(
@@ -49,4 +50,5 @@ def create_idempotently(
     svc.wake(created.wakeups)
     response = jsonify(created.body)
     response.status_code = created.status
+    response.headers.update(created.headers)
     return response

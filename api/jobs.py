@@ -22,6 +22,7 @@ from api.idempotency import Created, create_idempotently
 from api.schemas import JobIn, JobListOut, JobListQuery, JobOut, describes_body, job_json
 from core.ingest import job_row, missing_uploads, store_pending_uploads
 from core.jobs import cancel_job
+from core.limits import admit
 from core.schema import batches, jobs, results
 from core.submit import SubmitError, validate_job
 
@@ -82,7 +83,7 @@ def load_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping:
 @bp.auth_required(auth, roles=["submit"])
 @describes_body(JobIn)
 @bp.output(JobOut, status_code=201, description="The queued job.")
-@bp.doc(responses=[400, 409, 413, 422])
+@bp.doc(responses=[400, 409, 413, 422, 429])
 def create_job() -> Response:
     """Submit one job; send an Idempotency-Key header to make retries safe."""
     principal = current_principal()
@@ -95,12 +96,13 @@ def create_job() -> Response:
         if missing:
             raise SubmitError(missing[0]["code"], missing[0]["message"])
         store_pending_uploads(conn, svc.storage, principal.tenant_id, [draft], svc.settings.result_ttl_s)
+        admission = admit(conn, principal.tenant_id, 1, svc.settings)  # locks the tenant row: no I/O after
         row = (
             conn.execute(jobs.insert().values(job_row(principal.tenant_id, None, draft)).returning(*jobs.c))
             .mappings()
             .one()
         )
-        return Created(201, render_jobs(conn, [row])[0], {(draft.task, draft.bucket)})
+        return Created(201, render_jobs(conn, [row])[0], {(draft.task, draft.bucket)}, admission.headers())
 
     return create_idempotently(principal.tenant_id, body, work)
 

@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.context import services
 from api.metrics import RecentJobsCollector
+from api.usage import UsageCollector
 from core.schema import JOB_STATUSES, jobs, webhook_deliveries
 from core.webhooks import DELIVERY_STATUSES
 
@@ -93,6 +94,7 @@ def make_registry(engine: Engine) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(engine))  # type: ignore[arg-type]
     registry.register(RecentJobsCollector(engine))  # type: ignore[arg-type]
+    registry.register(UsageCollector(engine))  # type: ignore[arg-type]
     return registry
 
 

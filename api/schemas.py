@@ -94,6 +94,14 @@ class JobListQuery(Schema):
     limit = Integer(load_default=100, validate=Range(1, 1000))
 
 
+class UsageQuery(Schema):
+    from_ = String(
+        data_key="from", metadata={"description": "ISO 8601 date or date-time (default: to - 30 days)"}
+    )
+    to = String(metadata={"description": "ISO 8601 date or date-time, exclusive (default: now)"})
+    group_by = String(load_default="day", validate=OneOf(["day", "task"]))
+
+
 # --- responses -----------------------------------------------------------------------------------------
 
 
@@ -172,6 +180,27 @@ class BatchOut(Schema):
     cancel_requested = Boolean()
     created_at = DateTime()
     completed_at = DateTime(allow_none=True)
+
+
+class UsageRowOut(Schema):
+    day = String(metadata={"description": "group_by=day: the UTC date"})
+    task = String(metadata={"description": "group_by=task"})
+    jobs = Integer()
+    model_seconds = Float(metadata={"description": "each job's share of its model call's time"})
+    images = Integer()
+    steps = Integer()
+    pixels = Integer()
+    input_tokens = Integer()
+    output_tokens = Integer()
+
+
+class UsageOut(Schema):
+    object = String()
+    from_ = String(data_key="from")
+    to = String()
+    group_by = String()
+    data = List(Nested(UsageRowOut))
+    total = Nested(UsageRowOut)
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -15,9 +15,11 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, and_, exists, func, select, update
 
 from core.ids import new_id
+from core.limits import saturated_tenants, within_running_limits
 from core.retention import retained_until
 from core.schema import TERMINAL_STATUSES, batches, jobs, results
 from core.settings import Settings
+from core.usage import Usage, record_usage
 from core.webhooks import enqueue_event, enqueue_progress_event
 
 ACTIVE = ("queued", "running")
@@ -118,13 +120,18 @@ def claim_batch(
     max_batch: int,
     lease_s: float,
     bucket: str | None = None,
+    default_max_running: int = 0,
 ) -> list[RowMapping]:
-    """Claim up to `max_batch` queued jobs of one bucket (priority, then age), exclusively."""
+    """Claim up to `max_batch` queued jobs of one bucket (priority, then age), exclusively; tenants at
+    their max_running (`default_max_running` unless set per tenant; 0: none) are passed over."""
+    full = saturated_tenants(conn, default_max_running)
     head_q = select(jobs.c.bucket).where(
         jobs.c.status == "queued", jobs.c.task.in_(list(tasks)), jobs.c.cancel_requested.is_(False)
     )
     if bucket is not None:
         head_q = head_q.where(jobs.c.bucket == bucket)
+    if full:
+        head_q = head_q.where(jobs.c.tenant_id.not_in(full))
     head = conn.execute(
         head_q.order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
         .limit(1)
@@ -132,19 +139,17 @@ def claim_batch(
     ).first()
     if head is None:
         return []
-    ids = (
-        conn.execute(
-            select(jobs.c.id)
-            .where(
-                jobs.c.status == "queued", jobs.c.bucket == head.bucket, jobs.c.cancel_requested.is_(False)
-            )
-            .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-            .limit(max_batch)
-            .with_for_update(skip_locked=True)
-        )
-        .scalars()
-        .all()
+    candidates = select(jobs.c.id, jobs.c.tenant_id).where(
+        jobs.c.status == "queued", jobs.c.bucket == head.bucket, jobs.c.cancel_requested.is_(False)
     )
+    if full:
+        candidates = candidates.where(jobs.c.tenant_id.not_in(full))
+    picked = conn.execute(
+        candidates.order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+        .limit(max_batch)
+        .with_for_update(skip_locked=True)
+    ).all()
+    ids = within_running_limits(conn, [(r.id, r.tenant_id) for r in picked], default_max_running)
     rows = (
         conn.execute(
             update(jobs)
@@ -268,6 +273,7 @@ def complete_job(
     provenance: dict[str, Any],
     result: dict[str, Any],
     result_ttl_s: float = DEFAULT_RESULT_TTL_S,
+    usage: Usage | None = None,
 ) -> bool:
     """running -> succeeded with its result row and event; False if this attempt no longer owns the job.
 
@@ -281,6 +287,8 @@ def complete_job(
         return False
     expires_at = retained_until(rows[0]["tenant_id"], result_ttl_s)
     conn.execute(results.insert().values(id=new_id("res"), job_id=job_id, expires_at=expires_at, **result))
+    if usage is not None:
+        record_usage(conn, rows[0], usage)
     _announce(conn, rows[0], "job.succeeded")
     return True
 
@@ -293,8 +301,10 @@ def fail_job(
     code: str,
     message: str,
     provenance: dict[str, Any] | None = None,
+    usage: Usage | None = None,
 ) -> bool:
-    """running (or queued, when attempt is None) -> failed with an error code; announce it."""
+    """running (or queued, when attempt is None) -> failed with an error code; announce it (and record
+    the worker's `usage` of it)."""
     cond = (
         _owned(job_id, attempt)
         if attempt is not None
@@ -306,6 +316,8 @@ def fail_job(
     rows = _transition(conn, cond, values)
     if not rows:
         return False
+    if usage is not None:
+        record_usage(conn, rows[0], usage)
     _announce(conn, rows[0], "job.failed")
     return True
 
@@ -329,9 +341,12 @@ def _cancel_running(conn: Connection, cond: Any) -> list[RowMapping]:
     return rows
 
 
-def mark_canceled(conn: Connection, job_id: str, attempt: int) -> bool:
+def mark_canceled(conn: Connection, job_id: str, attempt: int, usage: Usage | None = None) -> bool:
     """running -> canceled, by the worker that stopped at a step boundary after a cancel request."""
-    return bool(_cancel_running(conn, _owned(job_id, attempt)))
+    rows = _cancel_running(conn, _owned(job_id, attempt))
+    if rows and usage is not None:
+        record_usage(conn, rows[0], usage)
+    return bool(rows)
 
 
 def cancel_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping | None:

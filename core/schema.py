@@ -42,6 +42,11 @@ tenants = Table(
     Column("webhook_secret_previous_expires_at", DateTime(timezone=True)),
     _created(),
     Column("result_ttl_s", Integer),  # None: NEXUSGEN_RESULT_TTL_S
+    # Limits (core.limits); None: the settings' default, 0: no limit.
+    Column("max_queued", Integer),
+    Column("submit_per_minute", Integer),
+    Column("max_running", Integer),
+    Column("submit_tat", DateTime(timezone=True)),  # the submit rate limiter's state (GCRA)
 )
 
 api_keys = Table(
@@ -234,4 +239,39 @@ webhook_attempts = Table(
     Column("latency_ms", Float),
     Column("error", Text),
     Column("response_excerpt", Text),
+)
+
+# Usage (core.usage): what each job finished by a worker consumed, and running totals per tenant and task
+# (the /metrics counters), both written in the transaction that ends the job.
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("batch_id", String(40)),
+    Column("task", String(20), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("model_seconds", Float, nullable=False),  # its share of its model call's time, all stages
+    Column("stage_seconds", JSONB, nullable=False),  # {stage: its share of that stage's time}
+    Column("images", Integer, nullable=False),
+    Column("steps", Integer, nullable=False),
+    Column("pixels", BigInteger, nullable=False),
+    Column("input_tokens", Integer, nullable=False),
+    Column("output_tokens", Integer, nullable=False),
+)
+Index("ix_usage_records_tenant_finished", usage_records.c.tenant_id, usage_records.c.finished_at)
+
+usage_totals = Table(
+    "usage_totals",
+    metadata,
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    Column("task", String(20), primary_key=True),
+    Column("jobs", BigInteger, nullable=False),
+    Column("model_seconds", Float, nullable=False),
+    Column("images", BigInteger, nullable=False),
+    Column("steps", BigInteger, nullable=False),
+    Column("pixels", BigInteger, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
 )

@@ -73,6 +73,9 @@ ENV_NAMES = {
     "presign_ttl_s": "NEXUSGEN_PRESIGN_TTL_S",
     "idempotency_ttl_s": "NEXUSGEN_IDEMPOTENCY_TTL_S",
     "result_ttl_s": "NEXUSGEN_RESULT_TTL_S",
+    "tenant_max_queued": "NEXUSGEN_TENANT_MAX_QUEUED",
+    "tenant_submit_per_minute": "NEXUSGEN_TENANT_SUBMIT_PER_MINUTE",
+    "tenant_max_running": "NEXUSGEN_TENANT_MAX_RUNNING",
     "webhook_allow_private_networks": "WEBHOOK_ALLOW_PRIVATE_NETWORKS",
     "webhook_timeout_s": "WEBHOOK_TIMEOUT_S",
     "webhook_retry_schedule_s": "WEBHOOK_RETRY_SCHEDULE",
@@ -122,6 +125,10 @@ class Settings:
     presign_ttl_s: int = 3600
     idempotency_ttl_s: int = 24 * 3600
     result_ttl_s: int = 7 * 24 * 3600  # results and inputs are deleted this long after their last use
+    # per-tenant limits unless `nexusgen tenant set-limits` set the tenant's own (0: no limit)
+    tenant_max_queued: int = 1_000_000
+    tenant_submit_per_minute: int = 600
+    tenant_max_running: int = 0
     # webhooks
     webhook_allow_private_networks: bool = False
     webhook_timeout_s: float = 10.0
@@ -206,6 +213,9 @@ class Settings:
             presign_ttl_s=_int(env, "NEXUSGEN_PRESIGN_TTL_S", 3600),
             idempotency_ttl_s=_int(env, "NEXUSGEN_IDEMPOTENCY_TTL_S", 24 * 3600),
             result_ttl_s=_int(env, "NEXUSGEN_RESULT_TTL_S", 7 * 24 * 3600),
+            tenant_max_queued=_int(env, "NEXUSGEN_TENANT_MAX_QUEUED", 1_000_000),
+            tenant_submit_per_minute=_int(env, "NEXUSGEN_TENANT_SUBMIT_PER_MINUTE", 600),
+            tenant_max_running=_int(env, "NEXUSGEN_TENANT_MAX_RUNNING", 0),
             webhook_allow_private_networks=_bool(env.get("WEBHOOK_ALLOW_PRIVATE_NETWORKS")),
             webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", 10.0),
             webhook_retry_schedule_s=(

@@ -254,11 +254,12 @@ class NexusGen:
             )
             stop = {self.ar.ids["eos"], self.ar.ids["pad"], self.ar.ids["im_end"]}
             decoded = self.ar.greedy(enc, [requests[i].max_new_tokens for i in live], set(), stop)
-        for i, out in zip(live, decoded, strict=True):
+        for k, (i, out) in enumerate(zip(live, decoded, strict=True)):
             results[i].text = self.components.tokenizer.decode(out.tokens, skip_special_tokens=True)
             results[i].provenance = self._provenance(
-                requests[i], len(live), timings, task="understand", new_tokens=len(out.tokens)
-            )
+                requests[i], len(live), timings, task="understand", new_tokens=len(out.tokens),
+                input_tokens=len(enc.ids[k]), output_tokens=len(out.tokens),
+            )  # fmt: skip
         return results
 
     # ---- the image path --------------------------------------------------------------------------------
@@ -330,10 +331,13 @@ class NexusGen:
             for i in sorted(set(ok) - set(kept)):
                 results[i].error = RequestError("canceled", "canceled during denoising")
 
+        image_tokens = int(embeds.shape[1]) if ok else 0
         for i, req in enumerate(requests):
+            written = len(prefixes[i] or []) + (image_tokens if prefixes[i] is not None else 0)
             results[i].provenance = self._provenance(
                 req, len(requests), timings, task=task, seed=seeds[i], decoder=decoder,
                 prefix_mode=self.prefix_mode, prefix_text=prefix_texts[i],
+                input_tokens=len(enc.ids[i]), output_tokens=written,
             )  # fmt: skip
         return results
 

@@ -204,6 +204,16 @@ def tenant_rotate_secret(name: str, overlap_s: float) -> None:
 
 @tenant.command("set-limits")
 @click.argument("name")
+@click.option("--max-queued", type=click.IntRange(min=0), default=None, help="most queued jobs (0: no limit)")
+@click.option(
+    "--submit-per-minute",
+    type=click.IntRange(min=0),
+    default=None,
+    help="job/batch submissions a minute (0: no limit)",
+)
+@click.option(
+    "--max-running", type=click.IntRange(min=0), default=None, help="most running jobs (0: no limit)"
+)
 @click.option(
     "--result-ttl",
     "result_ttl_s",
@@ -212,8 +222,16 @@ def tenant_rotate_secret(name: str, overlap_s: float) -> None:
     help="seconds results and inputs are kept (default: NEXUSGEN_RESULT_TTL_S)",
 )
 @click.option("--default", "reset", multiple=True, help="go back to the setting's default for this limit")
-def tenant_set_limits(name: str, result_ttl_s: int | None, reset: tuple[str, ...]) -> None:
-    """Set a tenant's limits; print them all (unset ones follow the settings)."""
+def tenant_set_limits(
+    name: str,
+    max_queued: int | None,
+    submit_per_minute: int | None,
+    max_running: int | None,
+    result_ttl_s: int | None,
+    reset: tuple[str, ...],
+) -> None:
+    """Set a tenant's limits; print them all (unset ones follow the settings). Over a limit, submissions
+    get 429 and nothing is created; max-running applies when workers claim jobs."""
     from core.auth import tenant_id_by_name
     from core.db import transaction
     from core.limits import LIMIT_NAMES, set_limits, tenant_limits
@@ -221,9 +239,14 @@ def tenant_set_limits(name: str, result_ttl_s: int | None, reset: tuple[str, ...
     unknown = sorted(set(reset) - set(LIMIT_NAMES))
     if unknown:
         raise click.UsageError(f"--default takes {', '.join(LIMIT_NAMES)}; not {', '.join(unknown)}")
-    changes: dict[str, int | None] = {name: None for name in reset}
-    if result_ttl_s is not None:
-        changes["result_ttl_s"] = result_ttl_s
+    changes: dict[str, int | None] = {limit: None for limit in reset}
+    given = {
+        "max_queued": max_queued,
+        "submit_per_minute": submit_per_minute,
+        "max_running": max_running,
+        "result_ttl_s": result_ttl_s,
+    }
+    changes.update({limit: value for limit, value in given.items() if value is not None})
     settings = _settings()
     engine = _engine()
     try:
@@ -237,6 +260,40 @@ def tenant_set_limits(name: str, result_ttl_s: int | None, reset: tuple[str, ...
         engine.dispose()
     for limit, (value, own) in limits.items():
         click.echo(f"{limit}: {value}" + ("" if own else " (default)"))
+
+
+@main.command()
+@click.option("--tenant", "tenant_name", required=True, help="tenant name")
+@click.option("--from", "start", default=None, help="ISO date or date-time (default: 30 days before --to)")
+@click.option("--to", "end", default=None, help="ISO date or date-time, exclusive (default: now)")
+@click.option("--group-by", type=click.Choice(["day", "task"]), default="day", show_default=True)
+def usage(tenant_name: str, start: str | None, end: str | None, group_by: str) -> None:
+    """Print a tenant's usage (jobs, model seconds, images, steps, pixels, tokens) as JSON."""
+    from datetime import UTC, datetime, timedelta
+
+    from core.auth import tenant_id_by_name
+    from core.usage import COUNTERS, summarize
+
+    def when(value: str) -> datetime:
+        parsed = datetime.fromisoformat(value)
+        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+    try:
+        until = when(end) if end else datetime.now(UTC)
+        since = when(start) if start else until - timedelta(days=30)
+    except ValueError as exc:
+        raise click.UsageError(f"--from/--to: {exc}") from exc
+    engine = _engine()
+    try:
+        with engine.connect() as conn:
+            rows = summarize(conn, tenant_id_by_name(conn, tenant_name), since, until, group_by)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        engine.dispose()
+    total = {"jobs": sum(r["jobs"] for r in rows), **{n: sum(r[n] for r in rows) for n in COUNTERS}}
+    report = {"tenant": tenant_name, "from": since.isoformat(), "to": until.isoformat(), "data": rows}
+    click.echo(json.dumps({**report, "group_by": group_by, "total": total}, indent=2))
 
 
 @main.group()

@@ -19,6 +19,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import jobs as jobstate
 from core.db import transaction
+from core.limits import saturated_tenants
 from core.schema import jobs
 from core.settings import Settings
 
@@ -47,12 +48,17 @@ class Head:
     age_s: float
 
 
-def peek_head(conn: Connection, task: str, bucket: str | None) -> Head | None:
-    """The bucket of the first queued job (priority, then age) of `task`, without locking anything."""
+def peek_head(
+    conn: Connection, task: str, bucket: str | None, skip_tenants: Sequence[str] = ()
+) -> Head | None:
+    """The bucket of the first queued job (priority, then age) of `task`, without locking anything;
+    jobs of `skip_tenants` (at their max_running) are passed over."""
     waiting = (jobs.c.status == "queued", jobs.c.cancel_requested.is_(False))
     head_q = select(jobs.c.bucket).where(*waiting, jobs.c.task == task)
     if bucket is not None:
         head_q = head_q.where(jobs.c.bucket == bucket)
+    if skip_tenants:
+        head_q = head_q.where(jobs.c.tenant_id.not_in(list(skip_tenants)))
     head = conn.execute(
         head_q.order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id).limit(1)
     ).scalar_one_or_none()
@@ -76,7 +82,7 @@ def gather_and_claim(
     """
     while True:
         with engine.connect() as conn:
-            head = peek_head(conn, task, bucket)
+            head = peek_head(conn, task, bucket, saturated_tenants(conn, settings.tenant_max_running))
         if head is None:
             return []
         wait = settings.batch_window_s - head.age_s
@@ -91,6 +97,7 @@ def gather_and_claim(
                 max_batch=settings.max_batch,
                 lease_s=settings.lease_s,
                 bucket=head.bucket,
+                default_max_running=settings.tenant_max_running,
             )
         if rows:
             return rows

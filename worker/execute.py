@@ -29,6 +29,7 @@ from core.schema import jobs as jobs_table
 from core.schema import results, uploads
 from core.settings import Settings
 from core.storage import Storage, result_key
+from core.usage import Usage
 from model import (
     EditRequest,
     GenerateRequest,
@@ -234,13 +235,20 @@ def store_outcome(
         return "lost"
     timings = {"input_s": round(item.input_s, 4)}
     if res.error is not None:
+        usage = Usage.from_provenance(res.provenance, None)
         with transaction(engine) as conn:
             if res.error.code == "canceled":
-                done = jobstate.mark_canceled(conn, job_id, attempt)
+                done = jobstate.mark_canceled(conn, job_id, attempt, usage=usage)
             else:
                 prov = provenance_of(outcome, worker_id, timings)
                 done = jobstate.fail_job(
-                    conn, job_id, attempt, code=res.error.code, message=res.error.message, provenance=prov
+                    conn,
+                    job_id,
+                    attempt,
+                    code=res.error.code,
+                    message=res.error.message,
+                    provenance=prov,
+                    usage=usage,
                 )
         return ("canceled" if res.error.code == "canceled" else "failed") if done else "lost"
     if keeper.confirm(job_id, "uploading") is Ack.LOST:
@@ -265,6 +273,9 @@ def store_outcome(
             provenance=provenance_of(outcome, worker_id, timings),
             result=result,
             result_ttl_s=result_ttl_s,
+            usage=Usage.from_provenance(
+                res.provenance, (res.image.width, res.image.height) if res.image else None
+            ),
         )
     if not done:
         drop_stale_object(engine, storage, job_id, key)
@@ -325,7 +336,9 @@ def compute_batch(
                 item.request = build_request(task, row, image)
             except ValueError as exc:
                 with transaction(engine) as conn:
-                    jobstate.fail_job(conn, item.job_id, item.attempt, code="invalid_input", message=str(exc))
+                    jobstate.fail_job(
+                        conn, item.job_id, item.attempt, code="invalid_input", message=str(exc), usage=Usage()
+                    )
                 keeper.release([item.job_id])
                 counts["failed"] = counts.get("failed", 0) + 1
                 continue
