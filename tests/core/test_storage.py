@@ -11,7 +11,9 @@ from core.settings import Settings
 from core.storage import Storage
 
 
-def test_presigned_links_name_the_public_endpoint_and_are_valid_there(settings: Settings, engine: Any) -> None:
+def test_presigned_links_name_the_public_endpoint_and_are_valid_there(
+    settings: Settings, engine: Any
+) -> None:
     internal = Storage.from_settings(settings)
     internal.put_bytes("public-url-test/result.png", b"\x89PNG fake", "image/png")
     port = urlsplit(settings.s3_endpoint_url).port
