@@ -48,7 +48,9 @@ class Storage:
         assert settings.s3_endpoint_url is not None
         public = _client(settings.s3_public_url, settings) if settings.s3_public_url else None
         return cls(
-            client=_client(settings.s3_endpoint_url, settings), bucket=settings.s3_bucket, public_client=public
+            client=_client(settings.s3_endpoint_url, settings),
+            bucket=settings.s3_bucket,
+            public_client=public,
         )
 
     def ensure_bucket(self) -> None:
