@@ -8,7 +8,9 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,9 +55,16 @@ class Terminal:
         dump = self.cwd / ".terminal-env"
         script = f"set -e\n{block}\nenv -0 > {dump}\n"
         done = subprocess.run(
-            ["bash", "-c", script], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout_s
+            ["bash", "-c", script],
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
         )
-        assert done.returncode == 0, f"block failed:\n{block}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+        assert done.returncode == 0, (
+            f"block failed:\n{block}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+        )
         self.env = dict(item.split("=", 1) for item in dump.read_text().split("\0") if "=" in item)
         return done
 
@@ -104,11 +113,20 @@ class UpTerminal:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists())
 
 
+@pytest.fixture
+def clone_dir() -> Iterator[Path]:
+    # Outside pytest's 0700 temp root: the embedded PostgreSQL runs as an unprivileged user.
+    path = Path(tempfile.mkdtemp(prefix="nexusgen-readme-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_readme_manual_section_works_as_written_across_a_restart(tmp_path: Path) -> None:
+def test_readme_manual_section_works_as_written_across_a_restart(clone_dir: Path) -> None:
     up_block, setup_block, after_restart_block = readme_blocks()
     assert up_block.strip().startswith(".venv/bin/nexusgen up")
-    clone = fresh_copy(tmp_path / "clone")
+    clone = fresh_copy(clone_dir)
     # The reader's environment: no service URLs; API and Flower moved off 8080/5555 (README says how).
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS and not k.startswith("NEXUSGEN_")}
     env.update(
