@@ -266,3 +266,24 @@ def test_help_names_the_environment_and_a_jsonl_format_the_api_accepts(args: lis
         if job.get("image") == "data:image/png;base64,...":
             job["image"] = data_url
         validate_job(job, Settings(), require_custom_id=True)  # raises SubmitError on a bad example
+
+
+def test_submit_with_webhook_sets_the_batch_webhook(run: CliRunner, api_url: str, tmp_path: Path) -> None:
+    name = f"hook-{uuid.uuid4().hex[:8]}"
+    run.invoke(cli, ["tenant", "create", name])
+    key = run.invoke(cli, ["key", "create", "--tenant", name]).output.strip()
+    client = CliRunner(env={"NEXUSGEN_API_URL": api_url, "NEXUSGEN_API_KEY": key})
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"custom_id": "c0", "task": "generate", "prompt": "a cat"}) + "\n")
+    url = "http://127.0.0.1:9/hook"
+    result = client.invoke(
+        cli, ["submit", str(jobs), "--webhook", url, "--webhook-events", "batch.completed"]
+    )
+    assert result.exit_code == 0, result.output
+    batch_id = _fields(result.output)["batch_id"]
+    status = json.loads(client.invoke(cli, ["status", batch_id]).output)
+    assert status["webhook"] == {"url": url, "events": ["batch.completed"]}
+    # the same file without the webhook is another batch, not a replay of this one
+    plain = client.invoke(cli, ["submit", str(jobs)])
+    assert plain.exit_code == 0 and _fields(plain.output)["batch_id"] != batch_id
+    client.invoke(cli, ["cancel", batch_id])
