@@ -107,10 +107,13 @@ def store_pending_uploads(
 ) -> int:
     """Put inline images into object storage and insert their upload rows (before the jobs that use them)."""
     rows = []
+    expires_at = None
     for draft in drafts:
         pending = draft.pending_upload
         if pending is None:
             continue
+        if expires_at is None:  # one value for every row (executemany takes no SQL expressions)
+            expires_at = conn.execute(select(retained_until(tenant_id, ttl_s))).scalar_one()
         key = upload_key(tenant_id, pending.id)
         digest = storage.put_bytes(key, pending.data, pending.info.content_type)
         rows.append(
@@ -123,7 +126,7 @@ def store_pending_uploads(
                 "sha256": digest,
                 "width": pending.info.width,
                 "height": pending.info.height,
-                "expires_at": retained_until(tenant_id, ttl_s),
+                "expires_at": expires_at,
             }
         )
     for start in range(0, len(rows), INSERT_CHUNK):
