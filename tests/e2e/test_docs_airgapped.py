@@ -31,7 +31,9 @@ settings = Settings(
 make_server("127.0.0.1", 8080, create_app(settings)).serve_forever()
 EOF
 SERVER=$!
-connects() { "$PYTHON" -c "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 2)" "$@"; }
+connects() {
+  "$PYTHON" -c "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 2)" "$@"
+}
 for _ in $(seq 100); do connects 127.0.0.1 8080 2>/dev/null && break; sleep 0.2; done
 if connects 1.1.1.1 443 2>/dev/null; then
   echo "NETWORK-REACHABLE"
