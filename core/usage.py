@@ -16,6 +16,7 @@ from sqlalchemy import Connection, RowMapping, cast, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.types import Date
 
+from core.records import Job
 from core.schema import tenants, usage_records, usage_totals
 
 COUNTERS = ("model_seconds", "images", "steps", "pixels", "input_tokens", "output_tokens")
@@ -58,21 +59,21 @@ class Usage:
         )
 
 
-def record_usage(conn: Connection, job: RowMapping, usage: Usage) -> None:
+def record_usage(conn: Connection, job: Job, usage: Usage) -> None:
     """Write the job's record and add it to its tenant's totals (call in the job's ending transaction)."""
     values = asdict(usage)
     conn.execute(
         usage_records.insert().values(
-            job_id=job["id"],
-            tenant_id=job["tenant_id"],
-            batch_id=job["batch_id"],
-            task=job["task"],
-            status=job["status"],
+            job_id=job.id,
+            tenant_id=job.tenant_id,
+            batch_id=job.batch_id,
+            task=job.task,
+            status=job.status,
             **values,
         )
     )
     counters = {name: values[name] for name in COUNTERS}
-    stmt = insert(usage_totals).values(tenant_id=job["tenant_id"], task=job["task"], jobs=1, **counters)
+    stmt = insert(usage_totals).values(tenant_id=job.tenant_id, task=job.task, jobs=1, **counters)
     conn.execute(
         stmt.on_conflict_do_update(
             index_elements=[usage_totals.c.tenant_id, usage_totals.c.task],

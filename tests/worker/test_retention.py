@@ -33,19 +33,19 @@ def _finish_all(engine: Engine, storage: Storage, settings: Settings, task: str)
         rows = claim_batch(conn, worker_id="test", tasks=[task], max_batch=8, lease_s=60)
     for row in rows:
         data = png_bytes(32, 32, color="blue")
-        key = result_key(row["tenant_id"], row["id"], "png")
+        key = result_key(row.tenant_id, row.id, "png")
         digest = storage.put_bytes(key, data, "image/png")
         result = {"kind": "image", "object_key": key, "content_type": "image/png", "size_bytes": len(data)}
         with engine.begin() as conn:
             assert complete_job(
                 conn,
-                row["id"],
-                row["attempt"],
+                row.id,
+                row.attempt,
                 provenance={"seed": 7, "batch_size": len(rows)},
                 result={**result, "sha256": digest, "width": 32, "height": 32},
                 result_ttl_s=settings.result_ttl_s,
             )
-    return [r["id"] for r in rows]
+    return [r.id for r in rows]
 
 
 def test_short_ttl_deletes_objects_and_the_result_answers_410(
