@@ -103,8 +103,8 @@ class JobResult:
     width: int | None
     height: int | None
     text: str | None
-    expires_at: datetime | None  # retention deletes it then (core.retention)
-    expired_at: datetime | None  # set once retention deleted it
+    expires_at: datetime | None = None  # retention deletes it then (core.retention)
+    expired_at: datetime | None = None  # set once retention deleted it
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Self:

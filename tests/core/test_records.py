@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine, select
 
@@ -11,6 +13,8 @@ from core.records import (
     JOB_API_FIELDS,
     JOB_EVENT_FIELDS,
     JOB_RESULT_LINE_FIELDS,
+    RESULT_API_IMAGE,
+    RESULT_API_TEXT,
     RESULT_EVENT_IMAGE,
     RESULT_EVENT_TEXT,
     Job,
@@ -74,11 +78,23 @@ def test_result_renderings_differ_only_in_the_fields_they_select(settings: Setti
     storage = Storage.from_settings(settings)
     image = JobResult("job_1", ResultKind.IMAGE, "k/1.png", "image/png", 10, "ab", 512, 256, None)
     api = result_payload(image, storage, 60)
-    assert list(api) == ["content_type", "sha256", "url", "expires_at", "width", "height"]
+    assert list(api) == [
+        "content_type", "sha256", "url", "expires_at", "width", "height", "retained_until", "expired"
+    ]  # fmt: skip
+    assert api["retained_until"] is None and api["expired"] is False
     assert "/k/1.png?" in api["url"] and "X-Amz-Expires=60" in api["url"]
     event = result_payload(image, storage, 60, fields=(RESULT_EVENT_TEXT, RESULT_EVENT_IMAGE))
     assert list(event) == ["kind", "content_type", "width", "height", "sha256", "url", "expires_at"]
     unsigned = result_payload(image, None, 60)
     assert "url" not in unsigned and "expires_at" not in unsigned
     text = JobResult("job_2", ResultKind.TEXT, None, "text/plain", 2, "cd", None, None, "hi")
-    assert result_payload(text, storage, 60) == {"content_type": "text/plain", "sha256": "cd", "text": "hi"}
+    assert result_payload(text, storage, 60) == {
+        "content_type": "text/plain", "sha256": "cd", "text": "hi", "retained_until": None, "expired": False
+    }  # fmt: skip
+    gone_at = datetime(2026, 1, 2, tzinfo=UTC)
+    expired = dataclasses.replace(image, object_key=None, expires_at=gone_at, expired_at=gone_at)
+    for fields in ((RESULT_API_TEXT, RESULT_API_IMAGE), (RESULT_EVENT_TEXT, RESULT_EVENT_IMAGE)):
+        assert result_payload(expired, storage, 60, fields=fields) == {
+            "kind": "image", "content_type": "image/png", "sha256": "ab", "expired": True,
+            "expired_at": gone_at.isoformat(),
+        }  # fmt: skip
