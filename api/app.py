@@ -38,12 +38,12 @@ def create_app(settings: Settings | None = None) -> APIFlask:
     )
     app.extensions["nexusgen"] = services
 
-    from api import batches, docs, jobs, ops, uploads, usage
+    from api import batches, docs, events, jobs, ops, uploads, usage
 
     docs.configure_docs(app)
 
     app.extensions["nexusgen_metrics"] = ops.make_registry(services.engine)
-    for module in (uploads, jobs, batches, usage, ops):
+    for module in (uploads, jobs, batches, events, usage, ops):
         app.register_blueprint(module.bp)
     if importlib.util.find_spec("api.webhooks") is not None:  # helper H's blueprint (delivery log, redeliver)
         from api import webhooks

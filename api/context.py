@@ -25,6 +25,7 @@ class Services:
     engine: Engine
     storage: Storage
     _publisher: Celery | None = field(default=None, repr=False)
+    event_hub: Any = field(default=None, repr=False)  # api.events.EventHub, made on the first stream
 
     def publisher(self) -> Celery:
         """The Celery app that sends wake-ups; it fails fast so a dead broker never stalls a request."""

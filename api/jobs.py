@@ -20,6 +20,7 @@ from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
 from api.schemas import JobIn, JobListOut, JobListQuery, JobOut, describes_body
+from core.events import queue_position
 from core.ingest import job_row, missing_uploads, store_pending_uploads
 from core.jobs import cancel_job
 from core.limits import admit
@@ -135,11 +136,14 @@ def create_job() -> Response:
 @bp.auth_required(auth, roles=["read"])
 @bp.output(JobOut)
 def get_job(job_id: str) -> Response:
-    """A job: status, stage, progress, result link, provenance and error."""
+    """A job: status, stage, progress, result link, provenance and error; a queued job's estimated
+    queue position."""
     principal = current_principal()
     with services().engine.connect() as conn:
         job = load_job(conn, principal.tenant_id, job_id)
-        return jsonify(render_jobs(conn, [job])[0])
+        body = render_jobs(conn, [job])[0]
+        body["queue_position"] = queue_position(conn, job)
+        return jsonify(body)
 
 
 def encode_cursor(created_at: datetime, job_id: str) -> str:

@@ -159,6 +159,10 @@ class JobOut(Schema):
     error = Nested(ErrorInfoOut, allow_none=True)
     result = Nested(ResultOut, allow_none=True)
     provenance = Raw(allow_none=True)
+    queue_position = Integer(
+        allow_none=True,
+        metadata={"description": "GET of a queued job: estimated place in its task's queue (1: next)"},
+    )
 
 
 class JobListOut(Schema):

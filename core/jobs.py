@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping, and_, exists, func, select, update
 
+from core.events import log_states
 from core.ids import new_id
 from core.limits import saturated_tenants, within_running_limits
 from core.records import (
@@ -162,7 +163,9 @@ def claim_batch(
         .all()
     )
     order = {job_id: i for i, job_id in enumerate(ids)}
-    return sorted((Job.from_row(r) for r in rows), key=lambda job: order[job.id])
+    claimed = sorted((Job.from_row(r) for r in rows), key=lambda job: order[job.id])
+    log_states(conn, claimed)
+    return claimed
 
 
 class Ack(enum.Enum):
@@ -205,9 +208,11 @@ def _back_in_queue(**extra: Any) -> dict[str, Any]:
 
 
 def _transition(conn: Connection, cond: Any, values: dict[str, Any]) -> list[Job]:
-    """One conditional UPDATE of the jobs matching `cond`; returns the changed jobs."""
+    """One conditional UPDATE of the jobs matching `cond`, their new states logged; returns them."""
     rows = conn.execute(update(jobs).where(cond).values(**values).returning(*jobs.c)).mappings().all()
-    return [Job.from_row(row) for row in rows]
+    changed = [Job.from_row(row) for row in rows]
+    log_states(conn, changed)
+    return changed
 
 
 def record_progress(

@@ -269,3 +269,26 @@ usage_totals = Table(
     Column("input_tokens", BigInteger, nullable=False),
     Column("output_tokens", BigInteger, nullable=False),
 )
+
+# Every state a job passes through (core.events), for the SSE streams: written by the transition that
+# reaches it, read by id after a client's Last-Event-ID.
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("batch_id", String(40)),
+    Column("tenant_id", String(40), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("stage", String(40), nullable=False),
+    Column("step", Integer),
+    Column("total_steps", Integer),
+    _created(),
+)
+Index("ix_job_events_job", job_events.c.job_id, job_events.c.id)
+Index(
+    "ix_job_events_batch",
+    job_events.c.batch_id,
+    job_events.c.id,
+    postgresql_where=text("batch_id IS NOT NULL"),
+)

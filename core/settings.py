@@ -77,6 +77,8 @@ ENV_NAMES = {
     "tenant_max_queued": "NEXUSGEN_TENANT_MAX_QUEUED",
     "tenant_submit_per_minute": "NEXUSGEN_TENANT_SUBMIT_PER_MINUTE",
     "tenant_max_running": "NEXUSGEN_TENANT_MAX_RUNNING",
+    "max_event_streams": "NEXUSGEN_MAX_EVENT_STREAMS",
+    "event_stream_max_s": "NEXUSGEN_EVENT_STREAM_MAX_S",
     "webhook_allow_private_networks": "WEBHOOK_ALLOW_PRIVATE_NETWORKS",
     "webhook_timeout_s": "WEBHOOK_TIMEOUT_S",
     "webhook_retry_schedule_s": "WEBHOOK_RETRY_SCHEDULE",
@@ -131,6 +133,10 @@ class Settings:
     tenant_max_queued: int = 1_000_000
     tenant_submit_per_minute: int = 600
     tenant_max_running: int = 0
+    # Server-Sent Events: open streams per API process (each holds a thread, never a database connection
+    # while idle), and how long one stays open before the client reconnects with Last-Event-ID
+    max_event_streams: int = 48
+    event_stream_max_s: float = 300.0
     # webhooks
     webhook_allow_private_networks: bool = False
     webhook_timeout_s: float = 10.0
@@ -219,6 +225,8 @@ class Settings:
             tenant_max_queued=_int(env, "NEXUSGEN_TENANT_MAX_QUEUED", 1_000_000),
             tenant_submit_per_minute=_int(env, "NEXUSGEN_TENANT_SUBMIT_PER_MINUTE", 600),
             tenant_max_running=_int(env, "NEXUSGEN_TENANT_MAX_RUNNING", 0),
+            max_event_streams=_int(env, "NEXUSGEN_MAX_EVENT_STREAMS", 48),
+            event_stream_max_s=_float(env, "NEXUSGEN_EVENT_STREAM_MAX_S", 300.0),
             webhook_allow_private_networks=_bool(env.get("WEBHOOK_ALLOW_PRIVATE_NETWORKS")),
             webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_S", 10.0),
             webhook_retry_schedule_s=(

@@ -110,7 +110,13 @@ def migrate() -> None:
 
 @main.command()
 @click.option("--workers", type=int, default=2, show_default=True, help="gunicorn worker processes")
-@click.option("--threads", type=int, default=8, show_default=True, help="threads per worker")
+@click.option(
+    "--threads",
+    type=int,
+    default=64,
+    show_default=True,
+    help="threads per worker; each open event stream holds one (keep above NEXUSGEN_MAX_EVENT_STREAMS)",
+)
 def api(workers: int, threads: int) -> None:
     """Serve the HTTP API with gunicorn on NEXUSGEN_API_HOST:NEXUSGEN_API_PORT."""
     from nexusgen.services import configure_logging, serve_api
@@ -499,10 +505,32 @@ def submit(
 
 @main.command()
 @click.argument("object_id")
-def status(object_id: str) -> None:
-    """Show a job or a batch (bat_...) as JSON."""
+@click.option("--watch", is_flag=True, help="follow the live event stream until the job or batch ends")
+def status(object_id: str, watch: bool) -> None:
+    """Show a job or a batch (bat_...) as JSON; --watch prints each status change as it happens."""
+    client = _client()
+    if not watch:
+        with _api_errors():
+            click.echo(json.dumps(client.get(object_id), indent=2, ensure_ascii=False))
+        return
+    final = None
     with _api_errors():
-        click.echo(json.dumps(_client().get(object_id), indent=2, ensure_ascii=False))
+        for event in client.watch(object_id):
+            click.echo(describe_event(event.event, event.data))
+            if event.event == "end":
+                final = event.data.get("status")
+    sys.exit(0 if final in ("succeeded", "completed") else 1)
+
+
+def describe_event(kind: str, data: dict[str, Any]) -> str:
+    """One line per stream event: `job_... running denoising 3/8`, `job_... queued (position 4)`."""
+    who = data.get("job_id") or data.get("batch_id")
+    if kind == "queue":
+        return f"{who} queued (position {data['queue_position']})"
+    if kind == "end":
+        return f"{who} ended: {data['status']}"
+    step = f" {data['step']}/{data['total_steps']}" if data.get("step") is not None else ""
+    return f"{who} {data['status']} {data['stage']}{step}"
 
 
 @main.command()

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,36 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SSEvent:
+    """One Server-Sent Event: its id (None when the server sent none), type and decoded JSON data."""
+
+    id: str | None
+    event: str
+    data: Any
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[SSEvent]:
+    """Events from the lines of a text/event-stream body (comments and `retry:` skipped)."""
+    event_id, event, data = None, "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield SSEvent(event_id, event, json.loads("\n".join(data)))
+            event_id, event, data = None, "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "id":
+            event_id = value
+        elif name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
 
 
 @dataclass
@@ -177,6 +207,38 @@ class Client:
         response = self._http.get(f"/v1/batches/{batch_id}/results")
         _raise_for_error(response)
         return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+    def events(self, object_id: str, last_event_id: str | None = None) -> Iterator[SSEvent]:
+        """One connection to the Server-Sent Events stream of a job or a batch (bat_...), event by event."""
+        kind = "batches" if object_id.startswith("bat_") else "jobs"
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        timeout = httpx.Timeout(self.timeout_s, read=60.0)  # the server sends a keep-alive every 15 s
+        with self._http.stream(
+            "GET", f"/v1/{kind}/{object_id}/events", headers=headers, timeout=timeout
+        ) as r:
+            if r.status_code >= 400:
+                r.read()
+                _raise_for_error(r)
+            yield from parse_sse(r.iter_lines())
+
+    def watch(self, object_id: str, max_reconnects: int = 100) -> Iterator[SSEvent]:
+        """Every event of a job or batch until its `end`, reconnecting with Last-Event-ID when a stream
+        closes early (the server ends streams after a while; a network drop)."""
+        last: str | None = None
+        for _ in range(max_reconnects + 1):
+            try:
+                for event in self.events(object_id, last):
+                    if event.id is not None:
+                        last = event.id
+                    yield event
+                    if event.event == "end":
+                        return
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                pass
+            time.sleep(1.0)
+        raise ApiError(0, "stream_incomplete", f"the event stream of {object_id} did not reach its end")
 
     def cancel(self, object_id: str) -> dict[str, Any]:
         kind = "batches" if object_id.startswith("bat_") else "jobs"

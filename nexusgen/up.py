@@ -127,7 +127,7 @@ def service_children(settings: Settings, flower_port: int) -> list[Child]:
         ),
         Child("beat", [*cli, "beat"], stop_timeout_s=5),
         Child("flower", [*cli, "flower", "--port", str(flower_port)], stop_timeout_s=5),
-        Child("api", [*cli, "api", "--workers", "1", "--threads", "8"], stop_timeout_s=10),
+        Child("api", [*cli, "api", "--workers", "1", "--threads", "64"], stop_timeout_s=10),
     ]
 
 

@@ -1,7 +1,8 @@
 """Lease keeping for the jobs a worker holds: a heartbeat thread, throttled progress, cancel and loss flags.
 
 While the model runs, a thread extends the leases every `heartbeat_s` (core.jobs.heartbeat); progress
-callbacks are buffered and written at most every `progress_interval_s`. Every answer from the database
+callbacks are buffered and written at most every `progress_interval_s` (every stage is kept, with its
+latest step, so the job's event log shows each stage in order). Every answer from the database
 updates two sets: jobs whose cancel was requested (the model drops them at the next step) and jobs that
 are no longer ours (lease expired and taken over: the worker must write nothing for them).
 """
@@ -53,7 +54,8 @@ class LeaseKeeper:
         self.progress_interval_s = progress_interval_s
         self.cancel_requested: set[str] = set()
         self.lost: set[str] = set()
-        self._pending: dict[str, tuple[str, int | None, int | None]] = {}
+        # per job, the stages not yet written: each stage kept (streams show every one), its latest step
+        self._pending: dict[str, list[tuple[str, int | None, int | None]]] = {}
         self._last_flush = time.monotonic()  # the first write comes after one interval, for the whole batch
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -93,6 +95,7 @@ class LeaseKeeper:
         attempt = self.claims.get(job_id)
         if attempt is None:
             return Ack.LOST
+        self.flush()  # the stages before this one first, in order
         with transaction(self.engine) as conn:
             ack = jobstate.record_progress(
                 conn,
@@ -111,7 +114,11 @@ class LeaseKeeper:
         with self._lock:
             if job_id not in self.claims:
                 return
-            self._pending[job_id] = (stage, step, total_steps)
+            entries = self._pending.setdefault(job_id, [])
+            if entries and entries[-1][0] == stage:
+                entries[-1] = (stage, step, total_steps)  # a later step of the same stage
+            else:
+                entries.append((stage, step, total_steps))
             due = time.monotonic() - self._last_flush >= self.progress_interval_s
         if due:
             self.flush()
@@ -129,17 +136,17 @@ class LeaseKeeper:
         try:
             with transaction(self.engine) as conn:
                 for job_id, attempt in claims.items():
-                    stage, step, total = pending[job_id]
-                    acks[job_id] = jobstate.record_progress(
-                        conn,
-                        job_id,
-                        attempt,
-                        stage=stage,
-                        step=step,
-                        total_steps=total,
-                        progress=stage_progress(stage, step, total),
-                        lease_s=self.lease_s,
-                    )
+                    for stage, step, total in pending[job_id]:
+                        acks[job_id] = jobstate.record_progress(
+                            conn,
+                            job_id,
+                            attempt,
+                            stage=stage,
+                            step=step,
+                            total_steps=total,
+                            progress=stage_progress(stage, step, total),
+                            lease_s=self.lease_s,
+                        )
         except DBAPIError as exc:  # progress is advisory; the lease and the result writes will tell
             log.warning("progress not recorded (%s); continuing", exc.orig or exc)
             return

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from core import retention
 from core.db import transaction
+from core.events import purge_events
 from core.idempotency import purge_expired
 from core.jobs import expire_leases, take_unclaimed
 from core.queue import TASK_SWEEP, publish_wakeups
@@ -33,6 +34,7 @@ def sweep(
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
         unclaimed = take_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
+        events_purged = purge_events(conn, settings.result_ttl_s)  # live-stream history, kept as long
     # After the commit: a worker woken now must see the jobs queued.
     pairs = [(job.task.value, job.bucket) for job in requeued] + [(r["task"], r["bucket"]) for r in unclaimed]
     wakeups = publish_wakeups(publisher, pairs)
@@ -42,6 +44,7 @@ def sweep(
         "unclaimed": len(unclaimed),
         "wakeups": wakeups,
         "idempotency_keys_purged": purged,
+        "job_events_purged": events_purged,
     }
     if storage is not None:
         counts.update(retention.expire(engine, storage))

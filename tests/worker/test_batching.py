@@ -93,6 +93,7 @@ def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
         "unclaimed": 0,
         "wakeups": 1,
         "idempotency_keys_purged": 0,
+        "job_events_purged": 0,
     }
     rows = job_rows(engine, [lost, poison])
     assert rows[lost]["status"] == "queued" and rows[lost]["lease_owner"] is None
@@ -107,6 +108,7 @@ def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
         "unclaimed": 1,
         "wakeups": 1,
         "idempotency_keys_purged": 0,
+        "job_events_purged": 0,
     }
     assert broker.llen(queue) == 2
     broker.delete(queue)
