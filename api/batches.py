@@ -14,7 +14,7 @@ from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
-from api.jobs import load_owned, parse_json_body, require_id, results_by_job
+from api.jobs import load_owned, parse_json_body, require_content_type, require_id, results_by_job
 from api.schemas import BatchIn, BatchOut, batch_json, describes_body, result_json
 from core.ids import new_id
 from core.ingest import insert_jobs, missing_uploads, parse_jsonl, store_pending_uploads, validate_many
@@ -91,12 +91,13 @@ def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> RowMapping:
 @bp.auth_required(auth, roles=["submit"])
 @describes_body(BatchIn)
 @bp.output(BatchOut, status_code=201, description="The batch with its job counts.")
-@bp.doc(responses=[400, 409, 413, 422])
+@bp.doc(responses=[400, 409, 413, 415, 422, 503])
 def create_batch() -> Response:
     """Submit many jobs: JSON `{jobs, webhook, metadata}` or JSONL (`application/x-ndjson`, one job a line,
     each with a unique custom_id). Any invalid line: 422 naming every bad line, and nothing is created."""
     principal = current_principal()
     svc = services()
+    require_content_type(*JSONL_TYPES)
 
     def work(conn: Connection) -> Created:
         drafts, metadata, (url, events) = _parse_batch(conn, principal.tenant_id, svc.settings)

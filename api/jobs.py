@@ -23,7 +23,7 @@ from api.schemas import JobIn, JobListOut, JobListQuery, JobOut, describes_body,
 from core.ingest import job_row, missing_uploads, store_pending_uploads
 from core.jobs import cancel_job
 from core.schema import batches, jobs, results
-from core.submit import SubmitError, validate_job
+from core.submit import SubmitError, parse_json, validate_job
 
 bp = APIBlueprint("jobs", __name__, tag="Jobs")
 
@@ -38,10 +38,19 @@ def require_id(value: str, kind: str) -> str:
     return value
 
 
+def require_content_type(*extra: str) -> None:
+    """415 unless the body is declared JSON (`application/json`, `...+json`) or one of `extra`."""
+    mimetype = request.mimetype
+    if not mimetype or mimetype == "application/json" or mimetype.endswith("+json") or mimetype in extra:
+        return
+    accepted = ", ".join(("application/json", *extra))
+    fail(415, "unsupported_media_type", f"send the body as {accepted}, not {mimetype}")
+
+
 def parse_json_body() -> Any:
     """The request body as JSON, or a 400 `invalid_json` answer."""
     try:
-        return json.loads(request.get_data(cache=True))
+        return parse_json(request.get_data(cache=True))
     except (UnicodeDecodeError, ValueError) as exc:
         fail(400, "invalid_json", f"the body is not valid JSON: {exc}")
 
@@ -82,11 +91,12 @@ def load_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping:
 @bp.auth_required(auth, roles=["submit"])
 @describes_body(JobIn)
 @bp.output(JobOut, status_code=201, description="The queued job.")
-@bp.doc(responses=[400, 409, 413, 422])
+@bp.doc(responses=[400, 409, 413, 415, 422, 503])
 def create_job() -> Response:
     """Submit one job; send an Idempotency-Key header to make retries safe."""
     principal = current_principal()
     svc = services()
+    require_content_type()
     body = request.get_data(cache=True)
 
     def work(conn: Connection) -> Created:

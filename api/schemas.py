@@ -132,6 +132,8 @@ class JobOut(Schema):
     params = Dict()
     metadata = Dict()
     attempt = Integer()
+    worker_losses = Integer()
+    put_backs = Integer()
     created_at = DateTime()
     started_at = DateTime(allow_none=True)
     finished_at = DateTime(allow_none=True)
@@ -209,6 +211,8 @@ def job_json(row: RowMapping, result: RowMapping | None, storage: Storage, ttl_s
         "params": row["params"],
         "metadata": row["metadata"],
         "attempt": row["attempt"],
+        "worker_losses": row["worker_losses"],
+        "put_backs": row["put_backs"],
         "created_at": _iso(row["created_at"]),
         "started_at": _iso(row["started_at"]),
         "finished_at": _iso(row["finished_at"]),
