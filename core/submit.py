@@ -21,6 +21,7 @@ from core.webhooks import ALL_EVENTS
 TASKS = ("generate", "edit", "understand")
 PRIORITY_RANGE = (-100, 100)
 MAX_METADATA_BYTES = 16 * 1024
+MIN_SIDE, MAX_SIDE = 256, 2048  # output width and height; no model stage uses more of an input image
 MAX_METADATA_DEPTH = 32  # levels of objects and arrays; deeper data cannot be echoed back safely
 MAX_CUSTOM_ID_CHARS = 200
 MAX_SEED = 2**63 - 1
@@ -123,9 +124,10 @@ def normalize_params(task: str, raw: Any) -> dict[str, Any]:
         return params
     for name in ("width", "height"):
         value = params[name]
-        if not _is_int(value) or value % 16 or not 256 <= value <= 2048:
+        if not _is_int(value) or value % 16 or not MIN_SIDE <= value <= MAX_SIDE:
             raise SubmitError(
-                "invalid_size", f"{name} must be a multiple of 16 from 256 to 2048, got {value!r}"
+                "invalid_size",
+                f"{name} must be a multiple of 16 from {MIN_SIDE} to {MAX_SIDE}, got {value!r}",
             )
     if not _is_int(params["steps"]) or not 1 <= params["steps"] <= 100:
         raise SubmitError("invalid_steps", f"steps must be an integer from 1 to 100, got {params['steps']!r}")
