@@ -113,3 +113,11 @@ def test_storage_down_is_503_with_retry_after(
     )
     assert r.status_code == 503, (r.status_code, r.get_data()[:300])
     assert r.get_json()["error"]["code"] == "storage_unavailable" and int(r.headers["Retry-After"]) > 0
+
+
+def test_a_deeply_nested_cursor_is_a_400(client: Any, acme: Tenant) -> None:
+    import base64
+
+    cursor = base64.urlsafe_b64encode(nested(1500).encode()).decode()
+    r = client.get("/v1/jobs", query_string={"cursor": cursor}, headers=acme.headers)
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "invalid_cursor"
