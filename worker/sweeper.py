@@ -1,16 +1,16 @@
 """The sweeper (beat, every sweep_interval_s): recover jobs of lost workers and lost wake-ups.
 
-Requeues running jobs whose lease expired (failing poison jobs after max_attempts), then re-publishes
-one wake-up per (task, bucket) for those and for queued jobs nobody claimed for requeue_after_s;
-also drops Idempotency-Key records past their retention and deletes expired results and inputs
-(core.retention).
+Requeues running jobs whose lease expired (failing poison jobs after max_attempts worker losses; transient
+put-backs do not count), then re-publishes one wake-up per (task, bucket) for those and for queued jobs
+nobody claimed for requeue_after_s; also drops Idempotency-Key records past their retention, deletes
+expired results and inputs (core.retention) and old job events.
 """
 
 from __future__ import annotations
 
 import logging
 
-from celery import Celery, Task, shared_task
+from celery import Celery, shared_task
 from sqlalchemy import Engine
 
 from core import retention
@@ -21,7 +21,7 @@ from core.jobs import expire_leases, take_unclaimed
 from core.queue import TASK_SWEEP, publish_wakeups
 from core.settings import Settings
 from core.storage import Storage
-from worker.batching import TRANSIENT_ERRORS
+from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,11 @@ def sweep(
     return counts
 
 
-@shared_task(name=TASK_SWEEP, bind=True, ignore_result=True)
-def sweep_task(self: Task) -> dict[str, int]:
+@shared_task(base=NexusGenTask, name=TASK_SWEEP, bind=True, ignore_result=True, autoretry_for=())
+def sweep_task(self: NexusGenTask) -> dict[str, int]:
     """Celery entry point of TASK_SWEEP; a failed sweep is simply redone by the next beat."""
-    from worker.tasks import app_resources
-
-    settings, app = app_resources(self.app)
     try:
-        return sweep(app.engine, app, settings, app.storage)
+        return sweep(self.engine, self.runtime, self.settings, self.storage)
     except TRANSIENT_ERRORS as exc:
         log.warning("sweep skipped (%s); the next beat retries", exc.__class__.__name__)
         return {}

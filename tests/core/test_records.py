@@ -6,6 +6,7 @@ import dataclasses
 import json
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import Engine, select
 
 from core.ids import new_id
@@ -29,6 +30,7 @@ from core.records import (
 from core.schema import jobs, tenants
 from core.settings import Settings
 from core.storage import Storage
+from core.submit import SubmitError, validate_job
 
 
 def test_enums_travel_as_their_strings_through_postgres_and_json(clean_db: Engine) -> None:
@@ -98,3 +100,12 @@ def test_result_renderings_differ_only_in_the_fields_they_select(settings: Setti
             "kind": "image", "content_type": "image/png", "sha256": "ab", "expired": True,
             "expired_at": gone_at.isoformat(),
         }  # fmt: skip
+
+
+def test_refusals_name_the_plain_strings(settings: Settings) -> None:
+    with pytest.raises(SubmitError, match=r"one of \['generate', 'edit', 'understand'\], got 'paint'"):
+        validate_job({"task": "paint", "prompt": "x"}, settings)
+    with pytest.raises(SubmitError, match=r"list of \['job.succeeded', 'job.failed', "):
+        validate_job(
+            {"task": "generate", "prompt": "x", "webhook": {"url": "http://h/x", "events": []}}, settings
+        )
