@@ -2,8 +2,8 @@
 
 Rows from before this revision are kept for the default 7 days from their creation.
 
-Revision ID: 0002_retention
-Revises: 0001
+Revision ID: 0003_retention
+Revises: 0002_job_loss_accounting
 Create Date: 2026-11-29
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_retention"
-down_revision: str | None = "0001"
+revision: str = "0003_retention"
+down_revision: str | None = "0002_job_loss_accounting"
 branch_labels: str | None = None
 depends_on: str | None = None
 
