@@ -20,7 +20,7 @@ from werkzeug.datastructures import Headers
 
 from core.idempotency import IdempotencyConflict
 from core.images import ImageError
-from core.limits import LimitExceeded
+from core.limits import LimitExceeded, TenantGone
 from core.submit import SubmitError
 
 log = logging.getLogger("nexusgen.api")
@@ -95,16 +95,23 @@ def register_error_handlers(app: APIFlask) -> None:
         log.warning("broker unavailable: %s", str(error)[:300])
         return unavailable("broker_unavailable", "the message broker is unavailable; retry shortly")
 
+    def _tenant_gone() -> Response:
+        # The key's tenant was removed while its lookup was cached: the key no longer exists.
+        from api.auth import clear_cache
+
+        clear_cache()
+        response = error_response(401, "unauthorized", "this API key's tenant no longer exists")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="nexusgen"'
+        return response
+
+    @app.errorhandler(TenantGone)
+    def _gone(error: TenantGone) -> Response:
+        return _tenant_gone()
+
     @app.errorhandler(IntegrityError)
     def _integrity(error: IntegrityError) -> Response:
-        # The key's tenant was removed while its lookup was cached: the key no longer exists.
         if "tenant_id" in str(error.orig):
-            from api.auth import clear_cache
-
-            clear_cache()
-            response = error_response(401, "unauthorized", "this API key's tenant no longer exists")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="nexusgen"'
-            return response
+            return _tenant_gone()
         return error_response(409, "conflict", "the request conflicts with the current state; retry it")
 
     @app.error_processor

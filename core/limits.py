@@ -31,6 +31,10 @@ WINDOW_S = 60.0  # submit_per_minute's window
 QUEUE_FULL_RETRY_S = 30  # a full queue drains at the workers' pace: look again in this long
 
 
+class TenantGone(LookupError):
+    """The tenant was removed while a request of its (cached) API key was on its way."""
+
+
 class LimitExceeded(Exception):
     """A submission over one of the tenant's limits: nothing was created."""
 
@@ -107,8 +111,10 @@ def admit(conn: Connection, tenant_id: str, new_jobs: int, settings: Settings) -
             .with_for_update(key_share=True)  # FOR NO KEY UPDATE
         )
         .mappings()
-        .one()
+        .first()
     )
+    if row is None:
+        raise TenantGone(tenant_id)
     per_minute, _ = _effective(row["submit_per_minute"], settings, "submit_per_minute")
     max_queued, _ = _effective(row["max_queued"], settings, "max_queued")
     admission = Admission()
