@@ -14,6 +14,8 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping, and_, exists, func, select, update
 
+from core.counts import queued_tasks
+from core.fair_share import Head, record_turn, take_batch
 from core.ids import new_id
 from core.schema import TERMINAL_STATUSES, batches, jobs, results
 from core.webhooks import enqueue_event, enqueue_progress_event
@@ -115,33 +117,16 @@ def claim_batch(
     max_batch: int,
     lease_s: float,
     bucket: str | None = None,
+    head: Head | None = None,
 ) -> list[RowMapping]:
-    """Claim up to `max_batch` queued jobs of one bucket (priority, then age), exclusively."""
-    head_q = select(jobs.c.bucket).where(
-        jobs.c.status == "queued", jobs.c.task.in_(list(tasks)), jobs.c.cancel_requested.is_(False)
-    )
-    if bucket is not None:
-        head_q = head_q.where(jobs.c.bucket == bucket)
-    head = conn.execute(
-        head_q.order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    ).first()
-    if head is None:
+    """Claim up to `max_batch` queued jobs of one bucket, exclusively, in fair-share order.
+
+    The head's group goes first (given by the caller's peek, or core.fair_share.queue_head: the most
+    urgent priority, then the tenant whose turn it is), then the bucket's other jobs fill the batch.
+    """
+    ids = take_batch(conn, tasks, max_batch, bucket=bucket, head=head)
+    if not ids:
         return []
-    ids = (
-        conn.execute(
-            select(jobs.c.id)
-            .where(
-                jobs.c.status == "queued", jobs.c.bucket == head.bucket, jobs.c.cancel_requested.is_(False)
-            )
-            .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-            .limit(max_batch)
-            .with_for_update(skip_locked=True)
-        )
-        .scalars()
-        .all()
-    )
     rows = (
         conn.execute(
             update(jobs)
@@ -162,7 +147,10 @@ def claim_batch(
         .all()
     )
     order = {job_id: i for i, job_id in enumerate(ids)}
-    return sorted(rows, key=lambda r: order[r["id"]])
+    rows = sorted(rows, key=lambda r: order[r["id"]])
+    if rows:
+        record_turn(conn, rows[0]["task"], rows[0]["tenant_id"])
+    return rows
 
 
 class Ack(enum.Enum):
@@ -405,21 +393,35 @@ def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[RowMappi
 
 
 def take_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 1000) -> list[RowMapping]:
-    """Queued jobs nobody claimed for a while (a lost wake-up): stamp and return them to re-publish."""
-    stale = (
-        select(jobs.c.id)
-        .where(jobs.c.status == "queued", jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s))
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    return list(
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.id.in_(stale))
-            .values(enqueued_at=func.now())
-            .returning(jobs.c.id, jobs.c.task, jobs.c.bucket)
+    """Queued jobs nobody claimed for a while (a lost wake-up): stamp and return them to re-publish.
+
+    Per task, the longest-waiting jobs in ix_jobs_queued_since order: at most `limit` rows are read,
+    whatever the depth.
+    """
+    taken: list[RowMapping] = []
+    for task in queued_tasks(conn):
+        stale = (
+            select(jobs.c.id)
+            .where(
+                jobs.c.status == "queued",
+                jobs.c.task == task,
+                jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s),
+            )
+            .order_by(jobs.c.enqueued_at)
+            .limit(limit - len(taken))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
         )
-        .mappings()
-        .all()
-    )
+        taken += (
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(stale))
+                .values(enqueued_at=func.now())
+                .returning(jobs.c.id, jobs.c.task, jobs.c.bucket)
+            )
+            .mappings()
+            .all()
+        )
+        if len(taken) >= limit:
+            break
+    return taken

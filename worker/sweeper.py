@@ -2,7 +2,7 @@
 
 Requeues running jobs whose lease expired (failing poison jobs after max_attempts), then re-publishes
 one wake-up per (task, bucket) for those and for queued jobs nobody claimed for requeue_after_s;
-also drops Idempotency-Key records past their retention.
+also drops Idempotency-Key records past their retention and folds the job counters' delta rows.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 from celery import Celery, Task, shared_task
 from sqlalchemy import Engine
 
+from core.counts import compact_counts
 from core.db import transaction
 from core.idempotency import purge_expired
 from core.jobs import expire_leases, take_unclaimed
@@ -28,6 +29,7 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
         unclaimed = take_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
+        folded = compact_counts(conn)
     # After the commit: a worker woken now must see the jobs queued.
     wakeups = publish_wakeups(publisher, [(r["task"], r["bucket"]) for r in [*requeued, *unclaimed]])
     counts = {
@@ -37,6 +39,7 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
         "wakeups": wakeups,
         "idempotency_keys_purged": purged,
     }
+    log.debug("sweep folded %d counter rows", folded)
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts

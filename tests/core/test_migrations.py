@@ -43,7 +43,12 @@ def test_upgrade_matches_metadata_and_downgrade_is_clean(empty_db: Any) -> None:
         assert set(inspect(conn).get_table_names()) == set(metadata.tables) | {"alembic_version"}
         assert schema_diff(conn) == []
         indexes = {ix["name"] for ix in inspect(conn).get_indexes("jobs")}
-        assert {"ix_jobs_claim", "ix_jobs_tenant_created", "ix_jobs_batch", "ix_jobs_lease"} <= indexes
+        assert {"ix_jobs_queue", "ix_jobs_queued_since", "ix_jobs_tenant_created", "ix_jobs_lease"} <= indexes
+        assert "ix_jobs_claim" not in indexes  # replaced by the partial ix_jobs_queue
+        triggers = conn.execute(
+            text("SELECT tgname FROM pg_trigger WHERE tgrelid = 'jobs'::regclass AND NOT tgisinternal")
+        ).scalars()
+        assert sorted(triggers) == ["jobs_count_delete", "jobs_count_insert", "jobs_count_update"]
 
     upgrade(settings)  # a second run is a no-op
     downgrade(settings, "base")
@@ -51,6 +56,7 @@ def test_upgrade_matches_metadata_and_downgrade_is_clean(empty_db: Any) -> None:
         assert current_revision(conn) is None
         assert inspect(conn).get_table_names() == ["alembic_version"]  # only Alembic's own bookkeeping
         assert conn.execute(text("SELECT count(*) FROM pg_type WHERE typtype = 'e'")).scalar() == 0
+        assert conn.execute(text("SELECT to_regproc('nexusgen_count_jobs')")).scalar() is None
 
     upgrade(settings)  # and back up again from empty
     with engine.connect() as conn:
