@@ -55,9 +55,11 @@ def queued_tasks(conn: Connection) -> list[str]:
 
 
 def counts_by_status(conn: Connection) -> dict[tuple[str, str], int]:
-    """{(task, status): jobs} over every tenant."""
+    """{(task, status): jobs} over every tenant, for the statuses that have jobs."""
     c = job_counts.c
-    rows = conn.execute(select(c.task, c.status, func.sum(c.n)).group_by(c.task, c.status)).all()
+    rows = conn.execute(
+        select(c.task, c.status, func.sum(c.n)).group_by(c.task, c.status).having(func.sum(c.n) != 0)
+    ).all()
     return {(task, status): int(n) for task, status, n in rows}
 
 
