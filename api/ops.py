@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.context import services
 from api.metrics import RecentJobsCollector
-from core.counts import counts_by_status, queue_depths
+from core.counts import tally
 from core.schema import JOB_STATUSES, webhook_deliveries
 from core.webhooks import DELIVERY_STATUSES
 
@@ -58,8 +58,7 @@ class DatabaseCollector:
         up = GaugeMetricFamily("nexusgen_metrics_database_up", "1 if the database answered this scrape.")
         try:
             with self.engine.connect() as conn:
-                counts = counts_by_status(conn)
-                queued = queue_depths(conn)
+                counts, queued = tally(conn)
                 ages = [
                     (task, conn.execute(_OLDEST, {"task": task}).scalar())
                     for task in sorted({t for t, _, _ in queued})

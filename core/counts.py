@@ -7,41 +7,11 @@ The sweeper folds the deltas (`compact_counts`), so reads stay a few thousand ro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 from sqlalchemy import Connection, func, select, text
 
 from core.schema import job_counts
 
 _COMPACT_LOCK = 0x6E657863  # "nexc": one compaction at a time
-
-
-@dataclass(frozen=True)
-class Group:
-    """Queued jobs of one tenant that a claim takes together: same task, bucket and priority."""
-
-    task: str
-    bucket: str
-    priority: int
-    tenant_id: str
-    queued: int
-
-
-def queued_groups(conn: Connection, tasks: Sequence[str], bucket: str | None = None) -> list[Group]:
-    """Every (task, bucket, priority, tenant) with queued jobs, most urgent priority first."""
-    c = job_counts.c
-    q = select(c.task, c.bucket, c.priority, c.tenant_id, func.sum(c.n)).where(
-        c.status == "queued", c.task.in_(list(tasks))
-    )
-    if bucket is not None:
-        q = q.where(c.bucket == bucket)
-    rows = conn.execute(
-        q.group_by(c.task, c.bucket, c.priority, c.tenant_id)
-        .having(func.sum(c.n) > 0)
-        .order_by(c.priority.desc(), c.task, c.bucket, c.tenant_id)
-    ).all()
-    return [Group(task, bucket, int(priority), tenant, int(n)) for task, bucket, priority, tenant, n in rows]
 
 
 def queued_tasks(conn: Connection) -> list[str]:
@@ -54,25 +24,22 @@ def queued_tasks(conn: Connection) -> list[str]:
     )
 
 
-def counts_by_status(conn: Connection) -> dict[tuple[str, str], int]:
-    """{(task, status): jobs} over every tenant, for the statuses that have jobs."""
+def tally(conn: Connection) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str, int], int]]:
+    """One read of the counters: ({(task, status): jobs}, {(task, bucket, priority): queued jobs}),
+    both without zero entries."""
     c = job_counts.c
     rows = conn.execute(
-        select(c.task, c.status, func.sum(c.n)).group_by(c.task, c.status).having(func.sum(c.n) != 0)
+        select(c.task, c.status, c.bucket, c.priority, func.sum(c.n))
+        .group_by(c.task, c.status, c.bucket, c.priority)
+        .having(func.sum(c.n) != 0)
     ).all()
-    return {(task, status): int(n) for task, status, n in rows}
-
-
-def queue_depths(conn: Connection) -> dict[tuple[str, str, int], int]:
-    """{(task, bucket, priority): queued jobs} for the non-empty queues."""
-    c = job_counts.c
-    rows = conn.execute(
-        select(c.task, c.bucket, c.priority, func.sum(c.n))
-        .where(c.status == "queued")
-        .group_by(c.task, c.bucket, c.priority)
-        .having(func.sum(c.n) > 0)
-    ).all()
-    return {(task, bucket, int(priority)): int(n) for task, bucket, priority, n in rows}
+    by_status: dict[tuple[str, str], int] = {}
+    depths: dict[tuple[str, str, int], int] = {}
+    for task, status, bucket, priority, n in rows:
+        by_status[(task, status)] = by_status.get((task, status), 0) + int(n)
+        if status == "queued":
+            depths[(task, bucket, int(priority))] = int(n)
+    return {k: v for k, v in by_status.items() if v}, depths
 
 
 def compact_counts(conn: Connection) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, and_, exists, func, select, update
 
 from core.counts import queued_tasks
-from core.fair_share import Head, record_turn, take_batch
+from core.fair_share import Group, Head, fill_order, oldest_ids, queue_head, turn_taken
 from core.ids import new_id
 from core.schema import TERMINAL_STATUSES, batches, jobs, results
 from core.webhooks import enqueue_event, enqueue_progress_event
@@ -119,38 +119,53 @@ def claim_batch(
     bucket: str | None = None,
     head: Head | None = None,
 ) -> list[RowMapping]:
-    """Claim up to `max_batch` queued jobs of one bucket, exclusively, in fair-share order.
+    """queued -> running for up to `max_batch` jobs of one bucket, exclusively, in fair-share order.
 
-    The head's group goes first (given by the caller's peek, or core.fair_share.queue_head: the most
-    urgent priority, then the tenant whose turn it is), then the bucket's other jobs fill the batch.
+    The head's group goes first (the caller's peek, or core.fair_share.queue_head: the most urgent
+    priority, then the tenant whose turn it is); the bucket's other groups fill the batch.
     """
-    ids = take_batch(conn, tasks, max_batch, bucket=bucket, head=head)
-    if not ids:
-        return []
-    rows = (
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.id.in_(ids), jobs.c.status == "queued")
-            .values(
-                status="running",
-                stage="starting",
-                step=None,
-                attempt=jobs.c.attempt + 1,
-                lease_owner=worker_id,
-                lease_expires_at=func.now() + timedelta(seconds=lease_s),
-                started_at=func.coalesce(jobs.c.started_at, func.now()),
-                updated_at=func.now(),
-            )
-            .returning(*jobs.c)
-        )
-        .mappings()
-        .all()
-    )
-    order = {job_id: i for i, job_id in enumerate(ids)}
-    rows = sorted(rows, key=lambda r: order[r["id"]])
-    if rows:
-        record_turn(conn, rows[0]["task"], rows[0]["tenant_id"])
+    if head is None:
+        head = queue_head(conn, tasks, bucket)
+        if head is None:
+            return []
+    rows = _claim_group(conn, head, max_batch, worker_id, lease_s)
+    if len(rows) < max_batch:
+        for group in fill_order(conn, head):
+            # A filler's tenant keeps its turn, unless the head had nothing left to give.
+            rows += _claim_group(conn, group, max_batch - len(rows), worker_id, lease_s, turn=not rows)
+            if len(rows) >= max_batch:
+                break
     return rows
+
+
+def _claim_group(
+    conn: Connection, group: Group, limit: int, worker_id: str, lease_s: float, turn: bool = True
+) -> list[RowMapping]:
+    """One statement: claim the group's oldest free jobs and, if `turn`, record the tenant's turn."""
+    # MATERIALIZED: evaluated once. As a plain IN (subquery) it may be re-run, and each run under
+    # SKIP LOCKED finds other free rows: more than `limit` jobs.
+    picked = oldest_ids(group, limit).cte("picked").prefix_with("MATERIALIZED")
+    claimed = (
+        update(jobs)
+        .where(jobs.c.id.in_(select(picked.c.id)), jobs.c.status == "queued")
+        .values(
+            status="running",
+            stage="starting",
+            step=None,
+            attempt=jobs.c.attempt + 1,
+            lease_owner=worker_id,
+            lease_expires_at=func.now() + timedelta(seconds=lease_s),
+            started_at=func.coalesce(jobs.c.started_at, func.now()),
+            updated_at=func.now(),
+        )
+        .returning(*jobs.c)
+        .cte("claimed")
+    )
+    stmt = select(claimed)
+    if turn:
+        stmt = stmt.add_cte(turn_taken(group, claimed).cte("turn"))
+    rows = conn.execute(stmt).mappings().all()
+    return sorted(rows, key=lambda r: (r["created_at"], r["id"]))
 
 
 class Ack(enum.Enum):
@@ -392,11 +407,12 @@ def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[RowMappi
     return requeued, failed
 
 
-def take_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 1000) -> list[RowMapping]:
+def take_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 100) -> list[RowMapping]:
     """Queued jobs nobody claimed for a while (a lost wake-up): stamp and return them to re-publish.
 
-    Per task, the longest-waiting jobs in ix_jobs_queued_since order: at most `limit` rows are read,
-    whatever the depth.
+    Per task, the longest-waiting jobs in ix_jobs_queued_since order: at most `limit` rows are read and
+    stamped, whatever the depth (one wake-up drains a whole task family, so a few suffice; the next
+    sweep takes the next ones).
     """
     taken: list[RowMapping] = []
     for task in queued_tasks(conn):
@@ -410,12 +426,13 @@ def take_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 1000) 
             .order_by(jobs.c.enqueued_at)
             .limit(limit - len(taken))
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
+            .cte("stale")
+            .prefix_with("MATERIALIZED")  # evaluated once (see _claim_group)
         )
         taken += (
             conn.execute(
                 update(jobs)
-                .where(jobs.c.id.in_(stale))
+                .where(jobs.c.id.in_(select(stale.c.id)))
                 .values(enqueued_at=func.now())
                 .returning(jobs.c.id, jobs.c.task, jobs.c.bucket)
             )

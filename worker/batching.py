@@ -53,7 +53,7 @@ def gather_and_claim(
         if head is None:
             return []
         wait = settings.batch_window_s - head.age_s
-        if head.queued < settings.max_batch and wait > 0:
+        if head.available < settings.max_batch and wait > 0:
             time.sleep(min(wait, POLL_S))
             continue
         with transaction(engine) as conn:

@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import Engine, func, select, text, update
 
 from core import jobs as sm
-from core.counts import compact_counts, counts_by_status, queue_depths, queued_groups
-from core.fair_share import queue_head
+from core.counts import compact_counts, tally
+from core.fair_share import queue_head, queued_groups
 from core.ids import new_id
 from core.ingest import insert_jobs
 from core.schema import job_counts, jobs, tenants
@@ -110,9 +110,9 @@ def test_peek_passes_over_young_partial_groups_and_waits_for_them_when_nothing_e
         _queue(conn, b, 1, steps=3)  # alone in its bucket
     with clean_db.connect() as conn:
         head = queue_head(conn, ["generate"], full_at=8, window_s=60)
-        assert head is not None and (head.tenant_id, head.queued) == (a, 8)  # a full batch is ready
+        assert head is not None and (head.tenant_id, head.available) == (a, 8)  # a full batch is ready
         head = queue_head(conn, ["generate"], full_at=8, window_s=0)  # b's job waited long enough
-        assert head is not None and (head.tenant_id, head.queued) == (b, 1)
+        assert head is not None and (head.tenant_id, head.available) == (b, 1)
     assert len(_claim(clean_db, max_batch=8, bucket=BUCKET)) == 8
     with clean_db.connect() as conn:
         head = queue_head(conn, ["generate"], full_at=8, window_s=60)
@@ -181,14 +181,14 @@ def test_counters_equal_a_count_of_the_rows_through_every_transition(clean_db: E
         conn.execute(jobs.delete().where(jobs.c.id == a_other[3]))
     assert len(rows_claimed) == 8
     with clean_db.connect() as conn:
-        assert (counts_by_status(conn), queue_depths(conn)) == _true_counts(clean_db)
+        assert tally(conn) == _true_counts(clean_db)
     with clean_db.begin() as conn:
         rows_before = conn.execute(select(func.count()).select_from(job_counts)).scalar_one()
         removed = compact_counts(conn)
     with clean_db.connect() as conn:
         rows_after = conn.execute(select(func.count()).select_from(job_counts)).scalar_one()
         assert removed == rows_before - rows_after > 0
-        assert (counts_by_status(conn), queue_depths(conn)) == _true_counts(clean_db)
+        assert tally(conn) == _true_counts(clean_db)
         assert sum(g.queued for g in queued_groups(conn, ["generate"])) == 30 + 5 - 8 - 2 + 8 + 1
 
 
