@@ -13,12 +13,13 @@ from collections.abc import Callable, Sequence
 import urllib3.exceptions
 from kombu.exceptions import OperationalError as BrokerError
 from minio.error import ServerError as S3ServerError
-from sqlalchemy import Engine, RowMapping
+from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import jobs as jobstate
 from core.db import transaction
 from core.fair_share import queue_head
+from core.records import Job
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 def gather_and_claim(
     engine: Engine, settings: Settings, worker_id: str, task: str, bucket: str | None
-) -> list[RowMapping]:
+) -> list[Job]:
     """Claim the next batch of `task` (in `bucket` if given), tenants taking turns (core.fair_share).
 
     With fewer than max_batch jobs queued, wait until the oldest of them has waited batch_window_s, so
@@ -71,16 +72,16 @@ def gather_and_claim(
         time.sleep(POLL_S)  # another worker claimed that bucket first: look again
 
 
-def release_claims(engine: Engine, rows: Sequence[RowMapping], reason: str) -> int:
+def release_claims(engine: Engine, rows: Sequence[Job], reason: str) -> int:
     """Put back the jobs of a batch that this worker still holds (after a transient error)."""
     released = 0
     with transaction(engine) as conn:
-        for row in rows:
-            released += jobstate.requeue_job(conn, row["id"], row["attempt"], reason=reason)
+        for job in rows:
+            released += jobstate.requeue_job(conn, job.id, job.attempt, reason=reason)
     return released
 
 
-RunBatch = Callable[[Sequence[RowMapping]], object]
+RunBatch = Callable[[Sequence[Job]], object]
 
 
 def drain(
@@ -111,5 +112,5 @@ def drain(
             bucket = None  # the named bucket is empty: go on with the rest of this task's queue
             continue
         claimed += len(rows)
-        log.info("claimed %d %s job(s) of bucket %s", len(rows), task, rows[0]["bucket"])
+        log.info("claimed %d %s job(s) of bucket %s", len(rows), task, rows[0].bucket)
         run_batch(rows)

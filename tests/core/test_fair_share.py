@@ -47,7 +47,7 @@ def _queue(conn: Any, tenant_id: str, n: int, *, priority: int = 0, steps: int =
 def _claim(engine: Engine, max_batch: int = 4, **kw: Any) -> list[str]:
     with engine.begin() as conn:
         rows = sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=max_batch, lease_s=60, **kw)
-    return [r["id"] for r in rows]
+    return [r.id for r in rows]
 
 
 def _owners(engine: Engine, ids: list[str]) -> list[str]:
@@ -171,8 +171,8 @@ def test_counters_equal_a_count_of_the_rows_through_every_transition(clean_db: E
         rows_claimed = sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=8, lease_s=-1)
     with clean_db.begin() as conn:
         done = sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=2, lease_s=60)
-        sm.complete_job(conn, done[0]["id"], 1, provenance={}, result={"kind": "text", "text": "t"})
-        sm.fail_job(conn, done[1]["id"], 1, code="bad", message="m")
+        sm.complete_job(conn, done[0].id, 1, provenance={}, result={"kind": "text", "text": "t"})
+        sm.fail_job(conn, done[1].id, 1, code="bad", message="m")
         sm.cancel_job(conn, a, a_other[0])
         sm.expire_leases(conn, max_attempts=3)  # the first claim's leases ran out: back in the queue
     with clean_db.begin() as conn:
