@@ -38,7 +38,10 @@ class Discovered:
 
 
 def state_dir(environ: Mapping[str, str]) -> Path:
-    return Path(environ.get("NEXUSGEN_STATE_DIR") or ".nexusgen")
+    """NEXUSGEN_STATE_DIR, read like every setting through core/settings.py."""
+    from core.settings import Settings
+
+    return Settings.from_env(environ).state_dir
 
 
 def pid_alive(pid: int) -> bool:
@@ -121,7 +124,8 @@ def require_answering(name: str, url: str, source: Path | None) -> None:
     hint = (
         f"; {source} belongs to an `up` that no longer serves it: restart `nexusgen up`"
         if source
-        else f"; start that server, or unset {name} to let `nexusgen up` start an embedded one"
+        else f"; start that server, or unset {name} (if it came from a sourced .nexusgen/env: commands "
+        "then find the running `nexusgen up` themselves, and `up` starts embedded servers)"
         if name != "NEXUSGEN_API_URL"
         else "; is `nexusgen up` or `nexusgen api` running there?"
     )
