@@ -24,7 +24,7 @@ class Task(StrEnum):
     UNDERSTAND = "understand"
 
 
-TASKS: tuple[str, ...] = tuple(Task)
+TASKS: tuple[str, ...] = tuple(task.value for task in Task)
 
 
 class JobStatus(StrEnum):

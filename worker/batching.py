@@ -10,11 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import urllib3.exceptions
-from kombu.exceptions import OperationalError as BrokerError
-from minio.error import ServerError as S3ServerError
 from sqlalchemy import Engine
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import jobs as jobstate
 from core.db import transaction
@@ -26,16 +22,6 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.05
 DRAIN_BUDGET_S = 30.0  # one task drains for at most this long, then hands over to a fresh wake-up
-# Infrastructure hiccups worth a retry (database, object storage, broker), never bad input or OOM.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OperationalError,
-    InterfaceError,
-    urllib3.exceptions.HTTPError,
-    S3ServerError,
-    BrokerError,
-    ConnectionError,
-    TimeoutError,
-)
 
 
 def gather_and_claim(

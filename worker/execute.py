@@ -39,8 +39,8 @@ from model import (
     UnderstandRequest,
     validate_request,
 )
-from worker.batching import TRANSIENT_ERRORS
 from worker.heartbeat import LeaseKeeper
+from worker.runtime import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 

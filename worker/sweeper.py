@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from celery import Celery, Task, shared_task
+from celery import Celery, shared_task
 from sqlalchemy import Engine
 
 from core.counts import compact_counts
@@ -18,7 +18,7 @@ from core.idempotency import purge_expired
 from core.jobs import expire_leases, take_unclaimed
 from core.queue import TASK_SWEEP, publish_wakeups
 from core.settings import Settings
-from worker.batching import TRANSIENT_ERRORS
+from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,11 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
     return counts
 
 
-@shared_task(name=TASK_SWEEP, bind=True, ignore_result=True)
-def sweep_task(self: Task) -> dict[str, int]:
+@shared_task(base=NexusGenTask, name=TASK_SWEEP, bind=True, ignore_result=True, autoretry_for=())
+def sweep_task(self: NexusGenTask) -> dict[str, int]:
     """Celery entry point of TASK_SWEEP; a failed sweep is simply redone by the next beat."""
-    from worker.tasks import app_resources
-
-    settings, app = app_resources(self.app)
     try:
-        return sweep(app.engine, app, settings)
+        return sweep(self.engine, self.runtime, self.settings)
     except TRANSIENT_ERRORS as exc:
         log.warning("sweep skipped (%s); the next beat retries", exc.__class__.__name__)
         return {}
