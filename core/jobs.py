@@ -390,38 +390,29 @@ def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[Job], li
     return requeued, failed
 
 
-def take_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 100) -> list[RowMapping]:
-    """Queued jobs nobody claimed for a while (a lost wake-up): stamp and return them to re-publish.
+def find_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 100) -> list[RowMapping]:
+    """Queued jobs nobody claimed for `older_than_s` (a lost wake-up?): their ids, tasks and buckets.
 
-    Per task, the longest-waiting jobs in ix_jobs_queued_since order: at most `limit` rows are read and
-    stamped, whatever the depth (one wake-up drains a whole task family, so a few suffice; the next
-    sweep takes the next ones).
+    Per task, the longest-waiting jobs in ix_jobs_queued_since order: at most `limit` rows are read,
+    whatever the depth, and none is locked or written, so a sweep never takes a job from a claim (one
+    wake-up drains a whole task family, so the buckets of a few suffice).
     """
-    taken: list[RowMapping] = []
+    found: list[RowMapping] = []
     for task in queued_tasks(conn):
-        stale = (
-            select(jobs.c.id)
-            .where(
-                jobs.c.status == JobStatus.QUEUED,
-                jobs.c.task == task,
-                jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s),
-            )
-            .order_by(jobs.c.enqueued_at)
-            .limit(limit - len(taken))
-            .with_for_update(skip_locked=True)
-            .cte("stale")
-            .prefix_with("MATERIALIZED")  # evaluated once (see _claim_group)
-        )
-        taken += (
+        found += (
             conn.execute(
-                update(jobs)
-                .where(jobs.c.id.in_(select(stale.c.id)))
-                .values(enqueued_at=func.now())
-                .returning(jobs.c.id, jobs.c.task, jobs.c.bucket)
+                select(jobs.c.id, jobs.c.task, jobs.c.bucket)
+                .where(
+                    jobs.c.status == JobStatus.QUEUED,
+                    jobs.c.task == task,
+                    jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s),
+                )
+                .order_by(jobs.c.enqueued_at)
+                .limit(limit - len(found))
             )
             .mappings()
             .all()
         )
-        if len(taken) >= limit:
+        if len(found) >= limit:
             break
-    return taken
+    return found

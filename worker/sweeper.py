@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from core.counts import compact_counts
 from core.db import transaction
 from core.idempotency import purge_expired
-from core.jobs import expire_leases, take_unclaimed
+from core.jobs import expire_leases, find_unclaimed
 from core.queue import TASK_SWEEP, publish_wakeups
 from core.settings import Settings
 from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
@@ -27,7 +27,7 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
     """One sweep; returns counts (requeued, poisoned, unclaimed, wakeups)."""
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
-        unclaimed = take_unclaimed(conn, older_than_s=settings.requeue_after_s)
+        unclaimed = find_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
         folded = compact_counts(conn)
     # After the commit: a worker woken now must see the jobs queued.
