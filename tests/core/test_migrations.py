@@ -67,3 +67,33 @@ def test_the_session_database_is_at_head(engine: Any) -> None:
     with engine.connect() as conn:
         assert current_revision(conn) == head_revision()
         assert schema_diff(conn) == []
+
+
+def test_fair_share_revision_counts_the_jobs_already_there(empty_db: Any) -> None:
+    settings, engine = empty_db
+    upgrade(settings, "0001")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, webhook_secret) VALUES ('ten_a', 'a', 'whsec_x')"))
+        for i, (status, priority) in enumerate([("queued", 0)] * 3 + [("queued", 2), ("succeeded", 0)]):
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant_id, task, prompt, params, bucket, status, priority)"
+                    " VALUES (:id, 'ten_a', 'generate', 'x', '{}', 'b', :status, :priority)"
+                ),
+                {"id": f"job_{i}", "status": status, "priority": priority},
+            )
+    upgrade(settings)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET status = 'running' WHERE id = 'job_0'"))  # counted from now on
+        counted = conn.execute(
+            text(
+                "SELECT status, priority, sum(n) FROM job_counts GROUP BY status, priority"
+                " HAVING sum(n) <> 0 ORDER BY 1, 2"
+            )
+        ).all()
+    assert [tuple(r) for r in counted] == [
+        ("queued", 0, 2),
+        ("queued", 2, 1),
+        ("running", 0, 1),
+        ("succeeded", 0, 1),
+    ]
