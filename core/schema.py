@@ -99,7 +99,11 @@ jobs = Table(
     Column("step", Integer),
     Column("total_steps", Integer),
     Column("progress", Float, nullable=False, server_default=text("0")),
-    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    Column("attempt", Integer, nullable=False, server_default=text("0")),  # claims so far (ownership token)
+    # Why a claim did not end the job: its worker was lost (lease expired; counts toward poison), or it
+    # was put back after a transient infrastructure error (never counts toward poison).
+    Column("worker_losses", Integer, nullable=False, server_default=text("0")),
+    Column("put_backs", Integer, nullable=False, server_default=text("0")),
     Column("lease_owner", String(200)),
     Column("lease_expires_at", DateTime(timezone=True)),
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
@@ -137,7 +141,7 @@ Index("ix_jobs_lease", jobs.c.lease_expires_at, postgresql_where=text("status = 
 Index("ix_jobs_finished", jobs.c.finished_at, postgresql_where=text("finished_at IS NOT NULL"))
 
 # Job counts by (tenant, task, status; bucket and priority for queued jobs), kept by statement triggers on
-# `jobs` (migration 0002_fair_share) as append-only delta rows: no transition waits on a counter row.
+# `jobs` (migration 0003_fair_share) as append-only delta rows: no transition waits on a counter row.
 # Readers sum the rows of a key; the sweeper folds them (core.counts.compact_counts).
 job_counts = Table(
     "job_counts",

@@ -71,7 +71,7 @@ def test_the_session_database_is_at_head(engine: Any) -> None:
 
 def test_fair_share_revision_counts_the_jobs_already_there(empty_db: Any) -> None:
     settings, engine = empty_db
-    upgrade(settings, "0001")
+    upgrade(settings, "0002_job_loss_accounting")  # the revision before the counters
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO tenants (id, name, webhook_secret) VALUES ('ten_a', 'a', 'whsec_x')"))
         for i, (status, priority) in enumerate([("queued", 0)] * 3 + [("queued", 2), ("succeeded", 0)]):

@@ -9,8 +9,8 @@
   count job rows, and no transition waits on a shared counter row. Existing jobs are counted once here.
 - `tenant_turns`: when each tenant was last served, for round robin between tenants.
 
-Revision ID: 0002_fair_share
-Revises: 0001
+Revision ID: 0003_fair_share
+Revises: 0002_job_loss_accounting
 Create Date: 2026-11-29
 """
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_fair_share"
-down_revision: str | None = "0001"
+revision: str = "0003_fair_share"
+down_revision: str | None = "0002_job_loss_accounting"
 branch_labels: str | None = None
 depends_on: str | None = None
 
