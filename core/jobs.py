@@ -22,14 +22,17 @@ ACTIVE = ("queued", "running")
 
 
 def bucket_key(task: str, params: dict[str, Any]) -> str:
-    """Jobs with equal keys can share one model call: task, decoder, output size, steps, cfg and guidance."""
+    """Jobs with equal keys can share one model call: task, decoder, output size, steps, cfg, guidance
+    and step-cache threshold (named only when on, so keys of jobs without it stay as they were)."""
     if task == "understand":
         return f"understand|{params.get('max_new_tokens', 1024)}"
     decoder = params.get("decoder", "generation") if task == "edit" else "generation"
-    return (
+    key = (
         f"{task}|{decoder}|{params['width']}x{params['height']}|{params['steps']}"
         f"|{float(params['cfg_scale']):g}|{float(params['guidance']):g}"
     )
+    threshold = float(params.get("cache_threshold") or 0.0)
+    return f"{key}|cache{threshold:g}" if threshold else key
 
 
 def job_event_data(row: RowMapping | dict[str, Any], base_url: str = "") -> dict[str, Any]:
