@@ -8,17 +8,18 @@ from typing import Any
 
 from apiflask import APIBlueprint
 from flask import Response, jsonify, request, stream_with_context
-from sqlalchemy import Connection, RowMapping, func, select
+from sqlalchemy import Connection, select
 
 from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
-from api.jobs import load_owned, parse_json_body, require_id, results_by_job
-from api.schemas import BatchIn, BatchOut, batch_json, describes_body, result_json
+from api.jobs import load_owned, parse_json_body, render_jobs, require_id
+from api.schemas import BatchIn, BatchOut, BatchQuery, describes_body
 from core.ids import new_id
 from core.ingest import insert_jobs, missing_uploads, parse_jsonl, store_pending_uploads, validate_many
-from core.jobs import cancel_batch
+from core.jobs import cancel_batch, count_by_status
+from core.records import JOB_RESULT_LINE_FIELDS, Batch, Job, JobStatus, batch_payload
 from core.schema import batches, jobs
 from core.settings import Settings
 from core.submit import JobDraft, SubmitError, check_metadata, parse_webhook
@@ -34,14 +35,36 @@ JSONL_TYPES = (
 RESULTS_PAGE = 1000
 
 
+def batch_options(query: dict[str, Any]) -> tuple[dict[str, Any] | None, Any]:
+    """The batch-level webhook (`{url, events}`) and metadata given as query parameters, not yet checked.
+
+    `webhook_events` is a comma list; `metadata` a URL-encoded JSON object.
+    """
+    webhook: dict[str, Any] | None = None
+    if query.get("webhook_url") is not None:
+        webhook = {"url": query["webhook_url"]}
+        if query.get("webhook_events") is not None:
+            webhook["events"] = [e.strip() for e in query["webhook_events"].split(",") if e.strip()]
+    elif query.get("webhook_events") is not None:
+        raise SubmitError("invalid_webhook", "webhook_events needs webhook_url")
+    metadata = None
+    if query.get("metadata") is not None:
+        try:
+            metadata = json.loads(query["metadata"])
+        except ValueError as exc:
+            raise SubmitError("invalid_metadata", f"the metadata parameter is not JSON: {exc}") from exc
+        if metadata is None:
+            raise SubmitError("invalid_metadata", "metadata must be an object")
+    return webhook, metadata
+
+
 def _parse_batch(
-    conn: Connection, tenant_id: str, settings: Settings
+    conn: Connection, tenant_id: str, settings: Settings, query: dict[str, Any]
 ) -> tuple[list[JobDraft], dict[str, Any], tuple[str | None, list[str] | None]]:
     """Validate the whole body; raise one SubmitError naming EVERY bad line (or index) if any."""
     jsonl = request.mimetype in JSONL_TYPES
     position = "line" if jsonl else "index"
-    metadata: dict[str, Any] = {}
-    webhook: tuple[str | None, list[str] | None] = (None, None)
+    raw_webhook, raw_metadata = batch_options(query)
     if jsonl:
         items, errors = parse_jsonl(request.get_data(cache=True))
     else:
@@ -52,9 +75,16 @@ def _parse_batch(
             or set(body) - {"jobs", "webhook", "metadata"}
         ):
             raise SubmitError("invalid_batch", "the body must be {jobs: [...], webhook?, metadata?}")
-        metadata = check_metadata(body.get("metadata"))
-        webhook = parse_webhook(body.get("webhook"), settings, {})
+        for name, given in (("webhook", raw_webhook), ("metadata", raw_metadata)):
+            if given is not None and body.get(name) is not None:
+                raise SubmitError(
+                    f"invalid_{name}", f"{name} is given both in the body and as a query parameter"
+                )
+        raw_webhook = raw_webhook if raw_webhook is not None else body.get("webhook")
+        raw_metadata = raw_metadata if raw_metadata is not None else body.get("metadata")
         items, errors = list(enumerate(body["jobs"])), []
+    metadata = check_metadata(raw_metadata)
+    webhook = parse_webhook(raw_webhook, settings, {})
     total = len(items) + len(errors)
     if total == 0:
         raise SubmitError("empty_batch", "the batch has no jobs")
@@ -76,30 +106,26 @@ def _parse_batch(
     return [draft for _, draft in numbered], metadata, webhook
 
 
-def _counts(conn: Connection, batch_id: str) -> dict[str, int]:
-    rows = conn.execute(
-        select(jobs.c.status, func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.status)
-    ).all()
-    return {status: int(n) for status, n in rows}
-
-
-def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> RowMapping:
-    return load_owned(conn, batches, "batch", tenant_id, batch_id)
+def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> Batch:
+    return Batch.from_row(load_owned(conn, batches, "batch", tenant_id, batch_id))
 
 
 @bp.post("/v1/batches")
 @bp.auth_required(auth, roles=["submit"])
+@bp.input(BatchQuery, location="query", arg_name="query")
 @describes_body(BatchIn)
 @bp.output(BatchOut, status_code=201, description="The batch with its job counts.")
 @bp.doc(responses=[400, 409, 413, 422])
-def create_batch() -> Response:
+def create_batch(query: dict[str, Any]) -> Response:
     """Submit many jobs: JSON `{jobs, webhook, metadata}` or JSONL (`application/x-ndjson`, one job a line,
-    each with a unique custom_id). Any invalid line: 422 naming every bad line, and nothing is created."""
+    each with a unique custom_id). A JSONL batch takes its webhook and metadata as query parameters
+    (`webhook_url`, `webhook_events`, `metadata`); a line may still set its own webhook. Any invalid line:
+    422 naming every bad line, and nothing is created."""
     principal = current_principal()
     svc = services()
 
     def work(conn: Connection) -> Created:
-        drafts, metadata, (url, events) = _parse_batch(conn, principal.tenant_id, svc.settings)
+        drafts, metadata, (url, events) = _parse_batch(conn, principal.tenant_id, svc.settings, query)
         batch_id = new_id("bat")
         row = (
             conn.execute(
@@ -119,9 +145,13 @@ def create_batch() -> Response:
         )
         store_pending_uploads(conn, svc.storage, principal.tenant_id, drafts)
         wakeups = insert_jobs(conn, principal.tenant_id, batch_id, drafts)
-        return Created(201, batch_json(row, {"queued": len(drafts)}), wakeups)
+        return Created(201, batch_payload(Batch.from_row(row), {JobStatus.QUEUED: len(drafts)}), wakeups)
 
-    return create_idempotently(principal.tenant_id, request.get_data(cache=True), work)
+    # The query parameters are part of the request: the same body with another webhook is another request.
+    fingerprint = request.get_data(cache=True)
+    if request.query_string:
+        fingerprint = request.query_string + b"\0" + fingerprint
+    return create_idempotently(principal.tenant_id, fingerprint, work)
 
 
 @bp.get("/v1/batches/<batch_id>")
@@ -131,8 +161,8 @@ def get_batch(batch_id: str) -> Response:
     """A batch and its job counts by status."""
     principal = current_principal()
     with services().engine.connect() as conn:
-        row = _load_batch(conn, principal.tenant_id, batch_id)
-        return jsonify(batch_json(row, _counts(conn, batch_id)))
+        batch = _load_batch(conn, principal.tenant_id, batch_id)
+        return jsonify(batch_payload(batch, count_by_status(conn, batch_id)))
 
 
 @bp.get("/v1/batches/<batch_id>/results")
@@ -149,36 +179,21 @@ def get_results(batch_id: str) -> Response:
         last = ""
         while True:
             with svc.engine.connect() as conn:
-                page = (
-                    conn.execute(
+                page = [
+                    Job.from_row(row)
+                    for row in conn.execute(
                         select(jobs)
                         .where(jobs.c.batch_id == batch_id, jobs.c.id > last)
                         .order_by(jobs.c.id)
                         .limit(RESULTS_PAGE)
-                    )
-                    .mappings()
-                    .all()
-                )
-                by_job = results_by_job(conn, page)
-            for row in page:
-                result = by_job.get(row["id"]) if row["status"] == "succeeded" else None
-                error = (
-                    {"code": row["error_code"], "message": row["error_message"]}
-                    if row["status"] == "failed"
-                    else None
-                )
-                record = {
-                    "custom_id": row["custom_id"],
-                    "job_id": row["id"],
-                    "task": row["task"],
-                    "status": row["status"],
-                    "result": result_json(result, svc.storage, svc.settings.presign_ttl_s),
-                    "error": error,
-                }
+                    ).mappings()
+                ]
+                records = render_jobs(conn, page, JOB_RESULT_LINE_FIELDS)
+            for record in records:
                 yield json.dumps(record, ensure_ascii=False) + "\n"
             if len(page) < RESULTS_PAGE:
                 return
-            last = page[-1]["id"]
+            last = page[-1].id
 
     return Response(stream_with_context(lines()), mimetype="application/x-ndjson")
 
@@ -193,5 +208,5 @@ def cancel(batch_id: str) -> Response:
     with services().engine.begin() as conn:
         if cancel_batch(conn, principal.tenant_id, batch_id) is None:
             fail(404, "not_found", f"no batch {batch_id!r}")
-        row = _load_batch(conn, principal.tenant_id, batch_id)
-        return jsonify(batch_json(row, _counts(conn, batch_id)))
+        batch = _load_batch(conn, principal.tenant_id, batch_id)
+        return jsonify(batch_payload(batch, count_by_status(conn, batch_id)))

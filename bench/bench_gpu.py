@@ -302,7 +302,7 @@ def run_config(pipe: NexusGen, preset: Preset, task: str, size: int, batch: int,
 def plan(preset: Preset) -> list[tuple[str, str, int, int]]:
     """Every (option, task, size, batch), in the order they are measured (most telling first)."""
     order = [
-        "bf16",
+        "baseline",
         "cache",
         "compile",
         "compile+fp8",

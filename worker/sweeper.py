@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from celery import Celery, Task, shared_task
+from celery import Celery, shared_task
 from sqlalchemy import Engine
 
 from core.db import transaction
@@ -17,7 +17,7 @@ from core.idempotency import purge_expired
 from core.jobs import expire_leases, take_unclaimed
 from core.queue import TASK_SWEEP, publish_wakeups
 from core.settings import Settings
-from worker.batching import TRANSIENT_ERRORS
+from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
         unclaimed = take_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
     # After the commit: a worker woken now must see the jobs queued.
-    wakeups = publish_wakeups(publisher, [(r["task"], r["bucket"]) for r in [*requeued, *unclaimed]])
+    pairs = [(job.task.value, job.bucket) for job in requeued] + [(r["task"], r["bucket"]) for r in unclaimed]
+    wakeups = publish_wakeups(publisher, pairs)
     counts = {
         "requeued": len(requeued),
         "poisoned": len(poisoned),
@@ -42,14 +43,11 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
     return counts
 
 
-@shared_task(name=TASK_SWEEP, bind=True, ignore_result=True)
-def sweep_task(self: Task) -> dict[str, int]:
+@shared_task(base=NexusGenTask, name=TASK_SWEEP, bind=True, ignore_result=True, autoretry_for=())
+def sweep_task(self: NexusGenTask) -> dict[str, int]:
     """Celery entry point of TASK_SWEEP; a failed sweep is simply redone by the next beat."""
-    from worker.tasks import app_resources
-
-    settings, app = app_resources(self.app)
     try:
-        return sweep(app.engine, app, settings)
+        return sweep(self.engine, self.runtime, self.settings)
     except TRANSIENT_ERRORS as exc:
         log.warning("sweep skipped (%s); the next beat retries", exc.__class__.__name__)
         return {}
