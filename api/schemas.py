@@ -147,6 +147,8 @@ class JobOut(Schema):
     params = Dict()
     metadata = Dict()
     attempt = Integer()
+    worker_losses = Integer()
+    put_backs = Integer()
     created_at = DateTime()
     started_at = DateTime(allow_none=True)
     finished_at = DateTime(allow_none=True)

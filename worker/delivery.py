@@ -21,6 +21,7 @@ from typing import Any
 
 from celery import shared_task
 from sqlalchemy import Connection, Engine, RowMapping, func, or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core.queue import TASK_DELIVER
 from core.records import (
@@ -222,6 +223,30 @@ def _finish(
             )
 
 
+def _record(
+    engine: Engine,
+    settings: Settings,
+    delivery: RowMapping,
+    outcome: SendOutcome,
+    status: DeliveryStatus,
+    next_in_s: float | None = None,
+) -> None:
+    """_finish, retried through a database outage while the claim lock lasts: an answer the receiver gave
+    is not thrown away lightly (unrecorded, the event is sent again once the lock runs out)."""
+    give_up = time.monotonic() + settings.webhook_lock_s - settings.webhook_timeout_s - 5
+    delay = 0.5
+    while True:
+        try:
+            _finish(engine, delivery, outcome, status, next_in_s)
+            return
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + delay > give_up:
+                raise
+            log.warning("recording a webhook attempt failed (%s); retrying", exc.__class__.__name__)
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+
+
 def deliver_one(
     engine: Engine,
     settings: Settings,
@@ -260,7 +285,7 @@ def deliver_one(
     except WebhookURLRefused as exc:
         outcome = SendOutcome.failure(f"{exc.reason}: {exc}")
         if exc.reason != "unresolvable_host":  # a policy refusal does not heal by retrying
-            _finish(engine, delivery, outcome, DeliveryStatus.REFUSED, None)
+            _record(engine, settings, delivery, outcome, DeliveryStatus.REFUSED)
             return DeliveryStatus.REFUSED
     else:
         headers = sign_headers(secrets, delivery["event_id"], body)
@@ -268,14 +293,14 @@ def deliver_one(
             checked, body.encode("utf-8"), headers, settings.webhook_timeout_s, deadline=deadline
         )
     if outcome.status_code is not None and 200 <= outcome.status_code < 300:
-        _finish(engine, delivery, outcome, DeliveryStatus.SUCCEEDED, None)
+        _record(engine, settings, delivery, outcome, DeliveryStatus.SUCCEEDED)
         return DeliveryStatus.SUCCEEDED
     if outcome.status_code == 410:
-        _finish(engine, delivery, outcome, DeliveryStatus.DISABLED, None)
+        _record(engine, settings, delivery, outcome, DeliveryStatus.DISABLED)
         return DeliveryStatus.DISABLED
     delay = retry_delay(settings.webhook_retry_schedule_s, delivery["attempts"] + 1)
     status = DeliveryStatus.PENDING if delay is not None else DeliveryStatus.DEAD
-    _finish(engine, delivery, outcome, status, delay)
+    _record(engine, settings, delivery, outcome, status, delay)
     return status
 
 

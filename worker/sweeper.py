@@ -1,8 +1,8 @@
 """The sweeper (beat, every sweep_interval_s): recover jobs of lost workers and lost wake-ups.
 
-Requeues running jobs whose lease expired (failing poison jobs after max_attempts), then re-publishes
-one wake-up per (task, bucket) for those and for queued jobs nobody claimed for requeue_after_s;
-also drops Idempotency-Key records past their retention.
+Requeues running jobs whose lease expired (failing poison jobs after max_attempts worker losses; transient
+put-backs do not count), then re-publishes one wake-up per (task, bucket) for those and for queued jobs
+nobody claimed for requeue_after_s; also drops Idempotency-Key records past their retention.
 """
 
 from __future__ import annotations
