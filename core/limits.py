@@ -172,11 +172,14 @@ def _rate(
     return f'"submit";r={remaining};t={max(0, math.ceil(ahead_s))}'
 
 
-def running_room(conn: Connection, tenant_ids: set[str], default_max_running: int) -> dict[str, int]:
+def running_room(
+    conn: Connection, tenant_ids: set[str], default_max_running: int, *, wait: bool = True
+) -> dict[str, int]:
     """For the tenants among `tenant_ids` that have a max_running limit: how many more jobs may start.
 
-    Takes a transaction-scoped advisory lock per limited tenant (in id order, so claims cannot deadlock)
-    before counting, so concurrent claims of one tenant see each other's committed claims.
+    Takes a transaction-scoped advisory lock per limited tenant before counting, so concurrent claims
+    of one tenant see each other's committed claims. With `wait=False` a tenant whose lock another claim
+    holds gets no room (claims wait for at most one lock: no lock-order cycles).
     """
     if not tenant_ids:
         return {}
@@ -187,33 +190,26 @@ def running_room(conn: Connection, tenant_ids: set[str], default_max_running: in
     limited = sorted(t for t, n in limits.items() if n > 0)
     if not limited:
         return {}
+    locked = []
     for tenant_id in limited:
-        conn.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": "running:" + tenant_id}
+        key = {"key": "running:" + tenant_id}
+        if wait:
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), key)
+            locked.append(tenant_id)
+        elif conn.execute(text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))"), key).scalar():
+            locked.append(tenant_id)
+    running: dict[str, int] = (
+        dict(
+            conn.execute(
+                select(jobs.c.tenant_id, func.count())
+                .where(jobs.c.status == "running", jobs.c.tenant_id.in_(locked))
+                .group_by(jobs.c.tenant_id)
+            ).all()
         )
-    running: dict[str, int] = dict(
-        conn.execute(
-            select(jobs.c.tenant_id, func.count())
-            .where(jobs.c.status == "running", jobs.c.tenant_id.in_(limited))
-            .group_by(jobs.c.tenant_id)
-        ).all()
+        if locked
+        else {}
     )
-    return {t: max(0, limits[t] - int(running.get(t, 0))) for t in limited}
-
-
-def within_running_limits(
-    conn: Connection, picked: list[tuple[str, str]], default_max_running: int
-) -> list[str]:
-    """The ids of `picked` (job id, tenant id), in order, that their tenants' max_running lets start."""
-    room = running_room(conn, {tenant for _, tenant in picked}, default_max_running)
-    kept = []
-    for job_id, tenant in picked:
-        if tenant in room:
-            if room[tenant] <= 0:
-                continue
-            room[tenant] -= 1
-        kept.append(job_id)
-    return kept
+    return {t: max(0, limits[t] - int(running.get(t, 0))) if t in locked else 0 for t in limited}
 
 
 def saturated_tenants(conn: Connection, default_max_running: int) -> list[str]:

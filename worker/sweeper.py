@@ -2,8 +2,8 @@
 
 Requeues running jobs whose lease expired (failing poison jobs after max_attempts worker losses; transient
 put-backs do not count), then re-publishes one wake-up per (task, bucket) for those and for queued jobs
-nobody claimed for requeue_after_s; also drops Idempotency-Key records past their retention, deletes
-expired results and inputs (core.retention) and old job events.
+nobody claimed for requeue_after_s; also drops Idempotency-Key records past their retention, folds the
+job counters' delta rows, deletes expired results and inputs (core.retention) and old job events.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from celery import Celery, shared_task
 from sqlalchemy import Engine
 
 from core import retention
+from core.counts import compact_counts
 from core.db import transaction
 from core.events import purge_events
 from core.idempotency import purge_expired
-from core.jobs import expire_leases, take_unclaimed
+from core.jobs import expire_leases, find_unclaimed
 from core.queue import TASK_SWEEP, publish_wakeups
 from core.settings import Settings
 from core.storage import Storage
@@ -32,9 +33,10 @@ def sweep(
     """One sweep; returns counts (requeued, poisoned, unclaimed, wakeups)."""
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
-        unclaimed = take_unclaimed(conn, older_than_s=settings.requeue_after_s)
+        unclaimed = find_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
         events_purged = purge_events(conn, settings.result_ttl_s)  # live-stream history, kept as long
+        folded = compact_counts(conn)
     # After the commit: a worker woken now must see the jobs queued.
     pairs = [(job.task.value, job.bucket) for job in requeued] + [(r["task"], r["bucket"]) for r in unclaimed]
     wakeups = publish_wakeups(publisher, pairs)
@@ -48,6 +50,7 @@ def sweep(
     }
     if storage is not None:
         counts.update(retention.expire(engine, storage))
+    log.debug("sweep folded %d counter rows", folded)
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts

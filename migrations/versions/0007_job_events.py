@@ -1,7 +1,7 @@
 """Job events: every state a job passes through, for the live status streams.
 
-Revision ID: 0006_job_events
-Revises: 0005_usage
+Revision ID: 0007_job_events
+Revises: 0006_usage
 Create Date: 2026-11-29
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006_job_events"
-down_revision: str | None = "0005_usage"
+revision: str = "0007_job_events"
+down_revision: str | None = "0006_usage"
 branch_labels: str | None = None
 depends_on: str | None = None
 

@@ -2,8 +2,8 @@
 
 Rows from before this revision are kept for the default 7 days from their creation.
 
-Revision ID: 0003_retention
-Revises: 0002_job_loss_accounting
+Revision ID: 0004_retention
+Revises: 0003_fair_share
 Create Date: 2026-11-29
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_retention"
-down_revision: str | None = "0002_job_loss_accounting"
+revision: str = "0004_retention"
+down_revision: str | None = "0003_fair_share"
 branch_labels: str | None = None
 depends_on: str | None = None
 

@@ -1,7 +1,7 @@
 """Usage: a record per job finished by a worker, and running totals per tenant and task.
 
-Revision ID: 0005_usage
-Revises: 0004_tenant_limits
+Revision ID: 0006_usage
+Revises: 0005_tenant_limits
 Create Date: 2026-11-29
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0005_usage"
-down_revision: str | None = "0004_tenant_limits"
+revision: str = "0006_usage"
+down_revision: str | None = "0005_tenant_limits"
 branch_labels: str | None = None
 depends_on: str | None = None
 

@@ -1,7 +1,7 @@
 """Per-tenant limits: queued jobs, submissions a minute (with the rate limiter's state), running jobs.
 
-Revision ID: 0004_tenant_limits
-Revises: 0003_retention
+Revision ID: 0005_tenant_limits
+Revises: 0004_retention
 Create Date: 2026-11-29
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_tenant_limits"
-down_revision: str | None = "0003_retention"
+revision: str = "0005_tenant_limits"
+down_revision: str | None = "0004_retention"
 branch_labels: str | None = None
 depends_on: str | None = None
 
