@@ -38,6 +38,7 @@ KEEPALIVE_S = 15.0  # a comment line this often: proxies keep the connection, a 
 POSITION_EVERY_S = 5.0  # a queued job's position is recounted this often
 RETRY_MS = 1000  # the reconnection delay the stream asks the client for
 PAGE = 500  # events per read (core.events.events_after's default)
+READ_SLOTS = 3  # stream reads at once per process (the pool is 5 + 10 overflow)
 REREAD_EVERY = 4  # keep-alives between the reads that catch a wake-up the hub missed
 REORDER_MARGIN = 200  # event ids the hub looks back (ids are taken at insert, commits come in any order)
 BATCH_LAG_S = 2.0  # a live batch stream shows events this old: events of several jobs commit out of id order
@@ -61,6 +62,9 @@ class EventHub:
         self._seen = -1
         self._positions: dict[str, int] = {}  # queued job id -> its position when last counted
         self._counted_at = 0.0
+        # Streams woken together (a job many watch moved) read one after another, a few at a time: they
+        # never take more than READ_SLOTS of the pool, whatever their number.
+        self.read_slots = threading.BoundedSemaphore(READ_SLOTS)
 
     def open(self) -> bool:
         """Count a new stream in; False when the process has its maximum open."""
@@ -206,7 +210,8 @@ def _stream(key: str, read: Any) -> Response:
             quiet = 0
             while True:
                 wake.clear()
-                chunks, last, position, finished, wait_s = read(last, position)
+                with event_hub.read_slots:
+                    chunks, last, position, finished, wait_s = read(last, position)
                 yield from chunks
                 if finished:
                     return
