@@ -32,14 +32,17 @@ from core.webhooks import enqueue_event, enqueue_progress_event
 
 
 def bucket_key(task: str, params: dict[str, Any]) -> str:
-    """Jobs with equal keys can share one model call: task, decoder, output size, steps, cfg and guidance."""
+    """Jobs with equal keys can share one model call: task, decoder, output size, steps, cfg, guidance
+    and step-cache threshold (named only when on, so keys of jobs without it stay as they were)."""
     if task == Task.UNDERSTAND:
         return f"understand|{params.get('max_new_tokens', 1024)}"
     decoder = params.get("decoder", "generation") if task == Task.EDIT else "generation"
-    return (
+    key = (
         f"{task}|{decoder}|{params['width']}x{params['height']}|{params['steps']}"
         f"|{float(params['cfg_scale']):g}|{float(params['guidance']):g}"
     )
+    threshold = float(params.get("cache_threshold") or 0.0)
+    return f"{key}|cache{threshold:g}" if threshold else key
 
 
 def _announce(conn: Connection, job: Job, event_type: EventType, *, complete_batch: bool = True) -> None:
