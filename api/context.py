@@ -24,6 +24,7 @@ class Services:
     settings: Settings
     engine: Engine
     storage: Storage
+    reader: Engine  # autocommit, for the reads of GET requests (core.db.make_engine)
     _publisher: Celery | None = field(default=None, repr=False)
     event_hub: Any = field(default=None, repr=False)  # api.events.EventHub, made on the first stream
 
