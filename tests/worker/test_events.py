@@ -1,6 +1,6 @@
 """Live status streams over real HTTP: a job run by a real worker shows every stage in order and its
-stream ends at the terminal state; a resumed stream repeats nothing; 200 idle streams hold no database
-connection; `nexusgen status --watch` follows the stream."""
+stream ends at the terminal state; a resumed stream repeats nothing; a batch stream ends when the batch
+completed; `nexusgen status --watch` follows the stream (idle streams: tests/api/test_event_streams.py)."""
 
 from __future__ import annotations
 
