@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, shared_task
-from sqlalchemy import Engine
+from sqlalchemy import Engine, RowMapping
 
 from core import retention
 from core.counts import compact_counts
@@ -20,6 +20,7 @@ from core.events import purge_events
 from core.idempotency import purge_expired
 from core.jobs import expire_leases, find_unclaimed
 from core.queue import TASK_SWEEP, publish_wakeups
+from core.records import Job
 from core.settings import Settings
 from core.storage import Storage
 from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
@@ -27,16 +28,29 @@ from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
 log = logging.getLogger(__name__)
 
 
-def sweep(
-    engine: Engine, publisher: Celery, settings: Settings, storage: Storage | None = None
-) -> dict[str, int]:
-    """One sweep; returns counts (requeued, poisoned, unclaimed, wakeups)."""
+def sweep_database(
+    engine: Engine, settings: Settings
+) -> tuple[list[Job], list[Job], list[RowMapping], int, int]:
+    """The sweep's one transaction: (requeued jobs, poisoned jobs, forgotten queued jobs, keys purged,
+    job events purged).
+
+    Every query in it reads a bounded number of rows (partial indexes, the counters), whatever the depth.
+    """
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
         unclaimed = find_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
         events_purged = purge_events(conn, settings.result_ttl_s)  # live-stream history, kept as long
         folded = compact_counts(conn)
+    log.debug("sweep folded %d counter rows", folded)
+    return requeued, poisoned, unclaimed, purged, events_purged
+
+
+def sweep(
+    engine: Engine, publisher: Celery, settings: Settings, storage: Storage | None = None
+) -> dict[str, int]:
+    """One sweep; returns counts (requeued, poisoned, unclaimed, wakeups, retention's deletions)."""
+    requeued, poisoned, unclaimed, purged, events_purged = sweep_database(engine, settings)
     # After the commit: a worker woken now must see the jobs queued.
     pairs = [(job.task.value, job.bucket) for job in requeued] + [(r["task"], r["bucket"]) for r in unclaimed]
     wakeups = publish_wakeups(publisher, pairs)
@@ -50,7 +64,6 @@ def sweep(
     }
     if storage is not None:
         counts.update(retention.expire(engine, storage))
-    log.debug("sweep folded %d counter rows", folded)
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts
