@@ -22,7 +22,7 @@ from core.settings import Settings
 from core.storage import Storage
 
 SETTINGS_KEY = "nexusgen_settings"  # app.conf key holding the Settings (worker.delivery reads it too)
-TASK_MODULES = ("worker.tasks", "worker.sweeper")
+TASK_MODULES = ("worker.tasks", "worker.sweeper", "worker.revoke")
 OPTIONAL_TASK_MODULES = ("worker.delivery",)
 
 
@@ -118,7 +118,7 @@ def make_celery(settings: Settings) -> NexusGenCelery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,  # Postgres leases decide
-        worker_send_task_events=True,  # for Flower
+        worker_send_task_events=True,  # Flower lists every task with no -E flag anywhere
         task_send_sent_event=True,
         beat_schedule=beat_schedule(settings),
         timezone="UTC",

@@ -222,7 +222,10 @@ def encode_result(outcome: Outcome) -> tuple[str, bytes, str, dict[str, Any]]:
 def store_outcome(
     engine: Engine, storage: Storage, keeper: LeaseKeeper, outcome: Outcome, worker_id: str
 ) -> str:
-    """Write one job's final state (and its result object); returns what happened to it."""
+    """Write one job's final state (and its result object); returns what happened to it.
+
+    One of `succeeded`, `canceled`, `lost` (no longer ours: nothing written) or `failed: <error code>`.
+    """
     item, res = outcome.item, outcome.result
     job_id, attempt = item.job_id, item.attempt
     if keeper.is_lost(job_id):
@@ -237,7 +240,9 @@ def store_outcome(
                 done = jobstate.fail_job(
                     conn, job_id, attempt, code=res.error.code, message=res.error.message, provenance=prov
                 )
-        return ("canceled" if res.error.code == "canceled" else "failed") if done else "lost"
+        if not done:
+            return "lost"
+        return "canceled" if res.error.code == "canceled" else f"failed: {res.error.code}"
     if keeper.confirm(job_id, "uploading") is Ack.LOST:
         return "lost"
     started = time.monotonic()
@@ -287,7 +292,7 @@ class ComputedBatch:
     size: int
     keeper: LeaseKeeper
     outcomes: list[Outcome]
-    counts: dict[str, int]
+    ended: dict[str, str]  # job id -> what happened, for jobs that ended before the model call
 
 
 def compute_batch(
@@ -295,7 +300,7 @@ def compute_batch(
 ) -> ComputedBatch:
     """Load the inputs (failing bad ones) and run the model call; the leases stay held until stored."""
     task = str(rows[0]["task"])
-    counts: dict[str, int] = {}
+    ended: dict[str, str] = {}
     claims = {str(r["id"]): int(r["attempt"]) for r in rows}
     keeper = LeaseKeeper(
         engine,
@@ -316,7 +321,7 @@ def compute_batch(
                 with transaction(engine) as conn:
                     jobstate.fail_job(conn, item.job_id, item.attempt, code="invalid_input", message=str(exc))
                 keeper.release([item.job_id])
-                counts["failed"] = counts.get("failed", 0) + 1
+                ended[item.job_id] = "failed: invalid_input"
                 continue
             item.input_s = time.monotonic() - started
             items.append(item)
@@ -324,12 +329,12 @@ def compute_batch(
     except BaseException:
         keeper.stop()
         raise
-    return ComputedBatch(task, len(rows), keeper, outcomes, counts)
+    return ComputedBatch(task, len(rows), keeper, outcomes, ended)
 
 
-def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: ComputedBatch) -> dict[str, int]:
-    """Store every outcome of a computed batch and end its jobs; returns counts by outcome."""
-    counts = batch.counts
+def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: ComputedBatch) -> dict[str, str]:
+    """Store every outcome of a computed batch and end its jobs; returns job id -> what happened."""
+    ended = dict(batch.ended)
     try:
         for outcome in batch.outcomes:
             what = store_outcome(engine, storage, batch.keeper, outcome, worker_id)
@@ -341,8 +346,8 @@ def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: Compute
                 what,
                 extra={"job_id": row["id"], "batch_id": row["batch_id"], "attempt": row["attempt"]},
             )
-            counts[what] = counts.get(what, 0) + 1
+            ended[outcome.item.job_id] = what
     finally:
         batch.keeper.stop()
-    log.info("batch of %d %s job(s) done: %s", batch.size, batch.task, counts)
-    return counts
+    log.info("batch of %d %s job(s) done: %s", batch.size, batch.task, ended)
+    return ended

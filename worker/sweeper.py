@@ -1,8 +1,8 @@
-"""The sweeper (beat, every sweep_interval_s): recover jobs of lost workers and lost wake-ups.
+"""The sweeper (beat, every sweep_interval_s): recover jobs of lost workers and lost batch tickets.
 
-Requeues running jobs whose lease expired (failing poison jobs after max_attempts), then re-publishes
-one wake-up per (task, bucket) for those and for queued jobs nobody claimed for requeue_after_s;
-also drops Idempotency-Key records past their retention.
+Requeues running jobs whose lease expired (failing poison jobs after max_attempts), then tops every model
+queue up to one ticket per claimable batch, counting every queued job (core.queue.top_up); also drops
+Idempotency-Key records past their retention.
 """
 
 from __future__ import annotations
@@ -14,27 +14,27 @@ from sqlalchemy import Engine
 
 from core.db import transaction
 from core.idempotency import purge_expired
-from core.jobs import expire_leases, take_unclaimed
-from core.queue import TASK_SWEEP, publish_wakeups
-from core.settings import Settings
+from core.jobs import expire_leases
+from core.queue import SWEEP_MAX_PUBLISH, TASK_SWEEP, top_up
+from core.settings import TASKS, Settings
 from worker.batching import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
 
 def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, int]:
-    """One sweep; returns counts (requeued, poisoned, unclaimed, wakeups)."""
+    """One sweep; returns counts (requeued, poisoned, tickets published, idempotency keys purged)."""
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
-        unclaimed = take_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
-    # After the commit: a worker woken now must see the jobs queued.
-    wakeups = publish_wakeups(publisher, [(r["task"], r["bucket"]) for r in [*requeued, *unclaimed]])
+    # After the commit: a worker that takes a ticket now must see the jobs queued.
+    tickets = top_up(
+        engine, publisher, settings.max_batch, TASKS, scan_cap=None, max_publish=SWEEP_MAX_PUBLISH
+    )
     counts = {
         "requeued": len(requeued),
         "poisoned": len(poisoned),
-        "unclaimed": len(unclaimed),
-        "wakeups": wakeups,
+        "tickets": tickets,
         "idempotency_keys_purged": purged,
     }
     if any(counts.values()):
