@@ -166,6 +166,17 @@ class Settings:
     # local state for the embedded default
     state_dir: Path = field(default_factory=lambda: Path(".nexusgen"))
 
+    def __post_init__(self) -> None:
+        if not 0 < self.webhook_timeout_s <= 300:
+            raise ValueError(f"WEBHOOK_TIMEOUT_S must be in (0, 300] seconds, got {self.webhook_timeout_s}")
+
+    @property
+    def webhook_lock_s(self) -> float:
+        """How long a claimed delivery stays leased: one whole attempt (WEBHOOK_TIMEOUT_S, counted from
+        the claim) plus a margin for building the body and recording the outcome, so an attempt in
+        flight is never claimed a second time."""
+        return 2 * self.webhook_timeout_s + 30
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the environment (design.md, Settings) into a Settings object."""

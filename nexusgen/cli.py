@@ -269,16 +269,35 @@ def _api_errors() -> Iterator[None]:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--wait", is_flag=True, help="wait until every job ended, with a progress bar")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="download results here")
-def submit(file: Path, wait: bool, out_dir: Path | None) -> None:
+@click.option(
+    "--webhook", "webhook_url", default=None, help="the batch's webhook URL (job.* and batch.completed)"
+)
+@click.option(
+    "--webhook-events",
+    default=None,
+    help="comma list of events for --webhook (default: all but job.progress)",
+)
+def submit(
+    file: Path, wait: bool, out_dir: Path | None, webhook_url: str | None, webhook_events: str | None
+) -> None:
     """Submit FILE.jsonl as one batch (resubmitting the same file resumes the same batch)."""
     from nexusgen.progress import wait_for_batch
 
+    if webhook_events and not webhook_url:
+        raise click.UsageError("--webhook-events needs --webhook")
     client = _client()
     body = file.read_bytes()
-    # The same file gives the same Idempotency-Key: a rerun finds its batch instead of creating another.
-    idempotency_key = "submit-" + hashlib.sha256(body).hexdigest()
+    events = [e.strip() for e in webhook_events.split(",") if e.strip()] if webhook_events else None
+    # The same file (and webhook) gives the same Idempotency-Key: a rerun finds its batch instead of
+    # creating another.
+    digest = hashlib.sha256(body)
+    if webhook_url:
+        digest.update(b"\0" + webhook_url.encode() + b"\0" + ",".join(events or []).encode())
+    idempotency_key = "submit-" + digest.hexdigest()
     with _api_errors():
-        batch = client.create_batch_jsonl(body, idempotency_key=idempotency_key)
+        batch = client.create_batch_jsonl(
+            body, idempotency_key=idempotency_key, webhook_url=webhook_url, webhook_events=events
+        )
         click.echo(f"batch_id: {batch['id']}")
         if not (wait or out_dir):
             return

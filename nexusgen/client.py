@@ -121,12 +121,28 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("POST", "/v1/batches", json=body, headers=headers)
 
-    def create_batch_jsonl(self, jsonl: bytes, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Post a JSONL body (one job a line, each with a unique custom_id)."""
+    def create_batch_jsonl(
+        self,
+        jsonl: bytes,
+        idempotency_key: str | None = None,
+        *,
+        webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Post a JSONL body (one job a line, each with a unique custom_id); the batch-level webhook and
+        metadata travel as query parameters."""
         headers = {"Content-Type": "application/x-ndjson"}
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
-        return self._request("POST", "/v1/batches", content=jsonl, headers=headers)
+        params: dict[str, str] = {}
+        if webhook_url:
+            params["webhook_url"] = webhook_url
+        if webhook_events:
+            params["webhook_events"] = ",".join(webhook_events)
+        if metadata is not None:
+            params["metadata"] = json.dumps(metadata, separators=(",", ":"))
+        return self._request("POST", "/v1/batches", content=jsonl, headers=headers, params=params)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}")

@@ -165,3 +165,24 @@ def test_client_commands_submit_status_cancel(run: CliRunner, api_url: str, tmp_
     jobs.write_text('{"custom_id": "bad", "task": "paint"}\n')
     bad = client.invoke(cli, ["submit", str(jobs)])
     assert bad.exit_code == 1 and "422" in bad.output
+
+
+def test_submit_with_webhook_sets_the_batch_webhook(run: CliRunner, api_url: str, tmp_path: Path) -> None:
+    name = f"hook-{uuid.uuid4().hex[:8]}"
+    run.invoke(cli, ["tenant", "create", name])
+    key = run.invoke(cli, ["key", "create", "--tenant", name]).output.strip()
+    client = CliRunner(env={"NEXUSGEN_API_URL": api_url, "NEXUSGEN_API_KEY": key})
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"custom_id": "c0", "task": "generate", "prompt": "a cat"}) + "\n")
+    url = "http://127.0.0.1:9/hook"
+    result = client.invoke(
+        cli, ["submit", str(jobs), "--webhook", url, "--webhook-events", "batch.completed"]
+    )
+    assert result.exit_code == 0, result.output
+    batch_id = _fields(result.output)["batch_id"]
+    status = json.loads(client.invoke(cli, ["status", batch_id]).output)
+    assert status["webhook"] == {"url": url, "events": ["batch.completed"]}
+    # the same file without the webhook is another batch, not a replay of this one
+    plain = client.invoke(cli, ["submit", str(jobs)])
+    assert plain.exit_code == 0 and _fields(plain.output)["batch_id"] != batch_id
+    client.invoke(cli, ["cancel", batch_id])
