@@ -9,9 +9,10 @@ loses or duplicates nothing: the next top-up re-publishes a missing one, a spare
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 
 from celery import Celery
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, exists, func, select
 
 from core.schema import jobs
 from core.settings import Settings
@@ -56,6 +57,14 @@ def claimable_batches(conn: Connection, task: str, max_batch: int, scan_cap: int
     sample = waiting.subquery()
     counts = conn.execute(select(sample.c.bucket, func.count()).group_by(sample.c.bucket)).all()
     return sum(-(-int(n) // max_batch) for _, n in counts)
+
+
+def has_waited(conn: Connection, older_than_s: float) -> bool:
+    """Whether any job has been queued for longer than `older_than_s` (its ticket may be lost)."""
+    since = func.now() - timedelta(seconds=older_than_s)
+    return bool(
+        conn.execute(select(exists().where(jobs.c.status == "queued", jobs.c.enqueued_at < since))).scalar()
+    )
 
 
 def queue_depth(app: Celery, queue: str) -> int:

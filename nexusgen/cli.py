@@ -109,7 +109,13 @@ def worker(webhooks: bool, concurrency: int | None, hostname: str | None) -> Non
     queues = [WEBHOOK_QUEUE, MAINTENANCE_QUEUE] if webhooks else [MODEL_QUEUES[t] for t in settings.tasks]
     from worker.app import run_worker
 
-    run_worker(settings, queues=queues, concurrency=concurrency or (4 if webhooks else 1), hostname=hostname)
+    run_worker(
+        settings,
+        queues=queues,
+        concurrency=concurrency or (4 if webhooks else 1),
+        hostname=hostname,
+        preload_model=not webhooks,
+    )
 
 
 @main.command()

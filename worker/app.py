@@ -132,9 +132,16 @@ def run_worker(
     concurrency: int = 1,
     hostname: str | None = None,
     pool: str = "prefork",
+    preload_model: bool = False,
 ) -> None:
-    """Run a worker in the foreground on `queues` (default: the model queues of settings.tasks)."""
+    """Run a worker in the foreground on `queues` (default: the model queues of settings.tasks).
+
+    With `preload_model`, each pool process loads the model as it starts (worker.tasks.preload_model).
+    """
+    from worker.tasks import PRELOAD_KEY
+
     app = make_celery(settings)
+    app.conf[PRELOAD_KEY] = preload_model
     argv = [
         "worker",
         "--queues",

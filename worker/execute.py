@@ -12,6 +12,7 @@ import dataclasses
 import io
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ TEXT_FIELD = {"generate": "prompt", "edit": "instruction", "understand": "instru
 OUT_OF_MEMORY = (torch.OutOfMemoryError,)  # torch.cuda.OutOfMemoryError is the same class
 
 _model: tuple[int, NexusGen] | None = None
+_load_lock = threading.Lock()  # a preload thread and the first task may ask at once
 
 
 def worker_device(settings: Settings) -> str:
@@ -67,24 +69,25 @@ def worker_device(settings: Settings) -> str:
 def load_model(settings: Settings) -> NexusGen:
     """The model of this process, loaded on first use (after the prefork fork, never before)."""
     global _model
-    if _model is None or _model[0] != os.getpid():
-        if not settings.model_dir:
-            raise RuntimeError("not configured: NEXUSGEN_MODEL_DIR")
-        started = time.monotonic()
-        model = NexusGen.from_pretrained(
-            settings.model_dir,
-            device=worker_device(settings),
-            dtype=settings.dtype,
-            engine=settings.engine,
-            prefix_mode=settings.prefix_mode,
-        )
-        log.info(
-            "model loaded from %s on %s in %.1fs",
-            settings.model_dir,
-            model.device,
-            time.monotonic() - started,
-        )
-        _model = (os.getpid(), model)
+    with _load_lock:
+        if _model is None or _model[0] != os.getpid():
+            if not settings.model_dir:
+                raise RuntimeError("not configured: NEXUSGEN_MODEL_DIR")
+            started = time.monotonic()
+            model = NexusGen.from_pretrained(
+                settings.model_dir,
+                device=worker_device(settings),
+                dtype=settings.dtype,
+                engine=settings.engine,
+                prefix_mode=settings.prefix_mode,
+            )
+            log.info(
+                "model loaded from %s on %s in %.1fs",
+                settings.model_dir,
+                model.device,
+                time.monotonic() - started,
+            )
+            _model = (os.getpid(), model)
     return _model[1]
 
 

@@ -1,8 +1,10 @@
 """The sweeper (beat, every sweep_interval_s): recover jobs of lost workers and lost batch tickets.
 
-Requeues running jobs whose lease expired (failing poison jobs after max_attempts), then tops every model
-queue up to one ticket per claimable batch, counting every queued job (core.queue.top_up); also drops
-Idempotency-Key records past their retention.
+Requeues running jobs whose lease expired (failing poison jobs after max_attempts); then, if it requeued
+any or a job has waited longer than requeue_after_s (its ticket may be lost), tops every model queue up
+to one ticket per claimable batch, counting every queued job (core.queue.top_up). Otherwise it leaves
+the queues alone: a worker between taking a ticket and claiming its batch would make a top-up publish a
+spare. Also drops Idempotency-Key records past their retention.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from sqlalchemy import Engine
 from core.db import transaction
 from core.idempotency import purge_expired
 from core.jobs import expire_leases
-from core.queue import SWEEP_MAX_PUBLISH, TASK_SWEEP, top_up
+from core.queue import SWEEP_MAX_PUBLISH, TASK_SWEEP, has_waited, top_up
 from core.settings import TASKS, Settings
 from worker.batching import TRANSIENT_ERRORS
 
@@ -27,10 +29,12 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
-    # After the commit: a worker that takes a ticket now must see the jobs queued.
-    tickets = top_up(
-        engine, publisher, settings.max_batch, TASKS, scan_cap=None, max_publish=SWEEP_MAX_PUBLISH
-    )
+        stale = bool(requeued) or has_waited(conn, settings.requeue_after_s)
+    tickets = 0
+    if stale:  # after the commit: a worker that takes a ticket now must see the jobs queued
+        tickets = top_up(
+            engine, publisher, settings.max_batch, TASKS, scan_cap=None, max_publish=SWEEP_MAX_PUBLISH
+        )
     counts = {
         "requeued": len(requeued),
         "poisoned": len(poisoned),

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from celery import Celery, Task, shared_task
+from celery import Celery, Task, current_app, shared_task
+from celery.signals import worker_process_init
 from celery.utils.saferepr import saferepr
 from sqlalchemy import Engine, RowMapping
 
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_RETRIES = 20
 MAX_BACKOFF_S = 60.0
+PRELOAD_KEY = "nexusgen_preload_model"  # app.conf flag set by worker.app.run_worker for model workers
 
 
 def app_resources(app: Celery) -> tuple[Settings, Any]:
@@ -163,3 +166,22 @@ def run_batch(self: Task, task: str, bucket: str | None = None) -> dict[str, Any
         return claim_and_run(self.app, task, bucket, lease_owner(self), lambda rows: announce(self, rows))
     except TRANSIENT_ERRORS as exc:
         raise self.retry(exc=exc, countdown=min(MAX_BACKOFF_S, 2.0**self.request.retries)) from exc
+
+
+@worker_process_init.connect(weak=False)
+def preload_model(**_: Any) -> None:
+    """In a model worker's pool process, load the model now on a thread (a batch that comes first waits
+    for it), so that a batch's runtime in Flower is its own and its ticket is claimed without delay."""
+    if not current_app.conf.get(PRELOAD_KEY):
+        return
+    settings, _ = app_resources(current_app)
+
+    def load() -> None:
+        from worker import execute
+
+        try:
+            execute.load_model(settings)
+        except Exception:  # the first batch loads it again and fails visibly (FAILURE in Flower)
+            log.exception("model preload failed")
+
+    threading.Thread(target=load, name="nexusgen-preload", daemon=True).start()

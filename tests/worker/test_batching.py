@@ -92,7 +92,7 @@ def test_top_up_keeps_one_ticket_per_claimable_batch(
 def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
     engine: Engine, tenant: str, settings: Settings, broker: redis.Redis
 ) -> None:
-    cfg = settings.with_overrides(max_attempts=2)
+    cfg = settings.with_overrides(max_attempts=2, requeue_after_s=0)
     queue = MODEL_QUEUES["generate"]
     broker.delete(queue)
     lost, _ = insert_job(engine, tenant, "generate")
