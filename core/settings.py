@@ -57,6 +57,7 @@ ENV_NAMES = {
     "s3_secret_key": "S3_SECRET_KEY",
     "s3_bucket": "S3_BUCKET",
     "s3_region": "S3_REGION",
+    "s3_public_url": "S3_PUBLIC_URL",
     "model_dir": "NEXUSGEN_MODEL_DIR",
     "device": "NEXUSGEN_DEVICE",
     "engine": "NEXUSGEN_ENGINE",
@@ -110,6 +111,7 @@ class Settings:
     s3_secret_key: str = ""
     s3_bucket: str = "nexusgen"
     s3_region: str = "us-east-1"
+    s3_public_url: str | None = None  # presigned links use this endpoint (None: S3_ENDPOINT_URL)
     # model workers
     model_dir: str | None = None
     device: str = "cpu"
@@ -203,6 +205,7 @@ class Settings:
             s3_secret_key=env.get("S3_SECRET_KEY", ""),
             s3_bucket=env.get("S3_BUCKET", "nexusgen"),
             s3_region=env.get("S3_REGION", "us-east-1"),
+            s3_public_url=env.get("S3_PUBLIC_URL") or None,
             model_dir=env.get("NEXUSGEN_MODEL_DIR") or None,
             device=env.get("NEXUSGEN_DEVICE", "cpu"),
             engine=engine,

@@ -6,12 +6,14 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+DEFAULT_API_URL = "http://127.0.0.1:8080"
 
 
 class ApiError(RuntimeError):
@@ -62,14 +64,15 @@ class Client:
         )
 
     @classmethod
-    def from_env(cls) -> Client:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Client:
         """Read NEXUSGEN_API_URL (default http://127.0.0.1:8080) and NEXUSGEN_API_KEY."""
-        key = os.environ.get("NEXUSGEN_API_KEY", "")
+        env = os.environ if environ is None else environ
+        key = env.get("NEXUSGEN_API_KEY", "")
         if not key:
             raise ValueError(
                 "NEXUSGEN_API_KEY is not set (create one with `nexusgen key create --tenant NAME`)"
             )
-        return cls(os.environ.get("NEXUSGEN_API_URL", "http://127.0.0.1:8080"), key)
+        return cls(env.get("NEXUSGEN_API_URL") or DEFAULT_API_URL, key)
 
     def close(self) -> None:
         self._http.close()
