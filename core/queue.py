@@ -14,6 +14,7 @@ from datetime import timedelta
 from celery import Celery
 from sqlalchemy import Connection, Engine, exists, func, select
 
+from core.records import JobStatus
 from core.schema import jobs
 from core.settings import Settings
 
@@ -50,7 +51,7 @@ def claimable_batches(conn: Connection, task: str, max_batch: int, scan_cap: int
     With `scan_cap`, at most that many queued jobs are counted (a lower bound for deeper backlogs).
     """
     waiting = select(jobs.c.bucket).where(
-        jobs.c.status == "queued", jobs.c.task == task, jobs.c.cancel_requested.is_(False)
+        jobs.c.status == JobStatus.QUEUED, jobs.c.task == task, jobs.c.cancel_requested.is_(False)
     )
     if scan_cap is not None:
         waiting = waiting.limit(scan_cap)
@@ -63,7 +64,9 @@ def has_waited(conn: Connection, older_than_s: float) -> bool:
     """Whether any job has been queued for longer than `older_than_s` (its ticket may be lost)."""
     since = func.now() - timedelta(seconds=older_than_s)
     return bool(
-        conn.execute(select(exists().where(jobs.c.status == "queued", jobs.c.enqueued_at < since))).scalar()
+        conn.execute(
+            select(exists().where(jobs.c.status == JobStatus.QUEUED, jobs.c.enqueued_at < since))
+        ).scalar()
     )
 
 

@@ -19,11 +19,12 @@ from typing import Any
 from celery import Celery, Task, current_app, shared_task
 from celery.signals import worker_process_init
 from celery.utils.saferepr import saferepr
-from sqlalchemy import Engine, RowMapping
+from sqlalchemy import Engine
 
 from core import jobs as jobstate
 from core.db import transaction
 from core.queue import TASK_RUN_BATCH, top_up
+from core.records import Job
 from core.settings import Settings
 from core.webhooks import publish_delivery_kick
 from worker.batching import TRANSIENT_ERRORS, gather_and_claim, release_claims
@@ -45,7 +46,7 @@ def app_resources(app: Celery) -> tuple[Settings, Any]:
     return settings, app
 
 
-def put_back(engine: Engine, rows: Sequence[RowMapping], exc: BaseException) -> None:
+def put_back(engine: Engine, rows: Sequence[Job], exc: BaseException) -> None:
     """Requeue the jobs of a batch hit by a transient error (those this worker still holds)."""
     log.warning("transient %s during a batch; putting its jobs back", exc.__class__.__name__)
     try:
@@ -54,11 +55,11 @@ def put_back(engine: Engine, rows: Sequence[RowMapping], exc: BaseException) -> 
         log.warning("could not put the jobs back; their leases will expire and the sweeper requeues them")
 
 
-def end_leases(engine: Engine, rows: Sequence[RowMapping]) -> None:
+def end_leases(engine: Engine, rows: Sequence[Job]) -> None:
     """After a crash: let the batch's leases run out now, so the next sweep requeues (or poisons) them."""
     try:
         with transaction(engine) as conn:
-            jobstate.end_leases(conn, [(str(r["id"]), int(r["attempt"])) for r in rows])
+            jobstate.end_leases(conn, [(job.id, job.attempt) for job in rows])
     except TRANSIENT_ERRORS:
         log.warning("could not end the leases; they run out on their own")
 
@@ -71,23 +72,23 @@ def lease_owner(task: Task) -> str:
     return f"{task.request.hostname}/{os.getpid()}/{task.request.id}"
 
 
-def announce(task: Task, rows: Sequence[RowMapping]) -> None:
+def announce(task: Task, rows: Sequence[Job]) -> None:
     """Tell Flower what this batch is: a name with its bucket in words; its job ids, tenants and size.
 
     A second task-started event: Flower merges its fields into the task it already lists.
     """
-    bucket = str(rows[0]["bucket"])
+    bucket = rows[0].bucket
     details = {
         "size": len(rows),
-        "jobs": [str(r["id"]) for r in rows],
-        "tenants": sorted({str(r["tenant_id"]) for r in rows}),
+        "jobs": [job.id for job in rows],
+        "tenants": sorted({job.tenant_id for job in rows}),
     }
     try:
         task.send_event(
             "task-started",
             retry=False,
             name=f"{TASK_RUN_BATCH} {jobstate.describe_bucket(bucket)}",
-            args=saferepr([rows[0]["task"], bucket], maxlen=1024),
+            args=saferepr([rows[0].task.value, bucket], maxlen=1024),
             kwargs=saferepr(details, maxlen=BatchTask.resultrepr_maxsize),
         )
     except TRANSIENT_ERRORS as exc:  # monitoring only: the batch runs regardless
@@ -118,7 +119,7 @@ def claim_and_run(
     task: str,
     bucket: str | None,
     owner: str,
-    on_claimed: Callable[[Sequence[RowMapping]], object] = lambda rows: None,
+    on_claimed: Callable[[Sequence[Job]], object] = lambda rows: None,
 ) -> dict[str, Any]:
     """Claim the next batch of `task` (from `bucket` while it has queued jobs), run it, store its results.
 
@@ -151,7 +152,7 @@ def claim_and_run(
     after_batch(app, settings, engine, task)
     return {
         "task": task,
-        "bucket": str(rows[0]["bucket"]),
+        "bucket": rows[0].bucket,
         "size": len(rows),
         "jobs": outcomes,
         "worker": res.worker_id,
