@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import weakref
 
 from apiflask import APIFlask
@@ -38,17 +37,13 @@ def create_app(settings: Settings | None = None) -> APIFlask:
     )
     app.extensions["nexusgen"] = services
 
-    from api import batches, docs, jobs, ops, uploads
+    from api import batches, docs, jobs, ops, uploads, webhooks
 
     docs.configure_docs(app)
 
     app.extensions["nexusgen_metrics"] = ops.make_registry(services.engine)
-    for module in (uploads, jobs, batches, ops):
+    for module in (uploads, jobs, batches, ops, webhooks):
         app.register_blueprint(module.bp)
-    if importlib.util.find_spec("api.webhooks") is not None:  # helper H's blueprint (delivery log, redeliver)
-        from api import webhooks
-
-        app.register_blueprint(webhooks.bp)
     register_error_handlers(app)
     _close_on_teardown(app, services)
     return app

@@ -88,7 +88,7 @@ class UploadIn(Schema):
 
 class JobListQuery(Schema):
     batch_id = String()
-    status = String(validate=OneOf(list(JobStatus)))
+    status = String(validate=OneOf([s.value for s in JobStatus]))
     cursor = String()
     limit = Integer(load_default=100, validate=Range(1, 1000))
 
@@ -134,13 +134,15 @@ class JobOut(Schema):
     batch_id = String(allow_none=True)
     custom_id = String(allow_none=True)
     task = String()
-    status = String(validate=OneOf(list(JobStatus)))
+    status = String(validate=OneOf([s.value for s in JobStatus]))
     stage = String()
     progress = Nested(ProgressOut)
     priority = Integer()
     params = Dict()
     metadata = Dict()
     attempt = Integer()
+    worker_losses = Integer()
+    put_backs = Integer()
     created_at = DateTime()
     started_at = DateTime(allow_none=True)
     finished_at = DateTime(allow_none=True)

@@ -6,7 +6,6 @@ caller after the commit.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ from core.ids import new_id
 from core.schema import uploads
 from core.settings import Settings
 from core.storage import Storage, upload_key
-from core.submit import JobDraft, SubmitError, validate_job
+from core.submit import JobDraft, SubmitError, parse_json, validate_job
 
 INSERT_CHUNK = 1000
 _JSONB_COLUMNS = frozenset({"params", "metadata"})
@@ -31,7 +30,7 @@ def parse_jsonl(body: bytes) -> tuple[list[tuple[int, Any]], list[dict[str, Any]
         if not raw.strip():
             continue
         try:
-            items.append((number, json.loads(raw)))
+            items.append((number, parse_json(raw)))
         except (UnicodeDecodeError, ValueError) as exc:
             errors.append({"line": number, "code": "invalid_json", "message": f"not valid JSON: {exc}"})
     return items, errors

@@ -318,7 +318,8 @@ def requeue_job(conn: Connection, job_id: str, attempt: int, *, reason: str) -> 
     """
     if _cancel_running(conn, and_(_owned(job_id, attempt), jobs.c.cancel_requested.is_(True))):
         return True
-    return bool(_transition(conn, _owned(job_id, attempt), _back_in_queue(error_message=reason[:4000])))
+    values = _back_in_queue(error_message=reason[:4000], put_backs=jobs.c.put_backs + 1)
+    return bool(_transition(conn, _owned(job_id, attempt), values))
 
 
 def _cancel_running(conn: Connection, cond: Any) -> list[Job]:
@@ -405,22 +406,24 @@ def end_leases(conn: Connection, claims: Sequence[tuple[str, int]]) -> int:
 
 
 def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[Job], list[Job]]:
-    """Requeue running jobs whose lease ran out; fail those that used up their attempts (poison jobs).
+    """Requeue running jobs whose lease ran out; fail those whose worker was now lost `max_attempts` times.
 
-    Returns (requeued jobs, failed jobs); the caller re-publishes wake-ups for the requeued ones.
+    Only worker losses count toward poison: claims that ended in a transient put-back (requeue_job) do
+    not. Returns (requeued jobs, failed jobs); the caller re-publishes wake-ups for the requeued ones.
     """
     expired = and_(jobs.c.status == JobStatus.RUNNING, jobs.c.lease_expires_at < func.now())
     # A job whose cancel was requested is not retried: it ends canceled (claims would skip it forever).
     _cancel_running(conn, and_(expired, jobs.c.cancel_requested.is_(True)))
     message = f"the job's worker was lost {max_attempts} times; not retried again"
+    lost = jobs.c.worker_losses + 1
     failed = _transition(
         conn,
-        and_(expired, jobs.c.attempt >= max_attempts),
-        _ended(JobStatus.FAILED, error_code="poison_job", error_message=message),
+        and_(expired, jobs.c.worker_losses + 1 >= max_attempts),
+        _ended(JobStatus.FAILED, error_code="poison_job", error_message=message, worker_losses=lost),
     )
     for job in failed:
         _announce(conn, job, EventType.JOB_FAILED)
-    requeued = _transition(conn, expired, _back_in_queue())
+    requeued = _transition(conn, expired, _back_in_queue(worker_losses=lost))
     return requeued, failed
 
 

@@ -99,7 +99,11 @@ jobs = Table(
     Column("step", Integer),
     Column("total_steps", Integer),
     Column("progress", Float, nullable=False, server_default=text("0")),
-    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    Column("attempt", Integer, nullable=False, server_default=text("0")),  # claims so far (ownership token)
+    # Why a claim did not end the job: its worker was lost (lease expired; counts toward poison), or it
+    # was put back after a transient infrastructure error (never counts toward poison).
+    Column("worker_losses", Integer, nullable=False, server_default=text("0")),
+    Column("put_backs", Integer, nullable=False, server_default=text("0")),
     Column("lease_owner", String(200)),
     Column("lease_expires_at", DateTime(timezone=True)),
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),

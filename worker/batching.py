@@ -11,11 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import urllib3.exceptions
-from kombu.exceptions import OperationalError as BrokerError
-from minio.error import ServerError as S3ServerError
 from sqlalchemy import Connection, Engine, func, select
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import jobs as jobstate
 from core.db import transaction
@@ -26,16 +22,6 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
-# Infrastructure hiccups worth a retry (database, object storage, broker), never bad input or OOM.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OperationalError,
-    InterfaceError,
-    urllib3.exceptions.HTTPError,
-    S3ServerError,
-    BrokerError,
-    ConnectionError,
-    TimeoutError,
-)
 
 
 @dataclass(frozen=True)

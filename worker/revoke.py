@@ -16,7 +16,7 @@ from celery.worker import control, state
 from core.db import transaction
 from core.jobs import request_cancel_of_owner
 from core.queue import TASK_RUN_BATCH
-from worker.batching import TRANSIENT_ERRORS
+from worker.runtime import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -1,25 +1,27 @@
 """The sweeper (beat, every sweep_interval_s): recover jobs of lost workers and lost batch tickets.
 
-Requeues running jobs whose lease expired (failing poison jobs after max_attempts); then, if it requeued
-any or a job has waited longer than requeue_after_s (its ticket may be lost), tops every model queue up
-to one ticket per claimable batch, counting every queued job (core.queue.top_up). Otherwise it leaves
-the queues alone: a worker between taking a ticket and claiming its batch would make a top-up publish a
-spare. Also drops Idempotency-Key records past their retention.
+Requeues running jobs whose lease expired (failing poison jobs after max_attempts worker losses; transient
+put-backs do not count); then, if it requeued any or a job has waited longer than requeue_after_s (its
+ticket may be lost), tops every model queue up to one ticket per claimable batch, counting every queued
+job (core.queue.top_up). Otherwise it leaves the queues alone: a worker between taking a ticket and
+claiming its batch would make a top-up publish a spare. Also drops Idempotency-Key records past their
+retention.
 """
 
 from __future__ import annotations
 
 import logging
 
-from celery import Celery, Task, shared_task
+from celery import Celery, shared_task
 from sqlalchemy import Engine
 
 from core.db import transaction
 from core.idempotency import purge_expired
 from core.jobs import expire_leases
 from core.queue import SWEEP_MAX_PUBLISH, TASK_SWEEP, has_waited, top_up
-from core.settings import TASKS, Settings
-from worker.batching import TRANSIENT_ERRORS
+from core.records import TASKS
+from core.settings import Settings
+from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,11 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
     return counts
 
 
-@shared_task(name=TASK_SWEEP, bind=True, ignore_result=True)
-def sweep_task(self: Task) -> dict[str, int]:
+@shared_task(base=NexusGenTask, name=TASK_SWEEP, bind=True, ignore_result=True, autoretry_for=())
+def sweep_task(self: NexusGenTask) -> dict[str, int]:
     """Celery entry point of TASK_SWEEP; a failed sweep is simply redone by the next beat."""
-    from worker.tasks import app_resources
-
-    settings, app = app_resources(self.app)
     try:
-        return sweep(app.engine, app, settings)
+        return sweep(self.engine, self.runtime, self.settings)
     except TRANSIENT_ERRORS as exc:
         log.warning("sweep skipped (%s); the next beat retries", exc.__class__.__name__)
         return {}

@@ -27,23 +27,11 @@ from core.queue import TASK_RUN_BATCH, top_up
 from core.records import Job
 from core.settings import Settings
 from core.webhooks import publish_delivery_kick
-from worker.batching import TRANSIENT_ERRORS, gather_and_claim, release_claims
+from worker.app import PRELOAD_KEY, NexusGenCelery
+from worker.batching import gather_and_claim, release_claims
+from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
 
 log = logging.getLogger(__name__)
-
-MAX_RETRIES = 20
-MAX_BACKOFF_S = 60.0
-PRELOAD_KEY = "nexusgen_preload_model"  # app.conf flag set by worker.app.run_worker for model workers
-
-
-def app_resources(app: Celery) -> tuple[Settings, Any]:
-    """The Settings of a worker.app.NexusGenCelery app, and the app itself (engine, storage, worker id)."""
-    from worker.app import SETTINGS_KEY, NexusGenCelery
-
-    if not isinstance(app, NexusGenCelery):
-        raise RuntimeError("nexusgen tasks must run on worker.app.make_celery's app")
-    settings: Settings = app.conf[SETTINGS_KEY]
-    return settings, app
 
 
 def put_back(engine: Engine, rows: Sequence[Job], exc: BaseException) -> None:
@@ -104,18 +92,20 @@ def after_batch(app: Celery, settings: Settings, engine: Engine, task: str) -> N
         log.warning("kick or top-up not sent (%s); beat's poll and sweep send them", exc.__class__.__name__)
 
 
-class BatchTask(Task):  # type: ignore[misc]
-    """Options of the batch task: a result long enough for every job, no redelivery after a lost worker."""
+class BatchTask(NexusGenTask):
+    """The batch task's options: a result long enough for every job, no redelivery after a lost worker.
+
+    NexusGenTask retries transient errors (RETRY in Flower) after claim_and_run put the jobs back.
+    """
 
     resultrepr_maxsize = 16384
     # A killed pool process fails the task (FAILURE, WorkerLostError) and acks its ticket; its jobs come
     # back through their leases and run as a new task, never under this task id again.
     reject_on_worker_lost = False
-    max_retries = MAX_RETRIES
 
 
 def claim_and_run(
-    app: Celery,
+    app: NexusGenCelery,
     task: str,
     bucket: str | None,
     owner: str,
@@ -126,13 +116,13 @@ def claim_and_run(
     Returns what Flower shows as the task's result: the bucket, size, each job's outcome, worker, device.
     A transient error puts the jobs back and propagates; any other error ends their leases and propagates.
     """
-    settings, res = app_resources(app)
+    settings = app.settings
     if task not in settings.tasks:
         log.warning("ticket for %s ignored: this worker serves %s", task, ",".join(settings.tasks))
         return {"task": task, "size": 0, "jobs": {}, "note": f"this worker does not serve {task}"}
     from worker import execute  # imports torch: only in processes that run the model
 
-    engine, storage = res.engine, res.storage
+    engine, storage = app.engine, app.storage
     model = execute.load_model(settings)
     rows = gather_and_claim(engine, settings, owner, task, bucket)
     if not rows and bucket is not None:
@@ -142,7 +132,7 @@ def claim_and_run(
     on_claimed(rows)
     try:
         computed = execute.compute_batch(settings, engine, storage, rows)
-        outcomes = execute.store_batch(engine, storage, res.worker_id, computed)
+        outcomes = execute.store_batch(engine, storage, app.worker_id, computed)
     except TRANSIENT_ERRORS as exc:
         put_back(engine, rows, exc)
         raise
@@ -155,27 +145,24 @@ def claim_and_run(
         "bucket": rows[0].bucket,
         "size": len(rows),
         "jobs": outcomes,
-        "worker": res.worker_id,
+        "worker": app.worker_id,
         "device": str(model.device),
     }
 
 
-@shared_task(name=TASK_RUN_BATCH, bind=True, base=BatchTask)
-def run_batch(self: Task, task: str, bucket: str | None = None) -> dict[str, Any]:
-    """Celery entry point of TASK_RUN_BATCH(task, bucket); retries only transient infrastructure errors."""
-    try:
-        return claim_and_run(self.app, task, bucket, lease_owner(self), lambda rows: announce(self, rows))
-    except TRANSIENT_ERRORS as exc:
-        raise self.retry(exc=exc, countdown=min(MAX_BACKOFF_S, 2.0**self.request.retries)) from exc
+@shared_task(base=BatchTask, name=TASK_RUN_BATCH, bind=True)
+def run_batch(self: BatchTask, task: str, bucket: str | None = None) -> dict[str, Any]:
+    """Celery entry point of TASK_RUN_BATCH(task, bucket); BatchTask retries transient errors."""
+    return claim_and_run(self.runtime, task, bucket, lease_owner(self), lambda rows: announce(self, rows))
 
 
 @worker_process_init.connect(weak=False)
 def preload_model(**_: Any) -> None:
     """In a model worker's pool process, load the model now on a thread (a batch that comes first waits
     for it), so that a batch's runtime in Flower is its own and its ticket is claimed without delay."""
-    if not current_app.conf.get(PRELOAD_KEY):
+    if not isinstance(current_app, NexusGenCelery) or not current_app.conf.get(PRELOAD_KEY):
         return
-    settings, _ = app_resources(current_app)
+    settings = current_app.settings
 
     def load() -> None:
         from worker import execute
