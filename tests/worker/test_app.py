@@ -26,6 +26,8 @@ def test_app_is_configured_from_settings() -> None:
         1,
     )
     assert (conf.worker_pool, conf.worker_concurrency) == ("prefork", 1)
+    # Flower sees every task with no -E flag in up, compose or Kubernetes
+    assert conf.worker_send_task_events is True and conf.task_send_sent_event is True
     assert conf.task_routes[TASK_SWEEP] == {"queue": MAINTENANCE_QUEUE}
     assert conf.task_routes[TASK_DELIVER] == {"queue": WEBHOOK_QUEUE}
     sweep = conf.beat_schedule["nexusgen-sweep"]
