@@ -46,6 +46,12 @@ class ParamsIn(Schema):
     decoder = String(validate=OneOf(["edit", "generation"]), metadata={"description": "edit jobs only"})
     language = String(validate=OneOf(["en", "zh"]))
     negative_prompt = String()
+    cache_threshold = Float(
+        metadata={
+            "description": "step cache (TeaCache) threshold 0..1, generate and edit (default 0 = off); "
+            "higher skips more DiT steps: faster, further from the uncached image"
+        }
+    )
     max_new_tokens = Integer(metadata={"description": "understand jobs only, 1..4096 (default 1024)"})
 
 

@@ -9,13 +9,11 @@ loses or duplicates nothing: the next top-up re-publishes a missing one, a spare
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import timedelta
 
 from celery import Celery
-from sqlalchemy import Connection, Engine, exists, func, select
+from sqlalchemy import Connection, Engine
 
-from core.records import JobStatus
-from core.schema import jobs
+from core.counts import tally
 from core.settings import Settings
 
 # One queue per task family so that generation, editing and understanding workers scale apart.
@@ -28,10 +26,9 @@ TASK_RUN_BATCH = "nexusgen.run_batch"  # args: (task kind, preferred bucket or N
 TASK_SWEEP = "nexusgen.sweep"
 TASK_DELIVER = "nexusgen.deliver_webhooks"
 
-# A request's top-up counts at most this many queued jobs and publishes at most this many tickets, so its
-# cost does not grow with the backlog (a ticket costs about 1 ms to publish, 6 ms on a loaded machine);
-# each finished batch and each sweep (every sweep_interval_s, counting every queued job) top up the rest.
-TOP_UP_SCAN_CAP = 10_000
+# A request's top-up publishes at most this many tickets, so its cost does not grow with the backlog (a
+# ticket costs about 1 ms to publish, 6 ms on a loaded machine); each finished batch and each sweep
+# (every sweep_interval_s) top up the rest.
 TOP_UP_MAX_PUBLISH = 64
 SWEEP_MAX_PUBLISH = 2_000
 
@@ -45,29 +42,16 @@ def make_publisher(settings: Settings) -> Celery:
     return app
 
 
-def claimable_batches(conn: Connection, task: str, max_batch: int, scan_cap: int | None = None) -> int:
+def claimable_batches(conn: Connection, task: str, max_batch: int) -> int:
     """How many model batches the queued jobs of `task` make: ceil(queued / max_batch) per bucket.
 
-    With `scan_cap`, at most that many queued jobs are counted (a lower bound for deeper backlogs).
+    Read from the job counters (core.counts), so it costs the same at any depth.
     """
-    waiting = select(jobs.c.bucket).where(
-        jobs.c.status == JobStatus.QUEUED, jobs.c.task == task, jobs.c.cancel_requested.is_(False)
-    )
-    if scan_cap is not None:
-        waiting = waiting.limit(scan_cap)
-    sample = waiting.subquery()
-    counts = conn.execute(select(sample.c.bucket, func.count()).group_by(sample.c.bucket)).all()
-    return sum(-(-int(n) // max_batch) for _, n in counts)
-
-
-def has_waited(conn: Connection, older_than_s: float) -> bool:
-    """Whether any job has been queued for longer than `older_than_s` (its ticket may be lost)."""
-    since = func.now() - timedelta(seconds=older_than_s)
-    return bool(
-        conn.execute(
-            select(exists().where(jobs.c.status == JobStatus.QUEUED, jobs.c.enqueued_at < since))
-        ).scalar()
-    )
+    per_bucket: dict[str, int] = {}
+    for (kind, bucket, _priority), queued in tally(conn)[1].items():
+        if kind == task:
+            per_bucket[bucket] = per_bucket.get(bucket, 0) + queued
+    return sum(-(-n // max_batch) for n in per_bucket.values() if n > 0)
 
 
 def queue_depth(app: Celery, queue: str) -> int:
@@ -84,7 +68,6 @@ def top_up(
     app: Celery,
     max_batch: int,
     tasks: Iterable[str],
-    scan_cap: int | None = TOP_UP_SCAN_CAP,
     max_publish: int = TOP_UP_MAX_PUBLISH,
 ) -> int:
     """Publish `run_batch` tickets until each task's queue holds one per claimable batch; returns how many.
@@ -95,7 +78,7 @@ def top_up(
     sent = 0
     for task in sorted(set(tasks)):
         with engine.connect() as conn:
-            needed = claimable_batches(conn, task, max_batch, scan_cap)
+            needed = claimable_batches(conn, task, max_batch)
         queue = MODEL_QUEUES[task]
         missing = min(needed - queue_depth(app, queue), max_publish - sent) if needed else 0
         if missing <= 0:

@@ -47,6 +47,14 @@ def _basic_auth(value: str | None) -> str | None:
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    """One of `allowed` (the first is the default when unset)."""
+    value = env.get(name) or allowed[0]
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 # The environment variable of each Settings field (from_env reads them, to_env writes them).
 ENV_NAMES = {
     "database_url": "DATABASE_URL",
@@ -65,6 +73,9 @@ ENV_NAMES = {
     "max_batch": "NEXUSGEN_MAX_BATCH",
     "tasks": "NEXUSGEN_TASKS",
     "prefix_mode": "NEXUSGEN_PREFIX_MODE",
+    "compile": "NEXUSGEN_COMPILE",
+    "dit_precision": "NEXUSGEN_DIT_PRECISION",
+    "offload": "NEXUSGEN_OFFLOAD",
     "batch_window_s": "NEXUSGEN_BATCH_WINDOW_S",
     "lease_s": "NEXUSGEN_LEASE_S",
     "heartbeat_s": "NEXUSGEN_HEARTBEAT_S",
@@ -120,6 +131,9 @@ class Settings:
     max_batch: int = 8
     tasks: tuple[str, ...] = TASKS
     prefix_mode: str = "natural"  # natural | forced (forced for the tiny random checkpoint)
+    compile: str = "off"  # off | regional: torch.compile of the repeated DiT and AR blocks
+    dit_precision: str = "bf16"  # bf16 | fp8 (torchao float8 DiT blocks; CUDA sm 8.9+ only)
+    offload: str = "none"  # none | model | group: keep weights on the CPU, move them in per use
     batch_window_s: float = 0.2  # how long a worker waits for batch mates after the first job
     lease_s: float = 120.0
     heartbeat_s: float = 10.0
@@ -194,6 +208,11 @@ class Settings:
         prefix_mode = env.get("NEXUSGEN_PREFIX_MODE", "natural")
         if prefix_mode not in ("natural", "forced"):
             raise ValueError(f"NEXUSGEN_PREFIX_MODE must be natural or forced, got {prefix_mode!r}")
+        speed = {
+            "compile": _choice(env, "NEXUSGEN_COMPILE", ("off", "regional")),
+            "dit_precision": _choice(env, "NEXUSGEN_DIT_PRECISION", ("bf16", "fp8")),
+            "offload": _choice(env, "NEXUSGEN_OFFLOAD", ("none", "model", "group")),
+        }
         api_port = _int(env, "NEXUSGEN_API_PORT", 8080)
         api_host = env.get("NEXUSGEN_API_HOST", "127.0.0.1")
         return cls(
@@ -213,6 +232,7 @@ class Settings:
             max_batch=_int(env, "NEXUSGEN_MAX_BATCH", 8),
             tasks=tasks,
             prefix_mode=prefix_mode,
+            **speed,
             batch_window_s=_float(env, "NEXUSGEN_BATCH_WINDOW_S", 0.2),
             lease_s=_float(env, "NEXUSGEN_LEASE_S", 120.0),
             heartbeat_s=_float(env, "NEXUSGEN_HEARTBEAT_S", 10.0),

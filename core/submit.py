@@ -35,8 +35,14 @@ _IMAGE_DEFAULTS: dict[str, Any] = {
     "language": "en",
 }
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "generate": {**_IMAGE_DEFAULTS, "cfg_scale": 3.0, "negative_prompt": ""},
-    "edit": {**_IMAGE_DEFAULTS, "cfg_scale": 1.0, "decoder": "edit", "negative_prompt": ""},
+    "generate": {**_IMAGE_DEFAULTS, "cfg_scale": 3.0, "negative_prompt": "", "cache_threshold": 0.0},
+    "edit": {
+        **_IMAGE_DEFAULTS,
+        "cfg_scale": 1.0,
+        "decoder": "edit",
+        "negative_prompt": "",
+        "cache_threshold": 0.0,
+    },
     "understand": {"max_new_tokens": 1024},
 }
 SPEC_KEYS = {
@@ -132,9 +138,9 @@ def normalize_params(task: str, raw: Any) -> dict[str, Any]:
     if not _is_int(params["steps"]) or not 1 <= params["steps"] <= 100:
         raise SubmitError("invalid_steps", f"steps must be an integer from 1 to 100, got {params['steps']!r}")
     # The same bounds as model.validate_request, so an accepted job never fails in the worker for them.
-    for name, low in (("cfg_scale", 1), ("guidance", 0)):
-        if not _is_number(params[name]) or not low <= params[name] <= 30:
-            raise SubmitError("invalid_params", f"{name} must be a number from {low} to 30")
+    for name, low, high in (("cfg_scale", 1, 30), ("guidance", 0, 30), ("cache_threshold", 0, 1)):
+        if not _is_number(params[name]) or not low <= params[name] <= high:
+            raise SubmitError("invalid_params", f"{name} must be a number from {low} to {high}")
         params[name] = float(params[name])
     if params["language"] not in ("en", "zh"):
         raise SubmitError("invalid_params", "language must be en or zh")

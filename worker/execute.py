@@ -72,6 +72,14 @@ def worker_device(settings: Settings) -> str:
     return settings.device if index is None else f"cuda:{index}"
 
 
+def check_speed_options(settings: Settings) -> None:
+    """Refuse at start what this worker's device or engine cannot do (fp8 on a CPU, offload with TP)."""
+    from model.speed import SpeedOptions, check_options
+
+    options = SpeedOptions(settings.compile, settings.dit_precision, settings.offload)
+    check_options(options, worker_device(settings), settings.engine)
+
+
 def load_model(settings: Settings) -> NexusGen:
     """The model of this process, loaded on first use (after the prefork fork, never before)."""
     global _model
@@ -86,6 +94,9 @@ def load_model(settings: Settings) -> NexusGen:
                 dtype=settings.dtype,
                 engine=settings.engine,
                 prefix_mode=settings.prefix_mode,
+                compile=settings.compile,
+                dit_precision=settings.dit_precision,
+                offload=settings.offload,
             )
             log.info(
                 "model loaded from %s on %s in %.1fs",

@@ -2,10 +2,10 @@
 
 Requeues running jobs whose lease expired (failing poison jobs after max_attempts worker losses; transient
 put-backs do not count); then, if it requeued any or a job has waited longer than requeue_after_s (its
-ticket may be lost), tops every model queue up to one ticket per claimable batch, counting every queued
-job (core.queue.top_up). Otherwise it leaves the queues alone: a worker between taking a ticket and
-claiming its batch would make a top-up publish a spare. Also drops Idempotency-Key records past their
-retention.
+ticket may be lost), tops every model queue up to one ticket per claimable batch (core.queue.top_up).
+Otherwise it leaves the queues alone: a worker between taking a ticket and claiming its batch would make
+a top-up publish a spare. Also drops Idempotency-Key records past their retention and folds the job
+counters' delta rows.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import logging
 from celery import Celery, shared_task
 from sqlalchemy import Engine
 
+from core.counts import compact_counts
 from core.db import transaction
 from core.idempotency import purge_expired
-from core.jobs import expire_leases
-from core.queue import SWEEP_MAX_PUBLISH, TASK_SWEEP, has_waited, top_up
+from core.jobs import expire_leases, find_unclaimed
+from core.queue import SWEEP_MAX_PUBLISH, TASK_SWEEP, top_up
 from core.records import TASKS
 from core.settings import Settings
 from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
@@ -30,19 +31,19 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
     """One sweep; returns counts (requeued, poisoned, tickets published, idempotency keys purged)."""
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
+        stale = bool(requeued) or bool(find_unclaimed(conn, older_than_s=settings.requeue_after_s, limit=1))
         purged = purge_expired(conn, settings.idempotency_ttl_s)
-        stale = bool(requeued) or has_waited(conn, settings.requeue_after_s)
+        folded = compact_counts(conn)
     tickets = 0
     if stale:  # after the commit: a worker that takes a ticket now must see the jobs queued
-        tickets = top_up(
-            engine, publisher, settings.max_batch, TASKS, scan_cap=None, max_publish=SWEEP_MAX_PUBLISH
-        )
+        tickets = top_up(engine, publisher, settings.max_batch, TASKS, max_publish=SWEEP_MAX_PUBLISH)
     counts = {
         "requeued": len(requeued),
         "poisoned": len(poisoned),
         "tickets": tickets,
         "idempotency_keys_purged": purged,
     }
+    log.debug("sweep folded %d counter rows", folded)
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts

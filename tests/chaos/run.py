@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 
 from core.auth import create_api_key, create_tenant
 from core.db import make_engine
-from core.schema import TERMINAL_STATUSES, batches, jobs, results, webhook_deliveries, webhook_events
+from core.records import TERMINAL_STATUSES
+from core.schema import batches, jobs, results, webhook_deliveries, webhook_endpoints, webhook_events
 from core.storage import Storage
 from tests.chaos.receivers import ChaosReceiver
 from tests.chaos.stack import ChaosStack
@@ -321,8 +322,6 @@ def check(
     report.missing_events += len(set(traffic.accepted) - completed)
     by_url = {r.url: mode for mode, r in receivers.items()}
     with engine.connect() as conn:
-        from core.schema import webhook_endpoints
-
         urls = dict(conn.execute(select(webhook_endpoints.c.id, webhook_endpoints.c.url)).all())
     for status, endpoint_id, _payload in deliveries:
         mode = by_url.get(urls.get(endpoint_id, ""))

@@ -161,7 +161,7 @@ def test_cancel_queued_job_never_starts_and_unclaimed_jobs_are_republished(clean
         assert sm.cancel_job(conn, tenant_id, a).status is JobStatus.CANCELED  # type: ignore[union-attr]
         assert sm.cancel_job(conn, "ten_other", b) is None  # another tenant's job is invisible
     with clean_db.begin() as conn:
-        stale = sm.take_unclaimed(conn, older_than_s=-1)
+        stale = sm.find_unclaimed(conn, older_than_s=-1)
     assert [r["id"] for r in stale] == [b]
     with clean_db.begin() as conn:
         rows = sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=8, lease_s=60)

@@ -85,7 +85,6 @@ def test_top_up_keeps_one_ticket_per_claimable_batch(
     assert top_up(engine, publisher, 2, ["generate"]) == 0
     with engine.connect() as conn:
         assert claimable_batches(conn, "generate", 2) == 3
-        assert claimable_batches(conn, "generate", 2, scan_cap=2) == 1  # a lower bound past the cap
     broker.delete(gen, und)
 
 
