@@ -33,7 +33,10 @@ def create_app(settings: Settings | None = None) -> APIFlask:
         SERVERS=[{"url": settings.public_base_url}],
     )
     services = Services(
-        settings=settings, engine=make_engine(settings), storage=Storage.from_settings(settings)
+        settings=settings,
+        engine=make_engine(settings),
+        reader=make_engine(settings, autocommit=True),
+        storage=Storage.from_settings(settings),
     )
     app.extensions["nexusgen"] = services
 
@@ -52,3 +55,4 @@ def create_app(settings: Settings | None = None) -> APIFlask:
 def _close_on_teardown(app: APIFlask, services: Services) -> None:
     """Give the pool back when the app object goes away (tests build many apps)."""
     weakref.finalize(app, services.engine.dispose)
+    weakref.finalize(app, services.reader.dispose)

@@ -161,7 +161,7 @@ def create_batch(query: dict[str, Any]) -> Response:
 def get_batch(batch_id: str) -> Response:
     """A batch and its job counts by status."""
     principal = current_principal()
-    with services().engine.connect() as conn:
+    with services().reader.connect() as conn:
         batch = _load_batch(conn, principal.tenant_id, batch_id)
         return jsonify(batch_payload(batch, count_by_status(conn, batch_id)))
 

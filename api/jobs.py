@@ -144,7 +144,7 @@ def create_job() -> Response:
 def get_job(job_id: str) -> Response:
     """A job: status, stage, progress, result link, provenance and error."""
     principal = current_principal()
-    with services().engine.connect() as conn:
+    with services().reader.connect() as conn:
         job = load_job(conn, principal.tenant_id, job_id)
         return jsonify(render_jobs(conn, [job])[0])
 
@@ -171,7 +171,7 @@ def list_jobs(query: dict[str, Any]) -> Response:
     principal = current_principal()
     limit = query["limit"]
     stmt = select(jobs).where(jobs.c.tenant_id == principal.tenant_id)
-    with services().engine.connect() as conn:
+    with services().reader.connect() as conn:
         if query.get("batch_id"):
             require_id(query["batch_id"], "batch")
             owned = conn.execute(
@@ -221,7 +221,7 @@ def get_result(job_id: str) -> BaseResponse:
     """The result: a redirect to the image, or the text of an understand job."""
     principal = current_principal()
     svc = services()
-    with svc.engine.connect() as conn:
+    with svc.reader.connect() as conn:
         job = load_job(conn, principal.tenant_id, job_id)
         if not job.status.terminal:
             fail(409, "not_ready", f"the job is {job.status}; its result is not ready")

@@ -121,3 +121,28 @@ def test_a_deeply_nested_cursor_is_a_400(client: Any, acme: Tenant) -> None:
     cursor = base64.urlsafe_b64encode(nested(1500).encode()).decode()
     r = client.get("/v1/jobs", query_string={"cursor": cursor}, headers=acme.headers)
     assert r.status_code == 400 and r.get_json()["error"]["code"] == "invalid_cursor"
+
+
+def test_reads_answer_503_then_recover_when_the_database_restarts(
+    settings: Any, engine: Any, clean_db: Any, make_tenant: Any
+) -> None:
+    """GETs use an autocommit pool without a pre-ping: a connection broken by a restart is a 503 once."""
+    from sqlalchemy import text
+
+    from api.app import create_app
+
+    tenant = make_tenant("acme")
+    app = create_app(settings)
+    client = app.test_client()
+    job = client.post("/v1/jobs", json={"task": "generate", "prompt": "a fox"}, headers=tenant.headers)
+    path = f"/v1/jobs/{job.get_json()['id']}"
+    assert client.get(path, headers=tenant.headers).status_code == 200
+    with engine.begin() as conn:  # what a database restart does to the API's pooled connections
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND datname = current_database()"
+            )
+        )
+    codes = [client.get(path, headers=tenant.headers).status_code for _ in range(3)]
+    assert set(codes) <= {200, 503} and codes[-1] == 200, codes
