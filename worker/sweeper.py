@@ -13,29 +13,39 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, shared_task
-from sqlalchemy import Engine
+from sqlalchemy import Engine, RowMapping
 
 from core.counts import compact_counts
 from core.db import transaction
 from core.idempotency import purge_expired
 from core.jobs import expire_leases, find_unclaimed
 from core.queue import SWEEP_MAX_PUBLISH, TASK_SWEEP, top_up
-from core.records import TASKS
+from core.records import TASKS, Job
 from core.settings import Settings
 from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
 
 log = logging.getLogger(__name__)
 
 
-def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, int]:
-    """One sweep; returns counts (requeued, poisoned, tickets published, idempotency keys purged)."""
+def sweep_database(engine: Engine, settings: Settings) -> tuple[list[Job], list[Job], list[RowMapping], int]:
+    """The sweep's one transaction: (requeued jobs, poisoned jobs, forgotten queued jobs, keys purged).
+
+    Every query in it reads a bounded number of rows (partial indexes, the counters), whatever the depth.
+    """
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
-        stale = bool(requeued) or bool(find_unclaimed(conn, older_than_s=settings.requeue_after_s, limit=1))
+        unclaimed = find_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
         folded = compact_counts(conn)
+    log.debug("sweep folded %d counter rows", folded)
+    return requeued, poisoned, unclaimed, purged
+
+
+def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, int]:
+    """One sweep; returns counts (requeued, poisoned, tickets published, idempotency keys purged)."""
+    requeued, poisoned, unclaimed, purged = sweep_database(engine, settings)
     tickets = 0
-    if stale:  # after the commit: a worker that takes a ticket now must see the jobs queued
+    if requeued or unclaimed:  # after the commit: a worker that takes a ticket now must see them queued
         tickets = top_up(engine, publisher, settings.max_batch, TASKS, max_publish=SWEEP_MAX_PUBLISH)
     counts = {
         "requeued": len(requeued),
@@ -43,7 +53,6 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
         "tickets": tickets,
         "idempotency_keys_purged": purged,
     }
-    log.debug("sweep folded %d counter rows", folded)
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts
