@@ -42,7 +42,7 @@ from model.config import (
 )
 from model.merger import ImageEmbeddingMerger
 
-# ---- DiffSynth FluxDiT -> diffusers FluxTransformer2DModel (§6.1) --------------------------------------
+# ---- DiffSynth FluxDiT -> diffusers FluxTransformer2DModel (docs/model.md#dit-key-names) -------------------
 DIT_GLOBAL = {
     "time_embedder.timestep_embedder.0": "time_text_embed.timestep_embedder.linear_1",
     "time_embedder.timestep_embedder.2": "time_text_embed.timestep_embedder.linear_2",
@@ -179,7 +179,10 @@ def _split_prefixes(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...], file
 
 
 def ds_dit_to_diffusers(sd: dict[str, torch.Tensor], file: str) -> dict[str, torch.Tensor]:
-    """DiffSynth FluxDiT names (no `pipe.dit.`) -> diffusers names; fused qkv tensors are split (§6.1)."""
+    """DiffSynth FluxDiT names (no `pipe.dit.`) -> diffusers names; fused qkv tensors are split.
+
+    See docs/model.md#dit-key-names.
+    """
     inner = _require(sd, "x_embedder.weight", file, DIT_PREFIX).shape[0]
     out: dict[str, torch.Tensor] = {}
     unexpected = []
@@ -274,7 +277,10 @@ def build_dit(ds_sd: dict[str, torch.Tensor], file: str) -> nn.Module:
 
 
 def build_adapter(sd: dict[str, torch.Tensor], file: str) -> nn.Sequential:
-    """Generation adapter: Linear(D, J) LayerNorm ReLU Linear(J, J) LayerNorm (§4.1)."""
+    """Generation adapter: Linear(D, J) LayerNorm ReLU Linear(J, J) LayerNorm.
+
+    See docs/model.md#generation-decoder.
+    """
     w0 = _require(sd, "0.weight", file, ADAPTER_PREFIX)
     w3 = _require(sd, "3.weight", file, ADAPTER_PREFIX)
     with init_empty_weights():  # parameters on meta: the real adapter is ~31M, the merger ~0.36B
@@ -347,7 +353,10 @@ def infer_vae_config(sd: dict[str, torch.Tensor], file: str) -> dict[str, Any]:
 
 
 def build_vae(flux_dir: Path) -> nn.Module:
-    """diffusers AutoencoderKL from `ae.safetensors` via diffusers' LDM converter (§6.3)."""
+    """diffusers AutoencoderKL from `ae.safetensors` via diffusers' LDM converter.
+
+    See docs/model.md#vae-clip-t5.
+    """
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 

@@ -1,4 +1,7 @@
-"""FLUX decoders: AR image embeddings -> DiT conditioning -> batched flow loop -> VAE -> images (§4, §5)."""
+"""FLUX decoders: AR image embeddings -> DiT conditioning -> batched flow loop -> VAE -> images.
+
+See docs/model.md#generation-decoder, #editing-merger.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +29,10 @@ from model.step_cache import StepCache, cached_blocks
 
 # ---- schedule, latents, ids ------------------------------------------------------------------------------
 def flow_sigmas(steps: int) -> torch.Tensor:
-    """[steps + 1] static shift-3 sigmas of DS `FlowMatchScheduler` (§4.3), with sigma_N = 0 appended."""
+    """[steps + 1] static shift-3 sigmas of DS `FlowMatchScheduler`, with sigma_N = 0 appended.
+
+    See docs/model.md#scheduler.
+    """
     s = torch.linspace(1.0, SIGMA_MIN, steps, dtype=torch.float32)
     sigmas = SCHEDULER_SHIFT * s / (1 + (SCHEDULER_SHIFT - 1) * s)
     return torch.cat([sigmas, torch.zeros(1)])
@@ -201,7 +207,8 @@ def dit_dtype(dit: torch.nn.Module) -> torch.dtype:
 
 
 def dit_velocity(dit, packed, cond: Conditioning, sigma, guidance, img_ids, cache=None):  # type: ignore[no-untyped-def]
-    """One DiT call -> packed velocity. t = 1000·σ reaches the sinusoid in fp32, as in DS (§8.1).
+    """One DiT call -> packed velocity. t = 1000·σ reaches the sinusoid in fp32, as in DS.
+    See docs/model.md#numerics.
 
     With a `StepCache`, the blocks run only for the rows whose input changed enough (model.step_cache).
     """
@@ -230,7 +237,10 @@ def dit_velocity(dit, packed, cond: Conditioning, sigma, guidance, img_ids, cach
 
 @torch.no_grad()
 def vae_decode(vae: torch.nn.Module, latents: torch.Tensor, device: torch.device) -> list[Image.Image]:
-    """Decode one sample at a time (batch-independent, bounded memory); uint8 by truncation (§4.4)."""
+    """Decode one sample at a time (batch-independent, bounded memory); uint8 by truncation.
+
+    See docs/model.md#latents-and-decode.
+    """
     images = []
     scaling, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     for sample in latents:
@@ -247,7 +257,10 @@ def vae_scale_factor(vae: torch.nn.Module) -> int:
 
 # ---- text encoders and conditioning ---------------------------------------------------------------------
 class TextEncoders:
-    """CLIP pooled and T5 states of fixed strings, computed once and cached (§4.2: "" for every request)."""
+    """CLIP pooled and T5 states of fixed strings, computed once and cached: "" for every request.
+
+    See docs/model.md#conditioning.
+    """
 
     def __init__(self, components: Components, device: torch.device) -> None:
         self.c, self.device = components, device
@@ -310,14 +323,20 @@ class GenerationDecoder:
 
 
 class EditingDecoder:
-    """merger(AR embeddings, reference ViT features of the original image at 504²) -> [B, 405, J] (§5)."""
+    """merger(AR embeddings, reference ViT features of the original image at 504²) -> [B, 405, J].
+
+    See docs/model.md#editing-merger.
+    """
 
     def __init__(self, components: Components, text: TextEncoders, vit_features) -> None:  # type: ignore[no-untyped-def]
         self.c, self.text, self.vit_features = components, text, vit_features
 
     @torch.no_grad()
     def reference_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
-        """[B, 324, D]: the un-bounded original squashed to 504² with BILINEAR, one ViT call (§3.2)."""
+        """[B, 324, D]: the un-bounded original squashed to 504² with BILINEAR, one ViT call.
+
+        See docs/model.md#reference-features.
+        """
         squashed = [
             im.convert("RGB").resize((REF_IMAGE_SIZE, REF_IMAGE_SIZE), Image.BILINEAR) for im in images
         ]
