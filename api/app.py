@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> APIFlask:
 
     from api import batches, jobs, ops, uploads
 
-    app.extensions["nexusgen_metrics"] = ops.make_registry(services.engine)
+    app.extensions["nexusgen_metrics"] = ops.make_registry(services.engine, settings)
     for module in (uploads, jobs, batches, ops):
         app.register_blueprint(module.bp)
     if importlib.util.find_spec("api.webhooks") is not None:  # helper H's blueprint (delivery log, redeliver)

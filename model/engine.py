@@ -50,7 +50,9 @@ def apply_engine(
         components = apply_deepspeed(components, device)
     if fp8_dit:
         components = dataclasses.replace(
-            components, gen_dit=quantize_fp8(components.gen_dit), edit_dit=quantize_fp8(components.edit_dit)
+            components,
+            gen_dit=None if components.gen_dit is None else quantize_fp8(components.gen_dit),
+            edit_dit=None if components.edit_dit is None else quantize_fp8(components.edit_dit),
         )
     if offload:
         enable_model_offload(components, device)
@@ -144,8 +146,8 @@ def apply_deepspeed(components: Components, device: str) -> Components:
     return dataclasses.replace(
         components,
         ar=shard_ar(components.ar),
-        gen_dit=shard_dit(components.gen_dit),
-        edit_dit=shard_dit(components.edit_dit),
+        gen_dit=None if components.gen_dit is None else shard_dit(components.gen_dit),
+        edit_dit=None if components.edit_dit is None else shard_dit(components.edit_dit),
     )
 
 
@@ -155,6 +157,8 @@ def check_tensor_parallel_size(components: Components, world: int) -> None:
     if kv_heads % world:
         raise ValueError(f"tensor parallel size {world} must divide the AR's {kv_heads} key/value heads")
     for name in ("gen_dit", "edit_dit"):
+        if getattr(components, name) is None:
+            continue
         heads = getattr(components, name).config.num_attention_heads
         if heads % world:
             raise ValueError(f"tensor parallel size {world} must divide the {name}'s {heads} attention heads")
@@ -323,7 +327,7 @@ class ModelOffload:
 
 def enable_model_offload(components: Components, device: str) -> ModelOffload:
     """Install offloading on the big modules of `components` (in place); returns the controller."""
-    modules = {name: getattr(components, name) for name in OFFLOADED}
+    modules = {name: m for name in OFFLOADED if (m := getattr(components, name)) is not None}
     return ModelOffload(modules, device)
 
 
