@@ -32,14 +32,15 @@ def create_app(settings: Settings | None = None) -> APIFlask:
             'understanding. Every error is `{"error": {"code", "message", "details"}}`.'
         },
         SERVERS=[{"url": settings.public_base_url}],
-        DOCS_FAVICON=None,
     )
     services = Services(
         settings=settings, engine=make_engine(settings), storage=Storage.from_settings(settings)
     )
     app.extensions["nexusgen"] = services
 
-    from api import batches, jobs, ops, uploads
+    from api import batches, docs, jobs, ops, uploads
+
+    docs.configure_docs(app)
 
     app.extensions["nexusgen_metrics"] = ops.make_registry(services.engine, settings)
     for module in (uploads, jobs, batches, ops):

@@ -15,7 +15,7 @@ from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
 from api.jobs import load_owned, parse_json_body, require_id, results_by_job
-from api.schemas import BatchIn, BatchOut, batch_json, describes_body, result_json
+from api.schemas import BatchIn, BatchOut, BatchQuery, batch_json, describes_body, result_json
 from core.ids import new_id
 from core.ingest import insert_jobs, missing_uploads, parse_jsonl, store_pending_uploads, validate_many
 from core.jobs import cancel_batch
@@ -34,14 +34,36 @@ JSONL_TYPES = (
 RESULTS_PAGE = 1000
 
 
+def batch_options(query: dict[str, Any]) -> tuple[dict[str, Any] | None, Any]:
+    """The batch-level webhook (`{url, events}`) and metadata given as query parameters, not yet checked.
+
+    `webhook_events` is a comma list; `metadata` a URL-encoded JSON object.
+    """
+    webhook: dict[str, Any] | None = None
+    if query.get("webhook_url") is not None:
+        webhook = {"url": query["webhook_url"]}
+        if query.get("webhook_events") is not None:
+            webhook["events"] = [e.strip() for e in query["webhook_events"].split(",") if e.strip()]
+    elif query.get("webhook_events") is not None:
+        raise SubmitError("invalid_webhook", "webhook_events needs webhook_url")
+    metadata = None
+    if query.get("metadata") is not None:
+        try:
+            metadata = json.loads(query["metadata"])
+        except ValueError as exc:
+            raise SubmitError("invalid_metadata", f"the metadata parameter is not JSON: {exc}") from exc
+        if metadata is None:
+            raise SubmitError("invalid_metadata", "metadata must be an object")
+    return webhook, metadata
+
+
 def _parse_batch(
-    conn: Connection, tenant_id: str, settings: Settings
+    conn: Connection, tenant_id: str, settings: Settings, query: dict[str, Any]
 ) -> tuple[list[JobDraft], dict[str, Any], tuple[str | None, list[str] | None]]:
     """Validate the whole body; raise one SubmitError naming EVERY bad line (or index) if any."""
     jsonl = request.mimetype in JSONL_TYPES
     position = "line" if jsonl else "index"
-    metadata: dict[str, Any] = {}
-    webhook: tuple[str | None, list[str] | None] = (None, None)
+    raw_webhook, raw_metadata = batch_options(query)
     if jsonl:
         items, errors = parse_jsonl(request.get_data(cache=True))
     else:
@@ -52,9 +74,16 @@ def _parse_batch(
             or set(body) - {"jobs", "webhook", "metadata"}
         ):
             raise SubmitError("invalid_batch", "the body must be {jobs: [...], webhook?, metadata?}")
-        metadata = check_metadata(body.get("metadata"))
-        webhook = parse_webhook(body.get("webhook"), settings, {})
+        for name, given in (("webhook", raw_webhook), ("metadata", raw_metadata)):
+            if given is not None and body.get(name) is not None:
+                raise SubmitError(
+                    f"invalid_{name}", f"{name} is given both in the body and as a query parameter"
+                )
+        raw_webhook = raw_webhook if raw_webhook is not None else body.get("webhook")
+        raw_metadata = raw_metadata if raw_metadata is not None else body.get("metadata")
         items, errors = list(enumerate(body["jobs"])), []
+    metadata = check_metadata(raw_metadata)
+    webhook = parse_webhook(raw_webhook, settings, {})
     total = len(items) + len(errors)
     if total == 0:
         raise SubmitError("empty_batch", "the batch has no jobs")
@@ -89,17 +118,20 @@ def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> RowMapping:
 
 @bp.post("/v1/batches")
 @bp.auth_required(auth, roles=["submit"])
+@bp.input(BatchQuery, location="query", arg_name="query")
 @describes_body(BatchIn)
 @bp.output(BatchOut, status_code=201, description="The batch with its job counts.")
 @bp.doc(responses=[400, 409, 413, 422])
-def create_batch() -> Response:
+def create_batch(query: dict[str, Any]) -> Response:
     """Submit many jobs: JSON `{jobs, webhook, metadata}` or JSONL (`application/x-ndjson`, one job a line,
-    each with a unique custom_id). Any invalid line: 422 naming every bad line, and nothing is created."""
+    each with a unique custom_id). A JSONL batch takes its webhook and metadata as query parameters
+    (`webhook_url`, `webhook_events`, `metadata`); a line may still set its own webhook. Any invalid line:
+    422 naming every bad line, and nothing is created."""
     principal = current_principal()
     svc = services()
 
     def work(conn: Connection) -> Created:
-        drafts, metadata, (url, events) = _parse_batch(conn, principal.tenant_id, svc.settings)
+        drafts, metadata, (url, events) = _parse_batch(conn, principal.tenant_id, svc.settings, query)
         batch_id = new_id("bat")
         row = (
             conn.execute(
@@ -121,7 +153,11 @@ def create_batch() -> Response:
         wakeups = insert_jobs(conn, principal.tenant_id, batch_id, drafts)
         return Created(201, batch_json(row, {"queued": len(drafts)}), wakeups)
 
-    return create_idempotently(principal.tenant_id, request.get_data(cache=True), work)
+    # The query parameters are part of the request: the same body with another webhook is another request.
+    fingerprint = request.get_data(cache=True)
+    if request.query_string:
+        fingerprint = request.query_string + b"\0" + fingerprint
+    return create_idempotently(principal.tenant_id, fingerprint, work)
 
 
 @bp.get("/v1/batches/<batch_id>")

@@ -73,6 +73,16 @@ class BatchIn(Schema):
     metadata = Dict()
 
 
+class BatchQuery(Schema):
+    webhook_url = String(metadata={"description": "JSONL batches: the batch's webhook URL (URL-encoded)"})
+    webhook_events = String(
+        metadata={"description": f"comma list of {', '.join(ALL_EVENTS)} (default: all but job.progress)"}
+    )
+    metadata = String(
+        metadata={"description": "JSONL batches: the batch's metadata, a URL-encoded JSON object"}
+    )
+
+
 class UploadIn(Schema):
     file = File(required=True, metadata={"description": "a PNG, JPEG or WebP image"})
 

@@ -46,6 +46,7 @@ ENV_NAMES = {
     "s3_secret_key": "S3_SECRET_KEY",
     "s3_bucket": "S3_BUCKET",
     "s3_region": "S3_REGION",
+    "s3_public_url": "S3_PUBLIC_URL",
     "model_dir": "NEXUSGEN_MODEL_DIR",
     "device": "NEXUSGEN_DEVICE",
     "engine": "NEXUSGEN_ENGINE",
@@ -96,6 +97,7 @@ class Settings:
     s3_secret_key: str = ""
     s3_bucket: str = "nexusgen"
     s3_region: str = "us-east-1"
+    s3_public_url: str | None = None  # presigned links use this endpoint (None: S3_ENDPOINT_URL)
     # model workers
     model_dir: str | None = None
     device: str = "cpu"
@@ -148,6 +150,17 @@ class Settings:
     # local state for the embedded default
     state_dir: Path = field(default_factory=lambda: Path(".nexusgen"))
 
+    def __post_init__(self) -> None:
+        if not 0 < self.webhook_timeout_s <= 300:
+            raise ValueError(f"WEBHOOK_TIMEOUT_S must be in (0, 300] seconds, got {self.webhook_timeout_s}")
+
+    @property
+    def webhook_lock_s(self) -> float:
+        """How long a claimed delivery stays leased: one whole attempt (WEBHOOK_TIMEOUT_S, counted from
+        the claim) plus a margin for building the body and recording the outcome, so an attempt in
+        flight is never claimed a second time."""
+        return 2 * self.webhook_timeout_s + 30
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the environment (design.md, Settings) into a Settings object."""
@@ -187,6 +200,7 @@ class Settings:
             s3_secret_key=env.get("S3_SECRET_KEY", ""),
             s3_bucket=env.get("S3_BUCKET", "nexusgen"),
             s3_region=env.get("S3_REGION", "us-east-1"),
+            s3_public_url=env.get("S3_PUBLIC_URL") or None,
             model_dir=env.get("NEXUSGEN_MODEL_DIR") or None,
             device=env.get("NEXUSGEN_DEVICE", "cpu"),
             engine=engine,

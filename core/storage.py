@@ -23,26 +23,35 @@ def result_key(tenant_id: str, job_id: str, ext: str) -> str:
     return f"tenants/{tenant_id}/jobs/{job_id}/result.{ext}"
 
 
+def _client(endpoint_url: str, settings: Settings) -> Minio:
+    url = urlparse(endpoint_url)
+    return Minio(
+        url.netloc,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=url.scheme == "https",
+        region=settings.s3_region,  # known region: presigning needs no request to the server
+    )
+
+
 @dataclass
 class Storage:
-    """A bucket on an S3 server."""
+    """A bucket on an S3 server; presigned links may name another endpoint, the one clients can reach."""
 
     client: Minio
     bucket: str
+    public_client: Minio | None = None  # signs links for S3_PUBLIC_URL (None: the internal endpoint)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Storage:
         settings.require("s3_endpoint_url")
         assert settings.s3_endpoint_url is not None
-        url = urlparse(settings.s3_endpoint_url)
-        client = Minio(
-            url.netloc,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key,
-            secure=url.scheme == "https",
-            region=settings.s3_region,
+        public = _client(settings.s3_public_url, settings) if settings.s3_public_url else None
+        return cls(
+            client=_client(settings.s3_endpoint_url, settings),
+            bucket=settings.s3_bucket,
+            public_client=public,
         )
-        return cls(client=client, bucket=settings.s3_bucket)
 
     def ensure_bucket(self) -> None:
         if not self.client.bucket_exists(self.bucket):
@@ -74,7 +83,9 @@ class Storage:
             response.release_conn()
 
     def presign_get(self, key: str, ttl_s: int) -> str:
-        return self.client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=ttl_s))
+        """A GET link signed for the host clients use (the signature covers the host name)."""
+        client = self.public_client or self.client
+        return client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=ttl_s))
 
     def list_keys(self, prefix: str) -> list[str]:
         return [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]

@@ -53,15 +53,19 @@ def image_ids(h: int, w: int) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
-def edit_text_ids(h: int, w: int) -> torch.Tensor:
-    """[405, 3] editing txt_ids (§5.3): target (0, r·h/18, c·w/18), ref (1, r·h/36, c·w/36), bf16-rounded."""
+def edit_text_ids(h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """[405, 3] editing txt_ids: target (0, r·h/18, c·w/18), ref (1, r·h/36, c·w/36), as fp32 values.
+
+    The grid is rounded to the DiT's compute `dtype`, as the reference does by building it in the latent
+    dtype: bf16 runs see bf16-rounded positions (e.g. 3.5625 for 32/9), fp32 runs the exact grid.
+    """
     rows = []
     for axis0, size in ((0.0, TARGET_EMBED_SIZE), (1.0, REF_EMBED_SIZE)):
         side = size // 2
         r = torch.arange(side, dtype=torch.float32).repeat_interleave(side)
         c = torch.arange(side, dtype=torch.float32).repeat(side)
         rows.append(torch.stack([torch.full_like(r, axis0), r * h / size, c * w / size], dim=1))
-    return torch.cat(rows).to(torch.bfloat16).float()
+    return torch.cat(rows).to(dtype).float()
 
 
 def latent_size(width: int, height: int, vae_scale: int) -> tuple[int, int]:
@@ -132,7 +136,7 @@ def denoise(
 
     A request whose `should_cancel` turns true is dropped at the next step boundary; its mates continue.
     """
-    dtype = next(dit.parameters()).dtype
+    dtype = dit_dtype(dit)
     h, w = latent_size(job.width, job.height, vae_scale)
     latents = draw_noise(job.seeds, channels, h, w, device, dtype)  # [B, C, h, w]
     img_ids = image_ids(h, w).to(device)
@@ -163,6 +167,12 @@ def denoise(
             for i in index:
                 on_step(i, step + 1, job.steps)
     return latents, index
+
+
+def dit_dtype(dit: torch.nn.Module) -> torch.dtype:
+    """The DiT's compute dtype (diffusers reports it even when weights are stored in fp8 or offloaded)."""
+    dtype = getattr(dit, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(dit.parameters()).dtype
 
 
 def dit_velocity(dit, packed, cond: Conditioning, sigma, guidance, img_ids):  # type: ignore[no-untyped-def]
@@ -321,4 +331,4 @@ class EditingDecoder:
         states = self.c.merger(embeds.to(merger_dtype), ref.to(merger_dtype))  # [B, 405, J]
         h, w = latent_size(width, height, vae_scale)
         pooled = self.text.pooled("").expand(states.shape[0], -1)
-        return Conditioning(states, edit_text_ids(h, w), pooled)
+        return Conditioning(states, edit_text_ids(h, w, dit_dtype(self.c.edit_dit)), pooled)

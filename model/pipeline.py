@@ -44,8 +44,9 @@ from model.requests import (
     UnderstandRequest,
 )
 
-# request limits (validate_request); sizes are multiples of 16 so no silent rounding happens
-MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 2048, 16
+# request limits (validate_request); sizes are multiples of 16 so no silent rounding happens. 64 is the
+# smallest size the architecture takes (a 4x4 grid of packed latent tokens); the API may be stricter.
+MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 2048, 16
 MAX_STEPS = 100
 MAX_SCALE = 30.0
 MAX_PROMPT_CHARS = 4000
@@ -68,7 +69,7 @@ def validate_request(req: Request) -> None:
     """Raise ValueError naming the first invalid field of a request; the model never fixes input silently.
 
     Limits: non-empty text of at most 4000 characters without `<|...|>` special-token markup; width and
-    height multiples of 16 in 256..2048; steps 1..100; cfg_scale 1..30; guidance 0..30; seed 0..2**63-1;
+    height multiples of 16 in 64..2048; steps 1..100; cfg_scale 1..30; guidance 0..30; seed 0..2**63-1;
     language en|zh; decoder edit|generation; images non-empty, decodable, aspect ratio at most 200;
     understanding max_new_tokens 1..4096.
     """

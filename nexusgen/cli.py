@@ -24,7 +24,28 @@ def _settings() -> Settings:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Nexus-Gen V2 batch service."""
+    """Nexus-Gen V2 batch service: the stack, single services, administration and a client.
+
+    \b
+    Where commands find the stack (environment variables):
+      DATABASE_URL, CELERY_BROKER_URL, S3_ENDPOINT_URL  services; unset: `up` starts embedded ones,
+          and admin commands (tenant, key) use those of the `up` running on NEXUSGEN_STATE_DIR
+      NEXUSGEN_STATE_DIR   state of `up` (default .nexusgen): data, logs, env, up.json
+      NEXUSGEN_API_URL     API of the client commands (unset: the running `up`'s, else
+                           http://127.0.0.1:8080)
+      NEXUSGEN_API_KEY     key of the client commands (`nexusgen key create --tenant NAME`)
+      NEXUSGEN_MODEL_DIR   weights (unset: a tiny random checkpoint under the state dir)
+    Every other setting is listed in README.md, "Configuration".
+
+    \b
+    A batch file for `submit` is JSONL, one job per line, each with a unique custom_id:
+      {"custom_id": "fox", "task": "generate", "prompt": "a red fox",
+       "params": {"width": 512, "height": 512, "steps": 28, "seed": 1}}
+      {"custom_id": "e1", "task": "edit", "instruction": "make it night",
+       "image": "data:image/png;base64,...", "params": {"decoder": "edit"}}
+      {"custom_id": "u1", "task": "understand", "instruction": "What is shown?",
+       "image": "upl_..."}
+    """
 
 
 # --- the whole stack ----------------------------------------------------------------------------------
@@ -151,14 +172,37 @@ def tenant() -> None:
 
 
 def _engine() -> Any:
-    from core.db import make_engine
+    """An engine on DATABASE_URL, or on the database of the running `nexusgen up` when it is unset."""
+    import os
 
-    settings = _settings()
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from core.db import make_engine
+    from nexusgen.stack import StackError, discover, require_answering, state_dir
+
     try:
-        settings.require("database_url")
-    except RuntimeError as exc:
-        raise click.UsageError(f"{exc} (set DATABASE_URL; `nexusgen up` writes it to STATE_DIR/env)") from exc
-    return make_engine(settings, pool_size=1)
+        found = discover(("DATABASE_URL",))
+        environ = {**os.environ, **found.env}
+        url = environ.get("DATABASE_URL")
+        if not url:
+            raise StackError(
+                f"DATABASE_URL is not set and no `nexusgen up` runs on {state_dir(environ)} "
+                "(NEXUSGEN_STATE_DIR): start `.venv/bin/nexusgen up`, or set DATABASE_URL"
+            )
+        require_answering("DATABASE_URL", url, found.source)
+        settings = Settings.from_env(environ)
+        engine = make_engine(settings, pool_size=1)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise click.ClickException(f"DATABASE_URL: the database refused us: {first}") from None
+    return engine
 
 
 @tenant.command("create")
@@ -282,12 +326,22 @@ def plan(
 
 
 def _client() -> Any:
+    """A client of NEXUSGEN_API_URL, or of the running `nexusgen up`'s API when it is unset."""
+    import os
+
     from nexusgen.client import Client
+    from nexusgen.stack import StackError, discover, require_answering
 
     try:
-        return Client.from_env()
+        found = discover(("NEXUSGEN_API_URL",))
+        environ = {**os.environ, **found.env}
+        client = Client.from_env(environ)
+        require_answering("NEXUSGEN_API_URL", client.base_url, found.source)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise click.UsageError(str(exc)) from None
+    return client
 
 
 @contextmanager
@@ -309,16 +363,53 @@ def _api_errors() -> Iterator[None]:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--wait", is_flag=True, help="wait until every job ended, with a progress bar")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="download results here")
-def submit(file: Path, wait: bool, out_dir: Path | None) -> None:
-    """Submit FILE.jsonl as one batch (resubmitting the same file resumes the same batch)."""
+@click.option(
+    "--webhook", "webhook_url", default=None, help="the batch's webhook URL (job.* and batch.completed)"
+)
+@click.option(
+    "--webhook-events",
+    default=None,
+    help="comma list of events for --webhook (default: all but job.progress)",
+)
+def submit(
+    file: Path, wait: bool, out_dir: Path | None, webhook_url: str | None, webhook_events: str | None
+) -> None:
+    """Submit FILE.jsonl as one batch (resubmitting the same file resumes the same batch).
+
+    \b
+    FILE.jsonl holds one job per line, each with a unique custom_id, e.g.
+      {"custom_id": "fox", "task": "generate", "prompt": "a red fox",
+       "params": {"width": 512, "height": 512, "steps": 28, "seed": 1}}
+      {"custom_id": "night", "task": "edit", "instruction": "make it night",
+       "image": "data:image/png;base64,...", "params": {"decoder": "edit"}}
+      {"custom_id": "what", "task": "understand", "instruction": "What is shown?",
+       "image": "upl_..."}
+    task: generate (prompt), edit and understand (instruction, image);
+    image: an upload id (POST /v1/uploads) or a data URL; params as in POST /v1/jobs.
+
+    \b
+    Environment:
+      NEXUSGEN_API_KEY   required (`nexusgen key create --tenant NAME`)
+      NEXUSGEN_API_URL   unset: the API of the `up` running on NEXUSGEN_STATE_DIR
+                         (default .nexusgen), else http://127.0.0.1:8080
+    """
     from nexusgen.progress import wait_for_batch
 
+    if webhook_events and not webhook_url:
+        raise click.UsageError("--webhook-events needs --webhook")
     client = _client()
     body = file.read_bytes()
-    # The same file gives the same Idempotency-Key: a rerun finds its batch instead of creating another.
-    idempotency_key = "submit-" + hashlib.sha256(body).hexdigest()
+    events = [e.strip() for e in webhook_events.split(",") if e.strip()] if webhook_events else None
+    # The same file (and webhook) gives the same Idempotency-Key: a rerun finds its batch instead of
+    # creating another.
+    digest = hashlib.sha256(body)
+    if webhook_url:
+        digest.update(b"\0" + webhook_url.encode() + b"\0" + ",".join(events or []).encode())
+    idempotency_key = "submit-" + digest.hexdigest()
     with _api_errors():
-        batch = client.create_batch_jsonl(body, idempotency_key=idempotency_key)
+        batch = client.create_batch_jsonl(
+            body, idempotency_key=idempotency_key, webhook_url=webhook_url, webhook_events=events
+        )
         click.echo(f"batch_id: {batch['id']}")
         if not (wait or out_dir):
             return

@@ -6,12 +6,14 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+DEFAULT_API_URL = "http://127.0.0.1:8080"
 
 
 class ApiError(RuntimeError):
@@ -62,14 +64,15 @@ class Client:
         )
 
     @classmethod
-    def from_env(cls) -> Client:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Client:
         """Read NEXUSGEN_API_URL (default http://127.0.0.1:8080) and NEXUSGEN_API_KEY."""
-        key = os.environ.get("NEXUSGEN_API_KEY", "")
+        env = os.environ if environ is None else environ
+        key = env.get("NEXUSGEN_API_KEY", "")
         if not key:
             raise ValueError(
                 "NEXUSGEN_API_KEY is not set (create one with `nexusgen key create --tenant NAME`)"
             )
-        return cls(os.environ.get("NEXUSGEN_API_URL", "http://127.0.0.1:8080"), key)
+        return cls(env.get("NEXUSGEN_API_URL") or DEFAULT_API_URL, key)
 
     def close(self) -> None:
         self._http.close()
@@ -121,12 +124,28 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("POST", "/v1/batches", json=body, headers=headers)
 
-    def create_batch_jsonl(self, jsonl: bytes, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Post a JSONL body (one job a line, each with a unique custom_id)."""
+    def create_batch_jsonl(
+        self,
+        jsonl: bytes,
+        idempotency_key: str | None = None,
+        *,
+        webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Post a JSONL body (one job a line, each with a unique custom_id); the batch-level webhook and
+        metadata travel as query parameters."""
         headers = {"Content-Type": "application/x-ndjson"}
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
-        return self._request("POST", "/v1/batches", content=jsonl, headers=headers)
+        params: dict[str, str] = {}
+        if webhook_url:
+            params["webhook_url"] = webhook_url
+        if webhook_events:
+            params["webhook_events"] = ",".join(webhook_events)
+        if metadata is not None:
+            params["metadata"] = json.dumps(metadata, separators=(",", ":"))
+        return self._request("POST", "/v1/batches", content=jsonl, headers=headers, params=params)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}")

@@ -27,6 +27,39 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def remembered_ports(state_dir: Path) -> dict[str, int]:
+    """The ports the embedded servers of this state dir had at their last start."""
+    path = state_dir / "ports.json"
+    try:
+        return {k: int(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def remembered_port(state_dir: Path, name: str) -> int:
+    """The port `name` had at its last start if it is free again, else a new free one (remembered).
+
+    Stable ports keep a sourced STATE_DIR/env valid across restarts of `nexusgen up`.
+    """
+    ports = remembered_ports(state_dir)
+    port = ports.get(name)
+    if port is None or not port_bindable(port):
+        port = ports[name] = free_port()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "ports.json").write_text(json.dumps(ports))
+    return port
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.2)

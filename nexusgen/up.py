@@ -226,7 +226,7 @@ def prepare_model_dir(settings: Settings) -> Settings:
 def start_embedded(settings: Settings, log_dir: Path) -> tuple[Settings, list[Any]]:
     """Start PostgreSQL, Redis and SeaweedFS S3 for whichever URL is unset, data under the state dir.
 
-    Ports are free ones picked now (the URLs go to the children and to STATE_DIR/env); the data stays.
+    Each keeps the port of its last start when that is free (a sourced STATE_DIR/env stays valid).
     """
     from nexusgen import embedded
 
@@ -234,17 +234,19 @@ def start_embedded(settings: Settings, log_dir: Path) -> tuple[Settings, list[An
     try:
         if not settings.database_url:
             server = embedded.start_postgres(
-                state / "postgres", embedded.free_port(), log_dir / "postgres.log"
+                state / "postgres", embedded.remembered_port(state, "postgres"), log_dir / "postgres.log"
             )
             servers.append(server)
             changes["database_url"] = server.url
         if not settings.broker_url:
-            server = embedded.start_redis(state / "redis", embedded.free_port(), log_dir / "redis.log")
+            port = embedded.remembered_port(state, "redis")
+            server = embedded.start_redis(state / "redis", port, log_dir / "redis.log")
             servers.append(server)
             changes["broker_url"] = server.url
         if not settings.s3_endpoint_url:
             access, secret = embedded.s3_credentials(state)
-            server = embedded.start_s3(state / "s3", embedded.free_port(), log_dir / "s3.log", access, secret)
+            port = embedded.remembered_port(state, "s3")
+            server = embedded.start_s3(state / "s3", port, log_dir / "s3.log", access, secret)
             servers.append(server)
             changes.update(s3_endpoint_url=server.url, s3_access_key=access, s3_secret_key=secret)
     except BaseException:
@@ -253,6 +255,39 @@ def start_embedded(settings: Settings, log_dir: Path) -> tuple[Settings, list[An
     for server in servers:
         log.info("embedded %s at %s (log %s)", server.name, server.url, server.log_path)
     return settings.with_overrides(**changes), servers
+
+
+EMBEDDABLE = {"database_url": "postgres", "broker_url": "redis", "s3_endpoint_url": "s3"}
+
+
+def check_configured_urls(settings: Settings) -> Settings:
+    """Refuse configured URLs where nothing answers, with one line naming the variable.
+
+    A URL that names this state dir's own embedded server (from a sourced STATE_DIR/env) counts as
+    unset: that server is started again on the same port.
+    """
+    from core.settings import ENV_NAMES
+    from nexusgen import embedded
+    from nexusgen.stack import address, require_answering
+
+    ports = embedded.remembered_ports(settings.state_dir)
+    unset: dict[str, None] = {}
+    for field_name, server in EMBEDDABLE.items():
+        url = getattr(settings, field_name)
+        if not url:
+            continue
+        ours = server in ports and address(url) == ("127.0.0.1", ports[server])
+        if ours and embedded.port_bindable(ports[server]):
+            log.info(
+                "%s names the embedded %s of %s: starting it",
+                ENV_NAMES[field_name],
+                server,
+                settings.state_dir,
+            )
+            unset[field_name] = None
+            continue
+        require_answering(ENV_NAMES[field_name], url, None)
+    return settings.with_overrides(**unset) if unset else settings
 
 
 def stop_embedded(servers: list[Any]) -> None:
@@ -283,6 +318,7 @@ def run_up(settings: Settings) -> int:
             },
             settings.api_host,
         )
+        settings = check_configured_urls(settings)
         settings, servers = start_embedded(settings, settings.state_dir / "logs")
         settings = prepare_model_dir(settings)
         from core.migrate import upgrade

@@ -7,6 +7,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -87,15 +88,65 @@ def test_rotate_secret_replaces_the_secret(run: CliRunner) -> None:
     assert new.startswith("whsec_") and new != old
 
 
-def test_admin_commands_need_database_url() -> None:
-    result = CliRunner(env={"DATABASE_URL": ""}).invoke(cli, ["tenant", "create", "x"])
-    assert result.exit_code == 2
-    assert "DATABASE_URL" in result.output
+def _one_line_error(result: Any) -> str:
+    """The whole output of a failed command: a single `Error: ...` line, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    assert "Traceback" not in result.output
+    return str(result.output)
+
+
+def _write_up_json(state: Path, pid: int, env: dict[str, str]) -> None:
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "up.json").write_text(json.dumps({"pid": pid, "env": env}))
+
+
+def test_admin_commands_without_database_url_or_running_up_say_what_to_set(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": "", "NEXUSGEN_STATE_DIR": str(tmp_path / "state")}
+    line = _one_line_error(CliRunner(env=env).invoke(cli, ["tenant", "create", "x"]))
+    assert "DATABASE_URL" in line and "NEXUSGEN_STATE_DIR" in line and "nexusgen up" in line
+
+
+def test_admin_commands_find_the_running_up_through_the_state_dir(
+    settings: Settings, engine: Engine, tmp_path: Path
+) -> None:
+    import os
+
+    assert settings.database_url is not None
+    _write_up_json(tmp_path / "state", os.getpid(), {"DATABASE_URL": settings.database_url})
+    runner = CliRunner(env={"DATABASE_URL": "", "NEXUSGEN_STATE_DIR": str(tmp_path / "state")})
+    name = f"found-{uuid.uuid4().hex[:8]}"
+    result = runner.invoke(cli, ["tenant", "create", name])
+    assert result.exit_code == 0, result.output
+    assert _fields(result.output)["tenant_id"].startswith("ten_")
+
+
+def test_stale_or_dead_configuration_is_one_line_naming_the_file_or_variable(tmp_path: Path) -> None:
+    from nexusgen.embedded import free_port
+
+    dead_port = free_port()
+    dead_pid = 2**22 + 12345  # above the default pid_max: no such process
+    state = tmp_path / "state"
+    _write_up_json(state, dead_pid, {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{dead_port}/x"})
+    stale = CliRunner(env={"DATABASE_URL": "", "NEXUSGEN_STATE_DIR": str(state)})
+    line = _one_line_error(stale.invoke(cli, ["tenant", "create", "x"]))
+    assert str(state / "up.json") in line and str(dead_pid) in line
+
+    dead_url = f"postgresql+psycopg://nexusgen:s3cret@127.0.0.1:{dead_port}/nexusgen"
+    configured = CliRunner(env={"DATABASE_URL": dead_url, "NEXUSGEN_STATE_DIR": str(state)})
+    line = _one_line_error(configured.invoke(cli, ["key", "create", "--tenant", "x"]))
+    assert line.startswith("Error: DATABASE_URL=") and "s3cret" not in line and "does not answer" in line
+
+    client = CliRunner(
+        env={"NEXUSGEN_API_URL": "", "NEXUSGEN_API_KEY": "k", "NEXUSGEN_STATE_DIR": str(state)}
+    )
+    line = _one_line_error(client.invoke(cli, ["status", "job_x"]))
+    assert str(state / "up.json") in line
 
 
 @pytest.mark.parametrize("args", [["status", "job_x"], ["cancel", "job_x"]])
-def test_client_commands_need_an_api_key(args: list[str]) -> None:
-    result = CliRunner(env={"NEXUSGEN_API_KEY": ""}).invoke(cli, args)
+def test_client_commands_need_an_api_key(args: list[str], tmp_path: Path) -> None:
+    result = CliRunner(env={"NEXUSGEN_API_KEY": "", "NEXUSGEN_STATE_DIR": str(tmp_path)}).invoke(cli, args)
     assert result.exit_code == 2
     assert "NEXUSGEN_API_KEY" in result.output
 
@@ -165,3 +216,74 @@ def test_client_commands_submit_status_cancel(run: CliRunner, api_url: str, tmp_
     jobs.write_text('{"custom_id": "bad", "task": "paint"}\n')
     bad = client.invoke(cli, ["submit", str(jobs)])
     assert bad.exit_code == 1 and "422" in bad.output
+
+
+def test_client_commands_find_the_api_of_the_running_up(run: CliRunner, api_url: str, tmp_path: Path) -> None:
+    import os
+
+    name = f"found-{uuid.uuid4().hex[:8]}"
+    run.invoke(cli, ["tenant", "create", name])
+    key = run.invoke(cli, ["key", "create", "--tenant", name]).output.strip()
+    _write_up_json(tmp_path / "state", os.getpid(), {"NEXUSGEN_API_URL": api_url})
+    env = {"NEXUSGEN_API_URL": "", "NEXUSGEN_API_KEY": key, "NEXUSGEN_STATE_DIR": str(tmp_path / "state")}
+    result = CliRunner(env=env).invoke(cli, ["status", "job_nothere"])
+    assert result.exit_code == 1 and "HTTP 404 not_found" in result.output, result.output
+
+
+def _help_jobs(text: str) -> list[dict[str, object]]:
+    """The JSONL example lines of a help text (an object may continue on indented lines)."""
+    jobs, current = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("{") or (current and stripped.startswith('"')):
+            current += " " + stripped
+            try:
+                jobs.append(json.loads(current))
+                current = ""
+            except json.JSONDecodeError:
+                continue
+    return jobs
+
+
+@pytest.mark.parametrize("args", [["--help"], ["submit", "--help"]])
+def test_help_names_the_environment_and_a_jsonl_format_the_api_accepts(args: list[str]) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from core.submit import validate_job
+
+    text = CliRunner().invoke(cli, args).output
+    for name in ("NEXUSGEN_API_URL", "NEXUSGEN_API_KEY", "NEXUSGEN_STATE_DIR"):
+        assert name in text, name
+    jobs = _help_jobs(text)
+    assert {job["task"] for job in jobs} == {"generate", "edit", "understand"}, jobs
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(png, "PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    for job in jobs:
+        if job.get("image") == "data:image/png;base64,...":
+            job["image"] = data_url
+        validate_job(job, Settings(), require_custom_id=True)  # raises SubmitError on a bad example
+
+
+def test_submit_with_webhook_sets_the_batch_webhook(run: CliRunner, api_url: str, tmp_path: Path) -> None:
+    name = f"hook-{uuid.uuid4().hex[:8]}"
+    run.invoke(cli, ["tenant", "create", name])
+    key = run.invoke(cli, ["key", "create", "--tenant", name]).output.strip()
+    client = CliRunner(env={"NEXUSGEN_API_URL": api_url, "NEXUSGEN_API_KEY": key})
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"custom_id": "c0", "task": "generate", "prompt": "a cat"}) + "\n")
+    url = "http://127.0.0.1:9/hook"
+    result = client.invoke(
+        cli, ["submit", str(jobs), "--webhook", url, "--webhook-events", "batch.completed"]
+    )
+    assert result.exit_code == 0, result.output
+    batch_id = _fields(result.output)["batch_id"]
+    status = json.loads(client.invoke(cli, ["status", batch_id]).output)
+    assert status["webhook"] == {"url": url, "events": ["batch.completed"]}
+    # the same file without the webhook is another batch, not a replay of this one
+    plain = client.invoke(cli, ["submit", str(jobs)])
+    assert plain.exit_code == 0 and _fields(plain.output)["batch_id"] != batch_id
+    client.invoke(cli, ["cancel", batch_id])

@@ -2,8 +2,9 @@
 
 Runs on the CPU webhook workers (queue WEBHOOK_QUEUE), polled by beat and kicked after commits. Each
 delivery is claimed with FOR UPDATE SKIP LOCKED plus a `locked_until` lease, sent on a small thread pool
-with connect/read timeouts so a slow receiver only holds its own thread, and finished with a conditional
-UPDATE that names the lease, so a delivery whose lease was taken over is never finished twice.
+with a whole-attempt deadline (counted from the claim, shorter than the lease) so a slow receiver only
+holds its own thread; slots are shared round robin between tenants. A failure is recorded with a
+conditional UPDATE that names the lease; a 2xx is recorded whatever became of the lease.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ BEAT_SCHEDULE = {
 }
 MAX_PARALLEL = 8  # attempts in flight per task
 PER_ENDPOINT_LIMIT = 4  # of those, to one endpoint
+PER_TENANT_LIMIT = 4  # of those, for one tenant (the other slots stay free for other tenants)
 POLL_S = 0.5  # while attempts run, look for newly due deliveries this often
 TASK_BUDGET_S = 60.0  # one task claims new deliveries for at most this long
 
@@ -60,31 +62,50 @@ def claim_due(
     lock_s: float,
     exclude: Collection[str] = (),
     busy_endpoints: Mapping[str, int] | None = None,
+    busy_tenants: Mapping[str, int] | None = None,
 ) -> list[RowMapping]:
-    """Lease up to `limit` due pending deliveries with their event and endpoint.
+    """Lease up to `limit` due pending deliveries with their event and endpoint, fairly between tenants.
 
-    At most PER_ENDPOINT_LIMIT per endpoint counting `busy_endpoints` (attempts already in flight), so
-    one slow endpoint cannot take every slot; `exclude` skips deliveries already tried by the caller.
+    Candidates are taken round robin across tenants (each tenant's oldest due first), at most
+    PER_ENDPOINT_LIMIT per endpoint and PER_TENANT_LIMIT per tenant counting the attempts already in
+    flight (`busy_endpoints`, `busy_tenants`): one tenant with slow receivers, even behind several URLs,
+    cannot take every slot. `exclude` skips deliveries already tried by the caller.
     """
-    query = (
-        select(webhook_deliveries.c.id, webhook_deliveries.c.endpoint_id)
-        .where(
-            webhook_deliveries.c.status == "pending",
-            webhook_deliveries.c.next_attempt_at <= func.now(),
-            or_(webhook_deliveries.c.locked_until.is_(None), webhook_deliveries.c.locked_until < func.now()),
-        )
-        .order_by(webhook_deliveries.c.next_attempt_at)
-        .limit(limit * 4)
-        .with_for_update(skip_locked=True)
-    )
+    due = [
+        webhook_deliveries.c.status == "pending",
+        webhook_deliveries.c.next_attempt_at <= func.now(),
+        or_(webhook_deliveries.c.locked_until.is_(None), webhook_deliveries.c.locked_until < func.now()),
+    ]
     if exclude:
-        query = query.where(webhook_deliveries.c.id.not_in(list(exclude)))
+        due.append(webhook_deliveries.c.id.not_in(list(exclude)))
+    turn = (
+        func.row_number()
+        .over(partition_by=webhook_deliveries.c.tenant_id, order_by=webhook_deliveries.c.next_attempt_at)
+        .label("turn")
+    )
+    ranked = select(webhook_deliveries.c.id, turn).where(*due).subquery()
+    # Row locks cannot sit on a windowed query: rank first, then lock the chosen rows (skipping taken ones).
+    query = (
+        select(webhook_deliveries.c.id, webhook_deliveries.c.endpoint_id, webhook_deliveries.c.tenant_id)
+        .join(ranked, ranked.c.id == webhook_deliveries.c.id)
+        .where(*due[:3])
+        .order_by(ranked.c.turn, webhook_deliveries.c.next_attempt_at)
+        .limit(limit * 4)
+        .with_for_update(of=webhook_deliveries, skip_locked=True)
+    )
     per_endpoint: dict[str, int] = dict(busy_endpoints or {})
+    per_tenant: dict[str, int] = dict(busy_tenants or {})
     chosen: list[str] = []
-    for delivery_id, endpoint_id in conn.execute(query).all():
-        if len(chosen) < limit and per_endpoint.get(endpoint_id, 0) < PER_ENDPOINT_LIMIT:
-            per_endpoint[endpoint_id] = per_endpoint.get(endpoint_id, 0) + 1
-            chosen.append(delivery_id)
+    for delivery_id, endpoint_id, tenant_id in conn.execute(query).all():
+        if len(chosen) >= limit:
+            break
+        if per_endpoint.get(endpoint_id, 0) >= PER_ENDPOINT_LIMIT:
+            continue
+        if per_tenant.get(tenant_id, 0) >= PER_TENANT_LIMIT:
+            continue
+        per_endpoint[endpoint_id] = per_endpoint.get(endpoint_id, 0) + 1
+        per_tenant[tenant_id] = per_tenant.get(tenant_id, 0) + 1
+        chosen.append(delivery_id)
     if not chosen:
         return []
     conn.execute(
@@ -150,7 +171,11 @@ def result_link(result: RowMapping, settings: Settings, storage: Storage | None)
 def _finish(
     engine: Engine, delivery: RowMapping, outcome: SendOutcome, status: str, next_in_s: float | None
 ) -> None:
-    """Record the attempt and move the delivery on, only if our lease still holds it."""
+    """Record the attempt and move the delivery on.
+
+    A failure moves it only if our lease still holds it. A 2xx is final whatever became of the lease:
+    the receiver has the event, so a late answer still ends a pending (or dead) delivery `succeeded`.
+    """
     attempt = delivery["attempts"] + 1
     with engine.begin() as conn:
         conn.execute(
@@ -166,25 +191,24 @@ def _finish(
         )
         values: dict[str, Any] = {
             "status": status,
-            "attempts": attempt,
+            "attempts": webhook_deliveries.c.attempts + 1,
             "locked_until": None,
             "last_status_code": outcome.status_code,
             "last_error": outcome.error,
             "updated_at": func.now(),
         }
-        if status == "succeeded":
-            values["delivered_at"] = func.now()
         if next_in_s is not None:
             values["next_attempt_at"] = func.now() + timedelta(seconds=next_in_s)
-        conn.execute(
-            update(webhook_deliveries)
-            .where(
-                webhook_deliveries.c.id == delivery["id"],
+        ours = [webhook_deliveries.c.id == delivery["id"]]
+        if status == "succeeded":
+            values["delivered_at"] = func.now()
+            ours.append(webhook_deliveries.c.status.in_(("pending", "dead")))
+        else:
+            ours += [
                 webhook_deliveries.c.status == "pending",
                 webhook_deliveries.c.locked_until == delivery["locked_until"],
-            )
-            .values(**values)
-        )
+            ]
+        conn.execute(update(webhook_deliveries).where(*ours).values(**values))
         if status == "disabled":  # 410 Gone: the endpoint asked us to stop
             conn.execute(
                 update(webhook_endpoints)
@@ -205,9 +229,19 @@ def _finish(
 
 
 def deliver_one(
-    engine: Engine, settings: Settings, delivery: RowMapping, storage: Storage | None = None
+    engine: Engine,
+    settings: Settings,
+    delivery: RowMapping,
+    storage: Storage | None = None,
+    deadline: float | None = None,
 ) -> str:
-    """Attempt one claimed delivery and record it; return the delivery's new status."""
+    """Attempt one claimed delivery and record it; return the delivery's new status.
+
+    The attempt ends by `deadline` (time.monotonic(); default WEBHOOK_TIMEOUT_S from now), well inside
+    the claim lock (Settings.webhook_lock_s), so no other worker can claim it while it is in flight.
+    """
+    if deadline is None:
+        deadline = time.monotonic() + settings.webhook_timeout_s
     if delivery["disabled_at"] is not None:
         with engine.begin() as conn:
             conn.execute(
@@ -233,7 +267,9 @@ def deliver_one(
             return "refused"
     else:
         headers = sign_headers(secrets, delivery["event_id"], body)
-        outcome = post_to_checked_url(checked, body.encode("utf-8"), headers, settings.webhook_timeout_s)
+        outcome = post_to_checked_url(
+            checked, body.encode("utf-8"), headers, settings.webhook_timeout_s, deadline=deadline
+        )
     if outcome.status_code is not None and 200 <= outcome.status_code < 300:
         _finish(engine, delivery, outcome, "succeeded", None)
         return "succeeded"
@@ -259,11 +295,11 @@ def deliver_due(
     While attempts run, newly due deliveries are claimed as slots free up, so a slow receiver holds one
     slot rather than the whole round. Claiming stops after `budget_s` (if given); then in-flight ones end.
     """
-    lock_s = 4 * settings.webhook_timeout_s + 30  # longer than one attempt can take (see post_to_checked_url)
+    lock_s = settings.webhook_lock_s  # longer than one whole attempt, counted from the claim
     deadline = None if budget_s is None else time.monotonic() + budget_s
     counts: dict[str, int] = {}
     tried: set[str] = set()
-    in_flight: dict[Future[str], str] = {}  # attempt -> endpoint id
+    in_flight: dict[Future[str], tuple[str, str]] = {}  # attempt -> (endpoint id, tenant id)
     with ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="webhook") as pool:
         while True:
             free = max_parallel - len(in_flight)
@@ -274,12 +310,15 @@ def deliver_due(
                         limit=free,
                         lock_s=lock_s,
                         exclude=tried,
-                        busy_endpoints=Counter(in_flight.values()),
+                        busy_endpoints=Counter(e for e, _ in in_flight.values()),
+                        busy_tenants=Counter(t for _, t in in_flight.values()),
                     )
+                claimed_at = time.monotonic()
                 for delivery in claimed:
                     tried.add(delivery["id"])
-                    future = pool.submit(deliver_one, engine, settings, delivery, storage)
-                    in_flight[future] = delivery["endpoint_id"]
+                    attempt_deadline = claimed_at + settings.webhook_timeout_s
+                    future = pool.submit(deliver_one, engine, settings, delivery, storage, attempt_deadline)
+                    in_flight[future] = (delivery["endpoint_id"], delivery["tenant_id"])
             if not in_flight:
                 return counts
             done, _ = wait(in_flight, timeout=POLL_S, return_when=FIRST_COMPLETED)

@@ -46,6 +46,74 @@ def test_json_batch_inherits_the_batch_webhook(client: Any, acme: Tenant, engine
     assert urls == ["http://127.0.0.1:9/batch", "http://127.0.0.1:9/own"]
 
 
+def test_jsonl_batch_takes_webhook_and_metadata_as_query_parameters(
+    client: Any, acme: Tenant, engine: Any
+) -> None:
+    body = _jsonl(
+        [
+            {"task": "generate", "prompt": "a", "custom_id": "a"},
+            {
+                "task": "generate",
+                "prompt": "b",
+                "custom_id": "b",
+                "webhook": {"url": "http://127.0.0.1:9/own"},
+            },
+        ]
+    )
+    query = {
+        "webhook_url": "http://127.0.0.1:9/batch?x=1&y=2",
+        "webhook_events": "job.succeeded,batch.completed",
+        "metadata": json.dumps({"run": "nightly", "n": 2}),
+    }
+    r = client.post("/v1/batches", data=body, headers={**acme.headers, **NDJSON}, query_string=query)
+    assert r.status_code == 201, r.get_json()
+    batch = r.get_json()
+    assert batch["metadata"] == {"run": "nightly", "n": 2}
+    events = ["batch.completed", "job.succeeded"]
+    assert batch["webhook"] == {"url": "http://127.0.0.1:9/batch?x=1&y=2", "events": events}
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(jobs.c.custom_id, jobs.c.webhook_url, jobs.c.webhook_events)
+            .where(jobs.c.batch_id == batch["id"])
+            .order_by(jobs.c.id)
+        ).all()
+    # a line without its own webhook inherits the batch's; a line with one keeps it
+    assert [tuple(r) for r in rows] == [
+        ("a", "http://127.0.0.1:9/batch?x=1&y=2", events),
+        ("b", "http://127.0.0.1:9/own", None),
+    ]
+    # the same body with another webhook is another request: its Idempotency-Key cannot replay the first
+    headers = {**acme.headers, **NDJSON, "Idempotency-Key": "q-1"}
+    assert client.post("/v1/batches", data=body, headers=headers, query_string=query).status_code == 201
+    replay = client.post("/v1/batches", data=body, headers=headers, query_string=query)
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    other = client.post(
+        "/v1/batches", data=body, headers=headers, query_string={"webhook_url": "http://127.0.0.1:9/z"}
+    )
+    assert other.status_code == 422 and other.get_json()["error"]["code"] == "idempotency_conflict"
+
+
+def test_bad_batch_query_parameters_are_refused_and_create_nothing(
+    client: Any, acme: Tenant, engine: Any
+) -> None:
+    body = _jsonl([{"task": "generate", "prompt": "a", "custom_id": "a"}])
+    cases = [
+        ({"webhook_events": "job.succeeded"}, "invalid_webhook"),
+        ({"webhook_url": "http://127.0.0.1:9/x", "webhook_events": "job.exploded"}, "invalid_webhook"),
+        ({"webhook_url": "gopher://x"}, "webhook_url_refused"),
+        ({"metadata": "{not json"}, "invalid_metadata"),
+        ({"metadata": "[1, 2]"}, "invalid_metadata"),
+        ({"metadata": "null"}, "invalid_metadata"),
+    ]
+    for query, code in cases:
+        r = client.post("/v1/batches", data=body, headers={**acme.headers, **NDJSON}, query_string=query)
+        assert (r.status_code, r.get_json()["error"]["code"]) == (422, code), (query, r.get_json())
+    both = {"jobs": [{"task": "generate", "prompt": "a"}], "metadata": {"a": 1}}
+    r = client.post("/v1/batches", json=both, headers=acme.headers, query_string={"metadata": "{}"})
+    assert (r.status_code, r.get_json()["error"]["code"]) == (422, "invalid_metadata")
+    assert _count(engine, batches) == 0 and _count(engine, jobs) == 0
+
+
 def test_jsonl_batch_keeps_line_order(client: Any, acme: Tenant) -> None:
     upload_id = upload(client, acme).get_json()["id"]
     inline = "data:image/png;base64," + base64.b64encode(png_bytes(32, 32)).decode()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from html.parser import HTMLParser
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -110,6 +113,39 @@ def test_openapi_is_generated_and_docs_served(client: Any) -> None:
     assert "multipart/form-data" in spec["paths"]["/v1/uploads"]["post"]["requestBody"]["content"]
     assert spec["components"]["securitySchemes"]
     assert client.get("/docs").status_code == 200
+
+
+class _Links(HTMLParser):
+    """Every URL an HTML page makes the browser load: src and href attributes, the spec URL of Swagger UI."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.script = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v is not None]
+
+    def handle_data(self, data: str) -> None:
+        self.script += data
+
+
+def test_docs_load_only_same_origin_assets_that_answer(client: Any) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    links = _Links()
+    links.feed(page.get_data(as_text=True))
+    spec_urls = re.findall(r'\burl:\s*"([^"]*)"', links.script)
+    assert spec_urls == ["/openapi.json"]
+    urls = links.urls + spec_urls
+    # the stylesheet, both scripts, the favicon (once rendered as the string "None") and the spec
+    assert len(urls) == 5 and not any("None" in u for u in urls), urls
+    for url in urls:
+        parts = urlsplit(url)
+        assert not parts.scheme and not parts.netloc and url.startswith("/"), f"{url} is not same-origin"
+        answer = client.get(url)
+        assert answer.status_code == 200 and answer.content_length, url
+    assert client.get("/docs/assets/index.html").status_code == 404  # only the listed files are served
 
 
 def test_error_contract_for_routing_errors(client: Any, acme: Tenant) -> None:

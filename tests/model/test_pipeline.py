@@ -61,11 +61,29 @@ def test_schedule_packing_noise_and_edit_ids() -> None:
     assert torch.equal(unpack_latents(pack_latents(latents), 8, 12), latents)
     batch = draw_noise([5, 6], 16, 8, 8, torch.device("cpu"), torch.float32)
     assert torch.equal(batch[1:], draw_noise([6], 16, 8, 8, torch.device("cpu"), torch.float32))
-    ids = edit_text_ids(64, 64)  # 512² (§5.3): bf16-rounded
+    ids = edit_text_ids(64, 64, torch.bfloat16)  # 512² with a bf16 DiT: rounded like the reference
     assert ids.shape == (405, 3)
     assert ids[:9, 2].tolist() == [0, 3.5625, 7.125, 10.6875, 14.25, 17.75, 21.375, 24.875, 28.5]
     assert ids[:81, 0].eq(0).all() and ids[81:, 0].eq(1).all()
     assert ids[81 + 17, 2].item() == 30.25
+
+
+def test_fp32_edit_text_ids_are_the_unrounded_grid() -> None:
+    h, w = 64, 96  # latent of 768x512
+    ids = edit_text_ids(h, w, torch.float32)
+    r, c = torch.meshgrid(torch.arange(9.0), torch.arange(9.0), indexing="ij")
+    target = torch.stack([torch.zeros(81), r.flatten() * h / 18, c.flatten() * w / 18], dim=1)
+    r, c = torch.meshgrid(torch.arange(18.0), torch.arange(18.0), indexing="ij")
+    ref = torch.stack([torch.ones(324), r.flatten() * h / 36, c.flatten() * w / 36], dim=1)
+    assert torch.equal(ids, torch.cat([target, ref]))
+    assert ids[1, 2].item() == pytest.approx(96 / 18, abs=1e-6)  # 5.333..., bf16 would give 5.34375
+
+
+def test_fp32_editing_decoder_passes_the_unrounded_ids(forced: NexusGen) -> None:
+    d = forced.components.vision_head.in_features
+    cond = forced.edit_decoder.conditioning(torch.zeros(1, 81, d), [noise_image(64, 64)], 512, 512, 8)
+    assert torch.equal(cond.txt_ids, edit_text_ids(64, 64, torch.float32))
+    assert cond.txt_ids[1, 2].item() == pytest.approx(64 / 18, abs=1e-6)
 
 
 def test_dit_sees_the_fp32_timestep_in_bf16(forced: NexusGen) -> None:
@@ -247,7 +265,8 @@ GOOD_IMAGE = noise_image(64, 64)
         (GenerateRequest("x" * 5000), "longer than"),
         (GenerateRequest("a <|vision_start|> b"), "special-token"),
         (GenerateRequest("a", width=500), "width must be a multiple of 16"),
-        (GenerateRequest("a", height=128), "height"),
+        (GenerateRequest("a", height=48), "height"),
+        (GenerateRequest("a", height=72), "height"),
         (GenerateRequest("a", width=4096), "width"),
         (GenerateRequest("a", steps=0), "steps"),
         (GenerateRequest("a", steps=101), "steps"),
@@ -273,6 +292,16 @@ def test_validate_request_corrupt_image() -> None:
     truncated = Image.open(io.BytesIO(buffer.getvalue()[:200]))
     with pytest.raises(ValueError, match="corrupt"):
         validate_request(EditRequest("a", truncated))
+
+
+def test_64x64_generation_works_in_the_model_while_the_api_keeps_256(forced: NexusGen) -> None:
+    from core.submit import SubmitError, normalize_params
+
+    results = forced.generate([GenerateRequest("a cat", width=64, height=64, seed=1, cfg_scale=1.0, **FAST)])
+    assert results[0].error is None and results[0].image.size == (64, 64)
+    validate_request(GenerateRequest("a", width=80, height=2048))
+    with pytest.raises(SubmitError, match="from 256 to 2048"):
+        normalize_params("generate", {"width": 64, "height": 64})
 
 
 def test_validate_request_accepts_defaults() -> None:
