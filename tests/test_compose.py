@@ -93,6 +93,18 @@ def test_gpu_workers_reserve_one_gpu_each_and_use_cuda() -> None:
     assert len(gpu_ids) == len(set(gpu_ids)) >= 1
 
 
+def test_tensor_parallel_worker_reserves_two_gpus_with_shared_memory() -> None:
+    tp = APP_SERVICES["worker-tp"]
+    (device,) = tp["deploy"]["resources"]["reservations"]["devices"]
+    env = tp["environment"]
+    assert len(device["device_ids"]) == 2 and env["NEXUSGEN_ENGINE"] == "deepspeed"
+    assert env["NEXUSGEN_DEVICE"].count(",") == 1 and env["NEXUSGEN_TP_SIZE"] == "2"
+    assert tp["shm_size"] and "tp" in tp["profiles"]
+    gpu_ids = {i for n, s in APP_SERVICES.items() if n.startswith("worker-gpu") for d in
+               s["deploy"]["resources"]["reservations"]["devices"] for i in d["device_ids"]}  # fmt: skip
+    assert not gpu_ids & set(device["device_ids"])
+
+
 def test_servers_have_healthchecks_and_app_waits_for_them() -> None:
     for name in ("postgres", "redis", "rabbitmq", "minio", "api"):
         assert "test" in SERVICES[name]["healthcheck"], name

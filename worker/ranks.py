@@ -94,6 +94,12 @@ def build_model(settings: Settings, device: str, rank: int = 0) -> NexusGen:
     )
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def exit_worker(message: str) -> None:
     """End the whole Celery worker, non-zero: log why, stop the parent (cold shutdown), leave now."""
     log.critical("%s; the worker exits (its jobs come back when their leases expire)", message)
@@ -110,11 +116,9 @@ class Ranks:
     """Ranks 1..N-1 of this worker: their processes and control connections, watched by a thread."""
 
     def __init__(self, settings: Settings) -> None:
-        from nexusgen.embedded import free_port
-
         self.settings, self.world = settings, settings.tp_world
         self.devices = rank_devices(settings)
-        self.port = free_port()
+        self.port = _free_port()
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.connections: list[Connection] = []
         self._closing = False
@@ -260,7 +264,6 @@ def rank_main(rank: int, port: int, fd: int) -> int:
     logging.basicConfig(
         level=settings.log_level, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s"
     )
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.tp_world))
     conn = Connection(fd)
     device = rank_devices(settings)[rank]
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from core.device_memory import publish_device_memory, read_device_memory
 
 
@@ -27,10 +29,16 @@ def test_published_device_memory_is_in_metrics(client: Any, settings: Any) -> No
     assert publish_device_memory(settings, "gpu-host/4242", devices)
     assert read_device_memory(settings)["gpu-host/4242"] == devices
     text = client.get("/metrics").get_data(as_text=True)
-    line = 'nexusgen_worker_device_memory_peak_bytes{device="cuda:1",rank="1",worker="gpu-host/4242"}'
-    assert f"{line} {float(51 * 2**30)}" in text or f"{line} {51 * 2**30:.6e}" in text, text
-    for name in ("allocated_bytes", "peak_bytes", "total_bytes"):
-        assert f'nexusgen_worker_device_memory_{name}{{device="cuda:0"' in text
+    samples = {
+        (s.name, s.labels["device"], s.labels["rank"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("nexusgen_worker_device_memory_") and s.labels.get("worker") == "gpu-host/4242"
+    }
+    for dev in devices:
+        for name in ("allocated_bytes", "peak_bytes", "total_bytes"):
+            key = (f"nexusgen_worker_device_memory_{name}", dev["device"], str(dev["rank"]))
+            assert samples[key] == dev[name]
 
 
 def test_a_cpu_rank_has_no_device_memory_to_report() -> None:
