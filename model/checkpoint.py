@@ -561,14 +561,14 @@ def _load(root: Path, device: str | torch.device, dtype: torch.dtype, parts: set
         merger = build_merger(merger_sd, ar.config.text_config, edit_file)
 
     clip_tokenizer = clip = t5_tokenizer = t5 = vae = None
+    tokenizers = {"clip": "tokenizer/tokenizer_config.json", "t5": "tokenizer_2/tokenizer_config.json"}
+    _require_files(flux_dir, tuple(f for part, f in tokenizers.items() if part in parts))
     if "clip" in parts:
-        _require_files(flux_dir, ("tokenizer/tokenizer_config.json",))
         clip_tokenizer = CLIPTokenizer.from_pretrained(str(flux_dir / "tokenizer"))
         clip = _load_pretrained(
             CLIPTextModel, flux_dir / "text_encoder", f"{FLUX_SUBDIR}/text_encoder", dtype
         )
     if "t5" in parts:
-        _require_files(flux_dir, ("tokenizer_2/tokenizer_config.json",))
         t5_tokenizer = T5Tokenizer.from_pretrained(str(flux_dir / "tokenizer_2"))
         t5 = _load_pretrained(
             T5EncoderModel, flux_dir / "text_encoder_2", f"{FLUX_SUBDIR}/text_encoder_2", dtype

@@ -144,18 +144,33 @@ class Ranks:
                 return RankFailure(rank, f"process {proc.pid} {how}")
         return None
 
-    def wait_ready(self) -> None:
-        """Wait until every rank loaded its shard (each reports ("ready", resident bytes))."""
+    def _receive(self, expected: str, doing: str) -> list[Any]:
+        """One message from every rank, `expected` first; a rank that dies or is silent fails."""
         deadline = time.monotonic() + max(LOAD_TIMEOUT_S, self.settings.tp_timeout_s)
+        messages = []
         for rank, conn in enumerate(self.connections, start=1):
             while not conn.poll(1.0):
                 if (failure := self.diagnose()) is not None:
                     raise failure
                 if time.monotonic() > deadline:
-                    raise RankFailure(rank, "did not finish loading")
+                    raise RankFailure(rank, f"did not finish {doing}")
             message = conn.recv()
-            if message[0] != "ready":
-                raise RankFailure(rank, f"failed to load: {message[1]}")
+            if message[0] != expected:
+                raise RankFailure(rank, f"failed {doing}: {message[1]}")
+            messages.append(message)
+        return messages
+
+    def wait_joining(self) -> None:
+        """Wait until every rank has started (imports take a while) and is about to join the group.
+
+        The group's rendezvous has NEXUSGEN_TP_TIMEOUT_S like every collective; starting it only when
+        all ranks are there keeps a slow interpreter start from counting as a lost rank.
+        """
+        self._receive("joining", "starting")
+
+    def wait_ready(self) -> None:
+        """Wait until every rank loaded its shard (each reports ("ready", resident bytes))."""
+        for rank, message in enumerate(self._receive("ready", "loading"), start=1):
             log.info(
                 "rank %d loaded its shard on %s: %s bytes by component", rank, self.devices[rank], message[1]
             )
@@ -215,6 +230,7 @@ def _open_model(settings: Settings, device: str) -> Any:
             raise
     ranks = Ranks(settings)
     try:
+        ranks.wait_joining()
         init_tensor_parallel(0, ranks.world, ranks.port, ranks.devices[0], settings.tp_timeout_s)
         model = build_model(settings, ranks.devices[0], rank=0)
         ranks.wait_ready()
@@ -266,6 +282,7 @@ def rank_main(rank: int, port: int, fd: int) -> int:
     )
     conn = Connection(fd)
     device = rank_devices(settings)[rank]
+    conn.send(("joining",))
     try:
         init_tensor_parallel(rank, settings.tp_world, port, device, settings.tp_timeout_s)
         model = build_model(settings, device, rank=rank)

@@ -37,7 +37,7 @@ def cfg(settings: Settings) -> Settings:
     return settings.with_overrides(
         engine="deepspeed",
         tp_size=2,
-        tp_timeout_s=15,
+        tp_timeout_s=30,
         max_batch=8,
         batch_window_s=0.5,
         lease_s=4,
@@ -171,6 +171,15 @@ def rank_process(worker: WorkerProcess, rank: int) -> psutil.Process:
     raise AssertionError(f"no rank {rank} process under the worker:\n{worker.tail()}")
 
 
+def wait_for_denoising(engine: Engine, ids: list[str], timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(r["stage"] == "denoising" for r in job_rows(engine, ids).values()):
+            return
+        time.sleep(0.1)
+    raise AssertionError("no job reached denoising")
+
+
 def test_cancel_mid_denoise_with_two_ranks(
     cfg: Settings,
     engine: Engine,
@@ -230,11 +239,7 @@ def test_killed_rank_ends_the_worker_and_a_restart_completes_every_job_once(
         for i in range(3)
     ]
     ids = submit(client, headers, jobs)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if any(r["stage"] == "denoising" for r in job_rows(engine, ids).values()):
-            break
-        time.sleep(0.1)
+    wait_for_denoising(engine, ids)
     rank1 = rank_process(worker, 1)
     killed_at = time.monotonic()
     os.kill(rank1.pid, signal.SIGKILL)
@@ -257,4 +262,17 @@ def test_killed_rank_ends_the_worker_and_a_restart_completes_every_job_once(
         tenant = rows[res["job_id"]]["tenant_id"]
         assert storage.list_keys(f"tenants/{tenant}/jobs/{res['job_id']}/") == [res["object_key"]]
     print(f"rank 1 killed -> worker exited {code} after {took:.1f}s (timeout {cfg.tp_timeout_s}s)")
-    restarted.stop()
+
+    # a hung rank (stopped, still alive): rank 0's collective times out and the worker exits the same way
+    more = submit(client, headers, [{**jobs[0], "metadata": {"key": "hang"}}])
+    wait_for_denoising(engine, more)
+    hung = rank_process(restarted, 1)
+    hung.suspend()
+    stopped_at = time.monotonic()
+    code = restarted.proc.wait(timeout=cfg.tp_timeout_s + 60)
+    took = time.monotonic() - stopped_at
+    log = restarted.tail(20000)
+    assert code != 0 and took < cfg.tp_timeout_s + 20, (code, took, log)
+    assert "tensor-parallel rank 1" in log and "hung" in log, log
+    assert not hung.is_running() or hung.status() == psutil.STATUS_ZOMBIE  # the worker killed it
+    print(f"rank 1 stopped -> worker exited {code} after {took:.1f}s (timeout {cfg.tp_timeout_s}s)")
