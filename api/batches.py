@@ -8,17 +8,18 @@ from typing import Any
 
 from apiflask import APIBlueprint
 from flask import Response, jsonify, request, stream_with_context
-from sqlalchemy import Connection, RowMapping, func, select
+from sqlalchemy import Connection, select
 
 from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
-from api.jobs import load_owned, parse_json_body, require_id, results_by_job
-from api.schemas import BatchIn, BatchOut, BatchQuery, batch_json, describes_body, result_json
+from api.jobs import load_owned, parse_json_body, render_jobs, require_id
+from api.schemas import BatchIn, BatchOut, BatchQuery, describes_body
 from core.ids import new_id
 from core.ingest import insert_jobs, missing_uploads, parse_jsonl, store_pending_uploads, validate_many
-from core.jobs import cancel_batch
+from core.jobs import cancel_batch, count_by_status
+from core.records import JOB_RESULT_LINE_FIELDS, Batch, Job, JobStatus, batch_payload
 from core.schema import batches, jobs
 from core.settings import Settings
 from core.submit import JobDraft, SubmitError, check_metadata, parse_webhook
@@ -105,15 +106,8 @@ def _parse_batch(
     return [draft for _, draft in numbered], metadata, webhook
 
 
-def _counts(conn: Connection, batch_id: str) -> dict[str, int]:
-    rows = conn.execute(
-        select(jobs.c.status, func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.status)
-    ).all()
-    return {status: int(n) for status, n in rows}
-
-
-def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> RowMapping:
-    return load_owned(conn, batches, "batch", tenant_id, batch_id)
+def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> Batch:
+    return Batch.from_row(load_owned(conn, batches, "batch", tenant_id, batch_id))
 
 
 @bp.post("/v1/batches")
@@ -151,7 +145,7 @@ def create_batch(query: dict[str, Any]) -> Response:
         )
         store_pending_uploads(conn, svc.storage, principal.tenant_id, drafts)
         wakeups = insert_jobs(conn, principal.tenant_id, batch_id, drafts)
-        return Created(201, batch_json(row, {"queued": len(drafts)}), wakeups)
+        return Created(201, batch_payload(Batch.from_row(row), {JobStatus.QUEUED: len(drafts)}), wakeups)
 
     # The query parameters are part of the request: the same body with another webhook is another request.
     fingerprint = request.get_data(cache=True)
@@ -167,8 +161,8 @@ def get_batch(batch_id: str) -> Response:
     """A batch and its job counts by status."""
     principal = current_principal()
     with services().engine.connect() as conn:
-        row = _load_batch(conn, principal.tenant_id, batch_id)
-        return jsonify(batch_json(row, _counts(conn, batch_id)))
+        batch = _load_batch(conn, principal.tenant_id, batch_id)
+        return jsonify(batch_payload(batch, count_by_status(conn, batch_id)))
 
 
 @bp.get("/v1/batches/<batch_id>/results")
@@ -185,36 +179,21 @@ def get_results(batch_id: str) -> Response:
         last = ""
         while True:
             with svc.engine.connect() as conn:
-                page = (
-                    conn.execute(
+                page = [
+                    Job.from_row(row)
+                    for row in conn.execute(
                         select(jobs)
                         .where(jobs.c.batch_id == batch_id, jobs.c.id > last)
                         .order_by(jobs.c.id)
                         .limit(RESULTS_PAGE)
-                    )
-                    .mappings()
-                    .all()
-                )
-                by_job = results_by_job(conn, page)
-            for row in page:
-                result = by_job.get(row["id"]) if row["status"] == "succeeded" else None
-                error = (
-                    {"code": row["error_code"], "message": row["error_message"]}
-                    if row["status"] == "failed"
-                    else None
-                )
-                record = {
-                    "custom_id": row["custom_id"],
-                    "job_id": row["id"],
-                    "task": row["task"],
-                    "status": row["status"],
-                    "result": result_json(result, svc.storage, svc.settings.presign_ttl_s),
-                    "error": error,
-                }
+                    ).mappings()
+                ]
+                records = render_jobs(conn, page, JOB_RESULT_LINE_FIELDS)
+            for record in records:
                 yield json.dumps(record, ensure_ascii=False) + "\n"
             if len(page) < RESULTS_PAGE:
                 return
-            last = page[-1]["id"]
+            last = page[-1].id
 
     return Response(stream_with_context(lines()), mimetype="application/x-ndjson")
 
@@ -229,5 +208,5 @@ def cancel(batch_id: str) -> Response:
     with services().engine.begin() as conn:
         if cancel_batch(conn, principal.tenant_id, batch_id) is None:
             fail(404, "not_found", f"no batch {batch_id!r}")
-        row = _load_batch(conn, principal.tenant_id, batch_id)
-        return jsonify(batch_json(row, _counts(conn, batch_id)))
+        batch = _load_batch(conn, principal.tenant_id, batch_id)
+        return jsonify(batch_payload(batch, count_by_status(conn, batch_id)))

@@ -19,9 +19,20 @@ from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
-from api.schemas import JobIn, JobListOut, JobListQuery, JobOut, describes_body, job_json
+from api.schemas import JobIn, JobListOut, JobListQuery, JobOut, describes_body
 from core.ingest import job_row, missing_uploads, store_pending_uploads
 from core.jobs import cancel_job
+from core.records import (
+    JOB_API_FIELDS,
+    RESULT_API_IMAGE,
+    RESULT_API_TEXT,
+    Job,
+    JobResult,
+    JobStatus,
+    ResultKind,
+    job_payload,
+    result_payload,
+)
 from core.schema import batches, jobs, results
 from core.submit import SubmitError, validate_job
 
@@ -46,19 +57,31 @@ def parse_json_body() -> Any:
         fail(400, "invalid_json", f"the body is not valid JSON: {exc}")
 
 
-def results_by_job(conn: Connection, rows: Sequence[RowMapping]) -> dict[str, RowMapping]:
-    """The result rows of the succeeded jobs among `rows`, in one query."""
-    done = [r["id"] for r in rows if r["status"] == "succeeded"]
+def results_by_job(conn: Connection, batch: Sequence[Job]) -> dict[str, JobResult]:
+    """The results of the succeeded jobs among `batch`, in one query."""
+    done = [job.id for job in batch if job.status is JobStatus.SUCCEEDED]
     if not done:
         return {}
     found = conn.execute(select(results).where(results.c.job_id.in_(done))).mappings().all()
-    return {r["job_id"]: r for r in found}
+    return {row["job_id"]: JobResult.from_row(row) for row in found}
 
 
-def render_jobs(conn: Connection, rows: Sequence[RowMapping]) -> list[dict[str, Any]]:
+def render_result(result: JobResult | None) -> dict[str, Any] | None:
+    """The API's rendering of a result: a presigned URL with its expiry (images) or the text."""
+    if result is None:
+        return None
     svc = services()
-    by_job = results_by_job(conn, rows)
-    return [job_json(r, by_job.get(r["id"]), svc.storage, svc.settings.presign_ttl_s) for r in rows]
+    return result_payload(
+        result, svc.storage, svc.settings.presign_ttl_s, fields=(RESULT_API_TEXT, RESULT_API_IMAGE)
+    )
+
+
+def render_jobs(
+    conn: Connection, batch: Sequence[Job], fields: tuple[str, ...] = JOB_API_FIELDS
+) -> list[dict[str, Any]]:
+    """The API's rendering of jobs, with their results fetched in one query."""
+    by_job = results_by_job(conn, batch)
+    return [job_payload(job, fields, result=render_result(by_job.get(job.id))) for job in batch]
 
 
 def load_owned(conn: Connection, table: Table, kind: str, tenant_id: str, object_id: str) -> RowMapping:
@@ -74,8 +97,8 @@ def load_owned(conn: Connection, table: Table, kind: str, tenant_id: str, object
     return row
 
 
-def load_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping:
-    return load_owned(conn, jobs, "job", tenant_id, job_id)
+def load_job(conn: Connection, tenant_id: str, job_id: str) -> Job:
+    return Job.from_row(load_owned(conn, jobs, "job", tenant_id, job_id))
 
 
 @bp.post("/v1/jobs")
@@ -100,7 +123,7 @@ def create_job() -> Response:
             .mappings()
             .one()
         )
-        return Created(201, render_jobs(conn, [row])[0], {(draft.task, draft.bucket)})
+        return Created(201, render_jobs(conn, [Job.from_row(row)])[0], {(draft.task, draft.bucket)})
 
     return create_idempotently(principal.tenant_id, body, work)
 
@@ -112,8 +135,8 @@ def get_job(job_id: str) -> Response:
     """A job: status, stage, progress, result link, provenance and error."""
     principal = current_principal()
     with services().engine.connect() as conn:
-        row = load_job(conn, principal.tenant_id, job_id)
-        return jsonify(render_jobs(conn, [row])[0])
+        job = load_job(conn, principal.tenant_id, job_id)
+        return jsonify(render_jobs(conn, [job])[0])
 
 
 def encode_cursor(created_at: datetime, job_id: str) -> str:
@@ -150,14 +173,14 @@ def list_jobs(query: dict[str, Any]) -> Response:
                 fail(404, "not_found", f"no batch {query['batch_id']!r}")
             stmt = stmt.where(jobs.c.batch_id == query["batch_id"])
         if query.get("status"):
-            stmt = stmt.where(jobs.c.status == query["status"])
+            stmt = stmt.where(jobs.c.status == JobStatus(query["status"]))
         if query.get("cursor"):
             created_at, last_id = decode_cursor(query["cursor"])
             stmt = stmt.where(tuple_(jobs.c.created_at, jobs.c.id) > tuple_(created_at, last_id))
         rows = conn.execute(stmt.order_by(jobs.c.created_at, jobs.c.id).limit(limit + 1)).mappings().all()
-        page, more = rows[:limit], len(rows) > limit
+        page, more = [Job.from_row(row) for row in rows[:limit]], len(rows) > limit
         data = render_jobs(conn, page)
-    next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more else None
     return jsonify({"object": "list", "data": data, "next_cursor": next_cursor, "has_more": more})
 
 
@@ -169,10 +192,10 @@ def cancel(job_id: str) -> Response:
     principal = current_principal()
     require_id(job_id, "job")
     with services().engine.begin() as conn:
-        row = cancel_job(conn, principal.tenant_id, job_id)
-        if row is None:
+        job = cancel_job(conn, principal.tenant_id, job_id)
+        if job is None:
             fail(404, "not_found", f"no job {job_id!r}")
-        return jsonify(render_jobs(conn, [row])[0])
+        return jsonify(render_jobs(conn, [job])[0])
 
 
 @bp.get("/v1/jobs/<job_id>/result")
@@ -189,12 +212,12 @@ def get_result(job_id: str) -> BaseResponse:
     principal = current_principal()
     svc = services()
     with svc.engine.connect() as conn:
-        row = load_job(conn, principal.tenant_id, job_id)
-        if row["status"] in ("queued", "running"):
-            fail(409, "not_ready", f"the job is {row['status']}; its result is not ready")
-        result = results_by_job(conn, [row]).get(job_id)
+        job = load_job(conn, principal.tenant_id, job_id)
+        if not job.status.terminal:
+            fail(409, "not_ready", f"the job is {job.status}; its result is not ready")
+        result = results_by_job(conn, [job]).get(job_id)
     if result is None:
-        fail(409, "no_result", f"the job ended {row['status']} without a result")
-    if result["kind"] == "text":
-        return Response(result["text"] or "", content_type="text/plain; charset=utf-8")
-    return redirect(svc.storage.presign_get(result["object_key"], svc.settings.presign_ttl_s), code=302)
+        fail(409, "no_result", f"the job ended {job.status} without a result")
+    if result.kind is ResultKind.TEXT or result.object_key is None:
+        return Response(result.text or "", content_type="text/plain; charset=utf-8")
+    return redirect(svc.storage.presign_get(result.object_key, svc.settings.presign_ttl_s), code=302)

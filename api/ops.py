@@ -18,9 +18,9 @@ from api.context import services
 from api.metrics import RecentJobsCollector
 from core.device_memory import FIELDS as DEVICE_MEMORY_FIELDS
 from core.device_memory import read_device_memory
-from core.schema import JOB_STATUSES, jobs, webhook_deliveries
+from core.records import TASKS, DeliveryStatus, JobStatus
+from core.schema import jobs, webhook_deliveries
 from core.settings import Settings
-from core.webhooks import DELIVERY_STATUSES
 
 bp = APIBlueprint("ops", __name__, tag="Operations")
 
@@ -58,12 +58,12 @@ class DatabaseCollector:
                 }
                 queued = conn.execute(
                     select(jobs.c.task, jobs.c.bucket, jobs.c.priority, func.count())
-                    .where(jobs.c.status == "queued")
+                    .where(jobs.c.status == JobStatus.QUEUED)
                     .group_by(jobs.c.task, jobs.c.bucket, jobs.c.priority)
                 ).all()
                 ages = conn.execute(
                     select(jobs.c.task, func.extract("epoch", func.now() - func.min(jobs.c.enqueued_at)))
-                    .where(jobs.c.status == "queued")
+                    .where(jobs.c.status == JobStatus.QUEUED)
                     .group_by(jobs.c.task)
                 ).all()
                 delivered: dict[str, int] = {
@@ -79,16 +79,16 @@ class DatabaseCollector:
             yield up
             return
         up.add_metric([], 1)
-        tasks = sorted({t for t, _ in counts} | {"generate", "edit", "understand"})
+        tasks = sorted({t for t, _ in counts} | set(TASKS))
         for task in tasks:
-            for status in JOB_STATUSES:
-                by_status.add_metric([task, status], counts.get((task, status), 0))
+            for status in JobStatus:
+                by_status.add_metric([task, status.value], counts.get((task, status), 0))
         for task, bucket, priority, n in queued:
             depth.add_metric([task, bucket, str(priority)], n)
         for task, age in ages:
             oldest.add_metric([task], float(age or 0))
-        for status in sorted(set(DELIVERY_STATUSES) | set(delivered)):
-            deliveries.add_metric([status], delivered.get(status, 0))
+        for delivery_status in sorted({s.value for s in DeliveryStatus} | set(delivered)):
+            deliveries.add_metric([delivery_status], delivered.get(delivery_status, 0))
         yield from (up, by_status, depth, oldest, deliveries)
 
 

@@ -1,13 +1,13 @@
 """What goes over the wire: request and response schemas (they generate the OpenAPI spec) and renderers.
 
 Request bodies are described here but validated by core.submit, which gives every problem its own
-machine-readable code; responses are rendered by the functions at the bottom.
+machine-readable code; responses are rendered by core.records (jobs, results, batches) and `upload_json` here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from apiflask import Schema
@@ -15,9 +15,8 @@ from apiflask.fields import Boolean, DateTime, Dict, File, Float, Integer, List,
 from apiflask.validators import Length, OneOf, Range
 from sqlalchemy import RowMapping
 
-from core.schema import JOB_STATUSES
-from core.storage import Storage
-from core.submit import PRIORITY_RANGE, TASKS
+from core.records import TASKS, JobStatus
+from core.submit import PRIORITY_RANGE
 from core.webhooks import ALL_EVENTS
 
 
@@ -89,7 +88,7 @@ class UploadIn(Schema):
 
 class JobListQuery(Schema):
     batch_id = String()
-    status = String(validate=OneOf(list(JOB_STATUSES)))
+    status = String(validate=OneOf(list(JobStatus)))
     cursor = String()
     limit = Integer(load_default=100, validate=Range(1, 1000))
 
@@ -135,7 +134,7 @@ class JobOut(Schema):
     batch_id = String(allow_none=True)
     custom_id = String(allow_none=True)
     task = String()
-    status = String(validate=OneOf(list(JOB_STATUSES)))
+    status = String(validate=OneOf(list(JobStatus)))
     stage = String()
     progress = Nested(ProgressOut)
     priority = Integer()
@@ -185,63 +184,4 @@ def upload_json(row: RowMapping | dict[str, Any]) -> dict[str, Any]:
         "content_type": row["content_type"],
         "size_bytes": row["size_bytes"],
         "created_at": _iso(row["created_at"]),
-    }
-
-
-def result_json(result: RowMapping | None, storage: Storage, ttl_s: int) -> dict[str, Any] | None:
-    """The result part of a job: a presigned URL with its expiry (images) or the text (understanding)."""
-    if result is None:
-        return None
-    out: dict[str, Any] = {"content_type": result["content_type"], "sha256": result["sha256"]}
-    if result["kind"] == "text":
-        out["text"] = result["text"] or ""
-    else:
-        out["url"] = storage.presign_get(result["object_key"], ttl_s)
-        out["expires_at"] = (datetime.now(UTC) + timedelta(seconds=ttl_s)).isoformat()
-        out["width"], out["height"] = result["width"], result["height"]
-    return out
-
-
-def job_json(row: RowMapping, result: RowMapping | None, storage: Storage, ttl_s: int) -> dict[str, Any]:
-    error = None
-    if row["status"] == "failed":
-        error = {"code": row["error_code"], "message": row["error_message"]}
-    return {
-        "id": row["id"],
-        "object": "job",
-        "batch_id": row["batch_id"],
-        "custom_id": row["custom_id"],
-        "task": row["task"],
-        "status": row["status"],
-        "stage": row["stage"],
-        "progress": {"step": row["step"], "total_steps": row["total_steps"], "fraction": row["progress"]},
-        "priority": row["priority"],
-        "params": row["params"],
-        "metadata": row["metadata"],
-        "attempt": row["attempt"],
-        "created_at": _iso(row["created_at"]),
-        "started_at": _iso(row["started_at"]),
-        "finished_at": _iso(row["finished_at"]),
-        "cancel_requested": row["cancel_requested"],
-        "error": error,
-        "result": result_json(result, storage, ttl_s) if row["status"] == "succeeded" else None,
-        "provenance": row["provenance"],
-    }
-
-
-def batch_json(row: RowMapping, counts: dict[str, int]) -> dict[str, Any]:
-    webhook = None
-    if row["webhook_url"]:
-        webhook = {"url": row["webhook_url"], "events": row["webhook_events"]}
-    return {
-        "id": row["id"],
-        "object": "batch",
-        "status": "completed" if row["completed_at"] is not None else "in_progress",
-        "total_jobs": row["total_jobs"],
-        "counts": {status: int(counts.get(status, 0)) for status in JOB_STATUSES},
-        "metadata": row["metadata"],
-        "webhook": webhook,
-        "cancel_requested": row["cancel_requested"],
-        "created_at": _iso(row["created_at"]),
-        "completed_at": _iso(row["completed_at"]),
     }

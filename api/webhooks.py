@@ -15,8 +15,9 @@ from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
+from core.records import DeliveryStatus
 from core.schema import webhook_attempts, webhook_deliveries, webhook_endpoints, webhook_events
-from core.webhooks import DELIVERY_STATUSES, publish_delivery_kick, redeliver
+from core.webhooks import publish_delivery_kick, redeliver
 
 log = logging.getLogger("nexusgen.api")
 
@@ -76,7 +77,9 @@ def _with_attempts(conn: Connection, rows: Sequence[RowMapping]) -> list[dict[st
             "endpoint_disabled": row["endpoint_disabled_at"] is not None,
             "status": row["status"],
             "attempts": row["attempts"],
-            "next_attempt_at": _iso(row["next_attempt_at"]) if row["status"] == "pending" else None,
+            "next_attempt_at": (
+                _iso(row["next_attempt_at"]) if row["status"] == DeliveryStatus.PENDING else None
+            ),
             "last_status_code": row["last_status_code"],
             "last_error": row["last_error"],
             "created_at": _iso(row["created_at"]),
@@ -93,14 +96,15 @@ def _with_attempts(conn: Connection, rows: Sequence[RowMapping]) -> list[dict[st
 @bp.doc(
     summary="List webhook deliveries",
     description="Newest first, each with its attempts. Filters: `job_id`, `status` "
-    f"({', '.join(DELIVERY_STATUSES)}); paging: `limit` (1-{MAX_LIMIT}) and `cursor` "
+    f"({', '.join(DeliveryStatus)}); paging: `limit` (1-{MAX_LIMIT}) and `cursor` "
     "(the previous page's `next_cursor`).",
 )
 def list_deliveries() -> dict[str, Any]:
     tenant_id = current_principal().tenant_id
     status = request.args.get("status")
-    if status is not None and status not in DELIVERY_STATUSES:
-        fail(422, "validation_error", f"status must be one of {list(DELIVERY_STATUSES)}", {"status": status})
+    if status is not None and status not in list(DeliveryStatus):
+        statuses = [s.value for s in DeliveryStatus]
+        fail(422, "validation_error", f"status must be one of {statuses}", {"status": status})
     try:
         limit = int(request.args.get("limit", "50"))
     except ValueError:

@@ -15,62 +15,54 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, and_, exists, func, select, update
 
 from core.ids import new_id
-from core.schema import TERMINAL_STATUSES, batches, jobs, results
+from core.records import (
+    ACTIVE_STATUSES,
+    BATCH_EVENT_FIELDS,
+    TERMINAL_STATUSES,
+    Batch,
+    EventType,
+    Job,
+    JobStatus,
+    Task,
+    batch_payload,
+    job_event_data,
+)
+from core.schema import batches, jobs, results
 from core.webhooks import enqueue_event, enqueue_progress_event
-
-ACTIVE = ("queued", "running")
 
 
 def bucket_key(task: str, params: dict[str, Any]) -> str:
     """Jobs with equal keys can share one model call: task, decoder, output size, steps, cfg and guidance."""
-    if task == "understand":
+    if task == Task.UNDERSTAND:
         return f"understand|{params.get('max_new_tokens', 1024)}"
-    decoder = params.get("decoder", "generation") if task == "edit" else "generation"
+    decoder = params.get("decoder", "generation") if task == Task.EDIT else "generation"
     return (
         f"{task}|{decoder}|{params['width']}x{params['height']}|{params['steps']}"
         f"|{float(params['cfg_scale']):g}|{float(params['guidance']):g}"
     )
 
 
-def job_event_data(row: RowMapping | dict[str, Any], base_url: str = "") -> dict[str, Any]:
-    """The thin event payload for a job: ids, status, error and links, never the image itself."""
-    data: dict[str, Any] = {
-        "id": row["id"],
-        "object": "job",
-        "batch_id": row["batch_id"],
-        "custom_id": row["custom_id"],
-        "task": row["task"],
-        "status": row["status"],
-        "metadata": row["metadata"],
-        "links": {"self": f"{base_url}/v1/jobs/{row['id']}"},
-    }
-    if row["status"] == "succeeded":
-        data["links"]["result"] = f"{base_url}/v1/jobs/{row['id']}/result"
-    if row["status"] == "failed":
-        data["error"] = {"code": row["error_code"], "message": row["error_message"]}
-    return data
-
-
-def _announce(conn: Connection, row: RowMapping, event_type: str) -> None:
+def _announce(conn: Connection, job: Job, event_type: EventType, *, complete_batch: bool = True) -> None:
+    """Write the job's event to the outbox; complete its batch if this was the batch's last job."""
     enqueue_event(
         conn,
-        tenant_id=row["tenant_id"],
+        tenant_id=job.tenant_id,
         event_type=event_type,
-        data=job_event_data(row),
-        url=row["webhook_url"],
-        events=row["webhook_events"],
-        job_id=row["id"],
-        batch_id=row["batch_id"],
+        data=job_event_data(job),
+        url=job.webhook_url,
+        events=job.webhook_events,
+        job_id=job.id,
+        batch_id=job.batch_id,
     )
-    if row["batch_id"] is not None:
-        maybe_complete_batch(conn, row["batch_id"])
+    if job.batch_id is not None and complete_batch:
+        maybe_complete_batch(conn, job.batch_id)
 
 
 def maybe_complete_batch(conn: Connection, batch_id: str) -> bool:
     """Mark the batch completed once its last job ended, and announce it exactly once."""
     # Lock the batch row so two transactions ending the last two jobs cannot both miss the completion.
     conn.execute(select(batches.c.id).where(batches.c.id == batch_id).with_for_update())
-    active = exists().where(jobs.c.batch_id == batch_id, jobs.c.status.in_(ACTIVE))
+    active = exists().where(jobs.c.batch_id == batch_id, jobs.c.status.in_(ACTIVE_STATUSES))
     row = (
         conn.execute(
             update(batches)
@@ -83,28 +75,27 @@ def maybe_complete_batch(conn: Connection, batch_id: str) -> bool:
     )
     if row is None:
         return False
-    counts: dict[str, int] = dict(
-        conn.execute(
-            select(jobs.c.status, func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.status)
-        ).all()
-    )
+    batch = Batch.from_row(row)
     enqueue_event(
         conn,
-        tenant_id=row["tenant_id"],
-        event_type="batch.completed",
-        data={
-            "id": batch_id,
-            "object": "batch",
-            "counts": {s: int(counts.get(s, 0)) for s in TERMINAL_STATUSES},
-            "total": row["total_jobs"],
-            "metadata": row["metadata"],
-            "links": {"self": f"/v1/batches/{batch_id}", "results": f"/v1/batches/{batch_id}/results"},
-        },
-        url=row["webhook_url"],
-        events=row["webhook_events"],
+        tenant_id=batch.tenant_id,
+        event_type=EventType.BATCH_COMPLETED,
+        data=batch_payload(
+            batch, count_by_status(conn, batch_id), BATCH_EVENT_FIELDS, statuses=TERMINAL_STATUSES
+        ),
+        url=batch.webhook_url,
+        events=batch.webhook_events,
         batch_id=batch_id,
     )
     return True
+
+
+def count_by_status(conn: Connection, batch_id: str) -> dict[str, int]:
+    """How many jobs of the batch are in each status (statuses without jobs are absent)."""
+    rows = conn.execute(
+        select(jobs.c.status, func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.status)
+    ).all()
+    return {status: int(n) for status, n in rows}
 
 
 def claim_batch(
@@ -115,10 +106,10 @@ def claim_batch(
     max_batch: int,
     lease_s: float,
     bucket: str | None = None,
-) -> list[RowMapping]:
+) -> list[Job]:
     """Claim up to `max_batch` queued jobs of one bucket (priority, then age), exclusively."""
     head_q = select(jobs.c.bucket).where(
-        jobs.c.status == "queued", jobs.c.task.in_(list(tasks)), jobs.c.cancel_requested.is_(False)
+        jobs.c.status == JobStatus.QUEUED, jobs.c.task.in_(list(tasks)), jobs.c.cancel_requested.is_(False)
     )
     if bucket is not None:
         head_q = head_q.where(jobs.c.bucket == bucket)
@@ -133,7 +124,9 @@ def claim_batch(
         conn.execute(
             select(jobs.c.id)
             .where(
-                jobs.c.status == "queued", jobs.c.bucket == head.bucket, jobs.c.cancel_requested.is_(False)
+                jobs.c.status == JobStatus.QUEUED,
+                jobs.c.bucket == head.bucket,
+                jobs.c.cancel_requested.is_(False),
             )
             .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
             .limit(max_batch)
@@ -145,9 +138,9 @@ def claim_batch(
     rows = (
         conn.execute(
             update(jobs)
-            .where(jobs.c.id.in_(ids), jobs.c.status == "queued")
+            .where(jobs.c.id.in_(ids), jobs.c.status == JobStatus.QUEUED)
             .values(
-                status="running",
+                status=JobStatus.RUNNING,
                 stage="starting",
                 step=None,
                 attempt=jobs.c.attempt + 1,
@@ -162,7 +155,7 @@ def claim_batch(
         .all()
     )
     order = {job_id: i for i, job_id in enumerate(ids)}
-    return sorted(rows, key=lambda r: order[r["id"]])
+    return sorted((Job.from_row(r) for r in rows), key=lambda job: order[job.id])
 
 
 class Ack(enum.Enum):
@@ -174,10 +167,10 @@ class Ack(enum.Enum):
 
 
 def _owned(job_id: str, attempt: int) -> Any:
-    return and_(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempt == attempt)
+    return and_(jobs.c.id == job_id, jobs.c.status == JobStatus.RUNNING, jobs.c.attempt == attempt)
 
 
-def _ended(status: str, stage: str | None = None, **extra: Any) -> dict[str, Any]:
+def _ended(status: JobStatus, stage: str | None = None, **extra: Any) -> dict[str, Any]:
     """Column values of a terminal transition: the lease is released and the job finished now."""
     return {
         "status": status,
@@ -193,8 +186,8 @@ def _ended(status: str, stage: str | None = None, **extra: Any) -> dict[str, Any
 def _back_in_queue(**extra: Any) -> dict[str, Any]:
     """Column values of running -> queued: the lease is released and the job counts as just enqueued."""
     return {
-        "status": "queued",
-        "stage": "queued",
+        "status": JobStatus.QUEUED,
+        "stage": JobStatus.QUEUED.value,
         "step": None,
         "lease_owner": None,
         "lease_expires_at": None,
@@ -204,9 +197,10 @@ def _back_in_queue(**extra: Any) -> dict[str, Any]:
     }
 
 
-def _transition(conn: Connection, cond: Any, values: dict[str, Any]) -> list[RowMapping]:
-    """One conditional UPDATE of the jobs matching `cond`; returns the changed rows."""
-    return list(conn.execute(update(jobs).where(cond).values(**values).returning(*jobs.c)).mappings().all())
+def _transition(conn: Connection, cond: Any, values: dict[str, Any]) -> list[Job]:
+    """One conditional UPDATE of the jobs matching `cond`; returns the changed jobs."""
+    rows = conn.execute(update(jobs).where(cond).values(**values).returning(*jobs.c)).mappings().all()
+    return [Job.from_row(row) for row in rows]
 
 
 def record_progress(
@@ -231,15 +225,12 @@ def record_progress(
         values["progress"] = progress
     if lease_s is not None:
         values["lease_expires_at"] = func.now() + timedelta(seconds=lease_s)
-    row = (
-        conn.execute(update(jobs).where(_owned(job_id, attempt)).values(**values).returning(*jobs.c))
-        .mappings()
-        .first()
-    )
-    if row is None:
+    changed = _transition(conn, _owned(job_id, attempt), values)
+    if not changed:
         return Ack.LOST
-    enqueue_progress_event(conn, row, stage, step, total_steps)  # only if asked for, at most every few s
-    return Ack.CANCEL_REQUESTED if row["cancel_requested"] else Ack.OWNED
+    job = changed[0]
+    enqueue_progress_event(conn, job)  # only if asked for, at most every few seconds
+    return Ack.CANCEL_REQUESTED if job.cancel_requested else Ack.OWNED
 
 
 def heartbeat(conn: Connection, claims: Sequence[tuple[str, int]], lease_s: float) -> dict[str, Ack]:
@@ -270,13 +261,15 @@ def complete_job(
     `result` holds the columns of the results table (kind, object_key, content_type, size_bytes, sha256,
     width, height, text).
     """
-    rows = _transition(
-        conn, _owned(job_id, attempt), _ended("succeeded", "done", progress=1.0, provenance=provenance)
+    done = _transition(
+        conn,
+        _owned(job_id, attempt),
+        _ended(JobStatus.SUCCEEDED, "done", progress=1.0, provenance=provenance),
     )
-    if not rows:
+    if not done:
         return False
     conn.execute(results.insert().values(id=new_id("res"), job_id=job_id, **result))
-    _announce(conn, rows[0], "job.succeeded")
+    _announce(conn, done[0], EventType.JOB_SUCCEEDED)
     return True
 
 
@@ -293,15 +286,15 @@ def fail_job(
     cond = (
         _owned(job_id, attempt)
         if attempt is not None
-        else and_(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE))
+        else and_(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE_STATUSES))
     )
-    values = _ended("failed", error_code=code, error_message=message[:4000])
+    values = _ended(JobStatus.FAILED, error_code=code, error_message=message[:4000])
     if provenance is not None:
         values["provenance"] = provenance
-    rows = _transition(conn, cond, values)
-    if not rows:
+    failed = _transition(conn, cond, values)
+    if not failed:
         return False
-    _announce(conn, rows[0], "job.failed")
+    _announce(conn, failed[0], EventType.JOB_FAILED)
     return True
 
 
@@ -316,12 +309,12 @@ def requeue_job(conn: Connection, job_id: str, attempt: int, *, reason: str) -> 
     return bool(_transition(conn, _owned(job_id, attempt), _back_in_queue(error_message=reason[:4000])))
 
 
-def _cancel_running(conn: Connection, cond: Any) -> list[RowMapping]:
+def _cancel_running(conn: Connection, cond: Any) -> list[Job]:
     """running -> canceled for the jobs matching `cond`; announce each."""
-    rows = _transition(conn, cond, _ended("canceled"))
-    for row in rows:
-        _announce(conn, row, "job.canceled")
-    return rows
+    canceled = _transition(conn, cond, _ended(JobStatus.CANCELED))
+    for job in canceled:
+        _announce(conn, job, EventType.JOB_CANCELED)
+    return canceled
 
 
 def mark_canceled(conn: Connection, job_id: str, attempt: int) -> bool:
@@ -329,26 +322,27 @@ def mark_canceled(conn: Connection, job_id: str, attempt: int) -> bool:
     return bool(_cancel_running(conn, _owned(job_id, attempt)))
 
 
-def cancel_job(conn: Connection, tenant_id: str, job_id: str) -> RowMapping | None:
+def cancel_job(conn: Connection, tenant_id: str, job_id: str) -> Job | None:
     """Cancel a queued job at once, or ask a running one to stop; finished jobs are left as they are.
 
-    Returns the job row after the change, or None if the tenant has no such job.
+    Returns the job after the change, or None if the tenant has no such job.
     """
-    queued = and_(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status == "queued")
-    canceled = _transition(conn, queued, _ended("canceled", cancel_requested=True))
+    queued = and_(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status == JobStatus.QUEUED)
+    canceled = _transition(conn, queued, _ended(JobStatus.CANCELED, cancel_requested=True))
     if canceled:
-        _announce(conn, canceled[0], "job.canceled")
+        _announce(conn, canceled[0], EventType.JOB_CANCELED)
         return canceled[0]
     conn.execute(
         update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status == "running")
+        .where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id, jobs.c.status == JobStatus.RUNNING)
         .values(cancel_requested=True, updated_at=func.now())
     )
-    return (
+    row = (
         conn.execute(select(*jobs.c).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))
         .mappings()
         .first()
     )
+    return None if row is None else Job.from_row(row)
 
 
 def cancel_batch(conn: Connection, tenant_id: str, batch_id: str) -> int | None:
@@ -358,48 +352,39 @@ def cancel_batch(conn: Connection, tenant_id: str, batch_id: str) -> int | None:
     ).first()
     if found is None:
         return None
-    rows = _transition(
+    canceled = _transition(
         conn,
-        and_(jobs.c.batch_id == batch_id, jobs.c.status == "queued"),
-        _ended("canceled", cancel_requested=True),
+        and_(jobs.c.batch_id == batch_id, jobs.c.status == JobStatus.QUEUED),
+        _ended(JobStatus.CANCELED, cancel_requested=True),
     )
     conn.execute(
         update(jobs)
-        .where(jobs.c.batch_id == batch_id, jobs.c.status == "running")
+        .where(jobs.c.batch_id == batch_id, jobs.c.status == JobStatus.RUNNING)
         .values(cancel_requested=True, updated_at=func.now())
     )
-    for row in rows:
-        enqueue_event(
-            conn,
-            tenant_id=row["tenant_id"],
-            event_type="job.canceled",
-            data=job_event_data(row),
-            url=row["webhook_url"],
-            events=row["webhook_events"],
-            job_id=row["id"],
-            batch_id=batch_id,
-        )
+    for job in canceled:  # the batch is completed once, below, not per job
+        _announce(conn, job, EventType.JOB_CANCELED, complete_batch=False)
     conn.execute(update(batches).where(batches.c.id == batch_id).values(cancel_requested=True))
     maybe_complete_batch(conn, batch_id)
-    return len(rows)
+    return len(canceled)
 
 
-def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[RowMapping], list[RowMapping]]:
+def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[Job], list[Job]]:
     """Requeue running jobs whose lease ran out; fail those that used up their attempts (poison jobs).
 
-    Returns (requeued rows, failed rows); the caller re-publishes wake-ups for the requeued ones.
+    Returns (requeued jobs, failed jobs); the caller re-publishes wake-ups for the requeued ones.
     """
-    expired = and_(jobs.c.status == "running", jobs.c.lease_expires_at < func.now())
+    expired = and_(jobs.c.status == JobStatus.RUNNING, jobs.c.lease_expires_at < func.now())
     # A job whose cancel was requested is not retried: it ends canceled (claims would skip it forever).
     _cancel_running(conn, and_(expired, jobs.c.cancel_requested.is_(True)))
     message = f"the job's worker was lost {max_attempts} times; not retried again"
     failed = _transition(
         conn,
         and_(expired, jobs.c.attempt >= max_attempts),
-        _ended("failed", error_code="poison_job", error_message=message),
+        _ended(JobStatus.FAILED, error_code="poison_job", error_message=message),
     )
-    for row in failed:
-        _announce(conn, row, "job.failed")
+    for job in failed:
+        _announce(conn, job, EventType.JOB_FAILED)
     requeued = _transition(conn, expired, _back_in_queue())
     return requeued, failed
 
@@ -408,7 +393,10 @@ def take_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 1000) 
     """Queued jobs nobody claimed for a while (a lost wake-up): stamp and return them to re-publish."""
     stale = (
         select(jobs.c.id)
-        .where(jobs.c.status == "queued", jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s))
+        .where(
+            jobs.c.status == JobStatus.QUEUED,
+            jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s),
+        )
         .limit(limit)
         .with_for_update(skip_locked=True)
         .scalar_subquery()

@@ -28,10 +28,6 @@ def _created() -> Column:
     return Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now())
 
 
-# Job statuses; terminal ones never change again.
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
-
 tenants = Table(
     "tenants",
     metadata,
@@ -98,7 +94,7 @@ jobs = Table(
     ),  # normalised: width, height, steps, cfg_scale, guidance, seed, ...
     Column("bucket", String(200), nullable=False),  # jobs of one bucket can share a model call
     Column("priority", Integer, nullable=False, server_default=text("0")),  # higher first
-    Column("status", String(20), nullable=False, server_default=text("'queued'")),
+    Column("status", String(20), nullable=False, server_default=text("'queued'")),  # core.records.JobStatus
     Column("stage", String(40), nullable=False, server_default=text("'queued'")),
     Column("step", Integer),
     Column("total_steps", Integer),
@@ -186,9 +182,7 @@ webhook_deliveries = Table(
     Column("endpoint_id", String(40), ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False),
     Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
     Column("job_id", String(40)),
-    Column(
-        "status", String(20), nullable=False, server_default=text("'pending'")
-    ),  # pending|succeeded|dead|refused|disabled
+    Column("status", String(20), nullable=False, server_default=text("'pending'")),  # DeliveryStatus
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("locked_until", DateTime(timezone=True)),

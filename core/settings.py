@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-TASKS = ("generate", "edit", "understand")
+from core.records import TASKS
 
 
 def _bool(value: str | None, default: bool = False) -> bool:

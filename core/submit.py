@@ -14,11 +14,11 @@ from typing import Any
 from core.ids import new_id
 from core.images import ImageError, ImageInfo, decode_data_url, inspect_image
 from core.jobs import bucket_key
+from core.records import TASKS
 from core.settings import Settings
 from core.ssrf import WebhookURLRefused, check_webhook_url
 from core.webhooks import ALL_EVENTS
 
-TASKS = ("generate", "edit", "understand")
 PRIORITY_RANGE = (-100, 100)
 MAX_METADATA_BYTES = 16 * 1024
 MAX_CUSTOM_ID_CHARS = 200

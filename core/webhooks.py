@@ -19,13 +19,14 @@ from standardwebhooks import Webhook
 
 from core.ids import new_id
 from core.queue import TASK_DELIVER, WEBHOOK_QUEUE
+from core.records import JOB_PROGRESS_FIELDS, DeliveryStatus, EventType, Job, job_payload
 from core.schema import tenants, webhook_deliveries, webhook_endpoints, webhook_events
 
-DEFAULT_EVENTS = ("job.succeeded", "job.failed", "job.canceled", "batch.completed")
-ALL_EVENTS = (*DEFAULT_EVENTS, "job.progress")
+# What a subscription without `events` gets: every event but job.progress.
+DEFAULT_EVENTS: tuple[str, ...] = tuple(e.value for e in EventType if e is not EventType.JOB_PROGRESS)
+ALL_EVENTS: tuple[str, ...] = tuple(EventType)
 # At most one job.progress event per job in this many seconds.
 PROGRESS_EVENT_INTERVAL_S = 5.0
-DELIVERY_STATUSES = ("pending", "succeeded", "dead", "refused", "disabled")
 
 
 def new_secret() -> str:
@@ -94,18 +95,16 @@ def enqueue_event(
             endpoint_id=endpoint_id,
             tenant_id=tenant_id,
             job_id=job_id,
-            status="pending" if disabled is None else "disabled",
+            status=DeliveryStatus.PENDING if disabled is None else DeliveryStatus.DISABLED,
             last_error=None if disabled is None else "endpoint disabled",
         )
     )
     return event_id
 
 
-def enqueue_progress_event(
-    conn: Connection, job_row: RowMapping | dict[str, Any], stage: str, step: int | None, total: int | None
-) -> str | None:
+def enqueue_progress_event(conn: Connection, job: Job) -> str | None:
     """Write a job.progress event if the job asked for them and none was written in the last few seconds."""
-    if not job_row["webhook_url"] or not wants_event("job.progress", job_row["webhook_events"]):
+    if not job.webhook_url or not wants_event(EventType.JOB_PROGRESS, job.webhook_events):
         return None
     # The delivery index (tenant_id, job_id) finds this job's events without scanning the outbox.
     recent = conn.execute(
@@ -114,36 +113,23 @@ def enqueue_progress_event(
             webhook_deliveries.join(webhook_events, webhook_events.c.id == webhook_deliveries.c.event_id)
         )
         .where(
-            webhook_deliveries.c.tenant_id == job_row["tenant_id"],
-            webhook_deliveries.c.job_id == job_row["id"],
-            webhook_events.c.type == "job.progress",
+            webhook_deliveries.c.tenant_id == job.tenant_id,
+            webhook_deliveries.c.job_id == job.id,
+            webhook_events.c.type == EventType.JOB_PROGRESS,
             webhook_events.c.created_at > func.now() - timedelta(seconds=PROGRESS_EVENT_INTERVAL_S),
         )
     ).scalar()
     if recent is not None:
         return None
-    data = {
-        "id": job_row["id"],
-        "object": "job",
-        "batch_id": job_row["batch_id"],
-        "custom_id": job_row["custom_id"],
-        "task": job_row["task"],
-        "status": "running",
-        "stage": stage,
-        "step": step,
-        "total_steps": total,
-        "metadata": job_row["metadata"],
-        "links": {"self": f"/v1/jobs/{job_row['id']}"},
-    }
     return enqueue_event(
         conn,
-        tenant_id=job_row["tenant_id"],
-        event_type="job.progress",
-        data=data,
-        url=job_row["webhook_url"],
-        events=job_row["webhook_events"],
-        job_id=job_row["id"],
-        batch_id=job_row["batch_id"],
+        tenant_id=job.tenant_id,
+        event_type=EventType.JOB_PROGRESS,
+        data=job_payload(job, JOB_PROGRESS_FIELDS),
+        url=job.webhook_url,
+        events=job.webhook_events,
+        job_id=job.id,
+        batch_id=job.batch_id,
     )
 
 
@@ -225,7 +211,7 @@ def redeliver(conn: Connection, tenant_id: str, delivery_id: str) -> RowMapping 
     )
     if current is None:
         return None
-    if current["status"] == "pending" and current["in_flight"]:
+    if current["status"] == DeliveryStatus.PENDING and current["in_flight"]:
         raise ValueError("an attempt of this delivery is in flight; try again later")
     conn.execute(
         update(webhook_endpoints)
@@ -237,7 +223,7 @@ def redeliver(conn: Connection, tenant_id: str, delivery_id: str) -> RowMapping 
             update(webhook_deliveries)
             .where(webhook_deliveries.c.id == delivery_id)
             .values(
-                status="pending",
+                status=DeliveryStatus.PENDING,
                 attempts=0,
                 next_attempt_at=func.now(),
                 locked_until=None,

@@ -22,6 +22,18 @@ def _settings() -> Settings:
         raise click.UsageError(str(exc)) from exc
 
 
+def _service_settings() -> Settings:
+    """Settings of a production service process: also refuse empty or placeholder secrets."""
+    from core.secrets import refuse_weak_secrets
+
+    settings = _settings()
+    try:
+        refuse_weak_secrets(settings)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    return settings
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Nexus-Gen V2 batch service: the stack, single services, administration and a client.
@@ -84,7 +96,7 @@ def migrate() -> None:
     from core.migrate import upgrade
     from nexusgen.services import configure_logging
 
-    settings = _settings()
+    settings = _service_settings()
     configure_logging("migrate", settings.log_level)
     settings.require("database_url")
     upgrade(settings)
@@ -103,7 +115,7 @@ def api(workers: int, threads: int) -> None:
     """Serve the HTTP API with gunicorn on NEXUSGEN_API_HOST:NEXUSGEN_API_PORT."""
     from nexusgen.services import configure_logging, serve_api
 
-    settings = _settings()
+    settings = _service_settings()
     configure_logging("api", settings.log_level)
     settings.require("database_url", "broker_url", "s3_endpoint_url")
     serve_api(settings, workers=workers, threads=threads)
@@ -123,7 +135,7 @@ def worker(webhooks: bool, concurrency: int | None, hostname: str | None) -> Non
     from nexusgen.services import configure_logging, keep_celery_logging
 
     kind = "webhooks" if webhooks else "model"
-    settings = _settings()
+    settings = _service_settings()
     configure_logging(f"worker-{kind}", settings.log_level)
     keep_celery_logging()
     settings.require("database_url", "broker_url", "s3_endpoint_url")
@@ -138,7 +150,7 @@ def beat() -> None:
     """Run Celery beat: the periodic sweeper and the webhook outbox poll."""
     from nexusgen.services import configure_logging, keep_celery_logging
 
-    settings = _settings()
+    settings = _service_settings()
     configure_logging("beat", settings.log_level)
     keep_celery_logging()
     settings.require("broker_url")
@@ -157,7 +169,7 @@ def flower(address: str, port: int | None, db_path: Path | None) -> None:
     """Run Flower (Celery monitoring) against CELERY_BROKER_URL, with persistent state."""
     from nexusgen.services import run_flower
 
-    settings = _settings()
+    settings = _service_settings()
     settings.require("broker_url")
     port = port or settings.flower_port
     run_flower(settings, address=address, port=port, db_path=db_path or settings.state_dir / "flower.db")

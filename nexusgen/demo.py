@@ -5,7 +5,6 @@ Exit status 0 only when every job succeeded and every webhook arrived with a val
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import os
@@ -23,6 +22,7 @@ from rich.table import Table
 
 from core.settings import Settings
 from nexusgen.client import Client
+from nexusgen.contact_sheet import RunSummary, seconds_between, task_label, write_contact_sheet
 from nexusgen.progress import console, wait_for_batch
 
 
@@ -164,66 +164,26 @@ def create_demo_tenant(database_url: str) -> tuple[str, str, str]:
 # --- outputs --------------------------------------------------------------------------------------------
 
 
-def _seconds(job: dict[str, Any]) -> float | None:
-    start, end = job.get("started_at") or job.get("created_at"), job.get("finished_at")
-    if not (start and end):
-        return None
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-
-
-def write_contact_sheet(
-    out_dir: Path, jobs: list[dict[str, Any]], files: dict[str, Path], specs: dict[str, dict[str, Any]]
-) -> Path:
-    """index.html: every output with its prompt (and input image), and the understanding answers.
-
-    `specs` maps custom_id to the submitted job, whose `image` was replaced by the input's file name.
-    """
-    cards = []
-    for job in jobs:
-        spec = specs.get(job.get("custom_id") or "", {})
-        path = files.get(job["id"])
-        text = html.escape(spec.get("prompt") or spec.get("instruction") or "")
-        name = html.escape(job.get("custom_id") or job["id"])
-        head = f"<b>{name}</b> ({html.escape(_task_label(job, spec))}, {job['status']})"
-        source = f'<img src="{spec["image"]}" width="64"> &rarr; ' if spec.get("image") else ""
-        if path is not None and path.suffix == ".png":
-            body = f'{source}<img src="{path.name}" width="256">'
-        elif path is not None:
-            body = f"{source}<pre>{html.escape(path.read_text(encoding='utf-8'))}</pre>"
-        else:
-            body = f"<pre>{html.escape(json.dumps(job.get('error')))}</pre>"
-        cards.append(f"<figure>{body}<figcaption>{head}<br>{text}</figcaption></figure>")
-    page = (
-        "<!doctype html><meta charset='utf-8'><title>nexusgen demo</title><style>"
-        "body{font-family:sans-serif} figure{display:inline-block;width:270px;vertical-align:top;margin:8px}"
-        "</style><h1>nexusgen demo</h1>" + "\n".join(cards)
-    )
-    path = out_dir / "index.html"
-    path.write_text(page, encoding="utf-8")
-    return path
-
-
-def _task_label(job: dict[str, Any], spec: dict[str, Any]) -> str:
-    """The task, with the decoder for edits and the language when it is not English."""
-    params = spec.get("params", {})
-    extras = [params["decoder"] + " decoder"] if job["task"] == "edit" and "decoder" in params else []
-    extras += [params["language"]] if params.get("language", "en") != "en" else []
-    return job["task"] + (f" ({', '.join(extras)})" if extras else "")
-
-
 def summary_table(
     jobs: list[dict[str, Any]], files: dict[str, Path], specs: dict[str, dict[str, Any]]
 ) -> Table:
-    table = Table(title="demo batch")
-    for column in ("job", "task", "status", "seconds", "output"):
+    """One row per job; the two time columns split a job's life at the moment a worker claimed it."""
+    table = Table(
+        title="demo batch",
+        caption="waited: from submission until a worker claimed the job (queue and batch mates); "
+        "ran: from the claim to the stored result (jobs of one model call run together)",
+    )
+    for column in ("job", "task", "status", "waited s", "ran s", "output"):
         table.add_column(column)
     for job in jobs:
-        seconds = _seconds(job)
+        waited = seconds_between(job.get("created_at"), job.get("started_at"))
+        ran = seconds_between(job.get("started_at"), job.get("finished_at"))
         table.add_row(
             job.get("custom_id") or job["id"],
-            _task_label(job, specs.get(job.get("custom_id") or "", {})),
+            task_label(job, specs.get(job.get("custom_id") or "", {})),
             job["status"],
-            f"{seconds:.1f}" if seconds is not None else "-",
+            f"{waited:.1f}" if waited is not None else "-",
+            f"{ran:.1f}" if ran is not None else "-",
             str(files.get(job["id"], (job.get("error") or {}).get("message", "-"))),
         )
     return table
@@ -243,10 +203,15 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
         console.print(f"[red]demo failed:[/red] {exc}")
         return 1
     try:
+        stack_start_s = time.monotonic() - began
         console.print(
-            f"stack ready in {time.monotonic() - began:.0f} s: "
-            f"API {info['api_url']}, Flower {info['flower_url']}"
+            f"stack ready in {stack_start_s:.0f} s: API {info['api_url']}, Flower {info['flower_url']}"
         )
+        if settings.model_dir is None:
+            console.print(
+                "NEXUSGEN_MODEL_DIR is unset: a tiny random checkpoint serves this demo, so its images "
+                "are noise and its answers random tokens (the service is what is shown)."
+            )
         name, secret, key = create_demo_tenant(info["env"]["DATABASE_URL"])
         client = Client(info["api_url"], key)
         with WebhookReceiver(secret) as receiver:
@@ -268,7 +233,6 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
                     files[job["id"]], _ = client.download_result(job, options.out_dir)
             input_names = {upload_id: f"input-{label}.png" for label, upload_id in uploads.items()}
             specs = {j["custom_id"]: {**j, "image": input_names.get(j.get("image", ""), "")} for j in jobs}
-            sheet = write_contact_sheet(options.out_dir, done, files, specs)
             expected = {(j["id"], "job." + j["status"]) for j in done} | {(batch["id"], "batch.completed")}
 
             def _all_arrived(events: list[Any]) -> bool:
@@ -277,6 +241,19 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
 
             arrived = receiver.wait_for(_all_arrived, timeout_s=60)
             verified, rejected = receiver.events(), receiver.rejected()
+        finished = client.get_batch(batch["id"])
+        run = RunSummary(
+            batch_id=batch["id"],
+            tenant=name,
+            submitted_at=finished.get("created_at"),
+            completed_at=finished.get("completed_at"),
+            stack_start_s=stack_start_s,
+            webhooks_verified=len(verified),
+            webhooks_rejected=len(rejected),
+            webhooks_all_arrived=arrived,
+            tiny_model=settings.model_dir is None,
+        )
+        sheet = write_contact_sheet(options.out_dir, run, done, files, specs)
         console.print(summary_table(done, files, specs))
         succeeded = sum(job["status"] == "succeeded" for job in done)
         console.print(

@@ -36,6 +36,10 @@ def wait_for_batch(
         _wait_for_counts(client, batch_id, timeout_s, max(poll_s, 2.0))
         return list(client.iter_jobs(batch_id=batch_id))
     deadline = time.monotonic() + timeout_s
+    console.print(
+        "[dim]one bar per job: its stage and denoising steps; the clock counts from the submission "
+        "(time in the queue included)[/dim]"
+    )
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

@@ -38,7 +38,10 @@ class Discovered:
 
 
 def state_dir(environ: Mapping[str, str]) -> Path:
-    return Path(environ.get("NEXUSGEN_STATE_DIR") or ".nexusgen")
+    """NEXUSGEN_STATE_DIR, read like every setting through core/settings.py."""
+    from core.settings import Settings
+
+    return Settings.from_env(environ).state_dir
 
 
 def pid_alive(pid: int) -> bool:

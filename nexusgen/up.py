@@ -268,7 +268,7 @@ def check_configured_urls(settings: Settings) -> Settings:
     """
     from core.settings import ENV_NAMES
     from nexusgen import embedded
-    from nexusgen.stack import address, require_answering
+    from nexusgen.stack import StackError, address, require_answering
 
     ports = embedded.remembered_ports(settings.state_dir)
     unset: dict[str, None] = {}
@@ -276,17 +276,18 @@ def check_configured_urls(settings: Settings) -> Settings:
         url = getattr(settings, field_name)
         if not url:
             continue
-        ours = server in ports and address(url) == ("127.0.0.1", ports[server])
-        if ours and embedded.port_bindable(ports[server]):
-            log.info(
-                "%s names the embedded %s of %s: starting it",
-                ENV_NAMES[field_name],
-                server,
-                settings.state_dir,
-            )
+        variable = ENV_NAMES[field_name]
+        if server in ports and address(url) == ("127.0.0.1", ports[server]):
+            if not embedded.port_bindable(ports[server]):  # no `up` of ours runs (checked before)
+                raise StackError(
+                    f"{variable} names the embedded {server} of {settings.state_dir} at port "
+                    f"{ports[server]}, which another process now holds; unset {variable} (from a "
+                    "sourced env) and `up` picks a new port"
+                )
+            log.info("%s names the embedded %s of %s: starting it", variable, server, settings.state_dir)
             unset[field_name] = None
             continue
-        require_answering(ENV_NAMES[field_name], url, None)
+        require_answering(variable, url, None)
     return settings.with_overrides(**unset) if unset else settings
 
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import urllib3.exceptions
 from kombu.exceptions import OperationalError as BrokerError
 from minio.error import ServerError as S3ServerError
-from sqlalchemy import Connection, Engine, RowMapping, func, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import jobs as jobstate
 from core.db import transaction
+from core.records import Job, JobStatus
 from core.schema import jobs
 from core.settings import Settings
 
@@ -49,7 +50,7 @@ class Head:
 
 def peek_head(conn: Connection, task: str, bucket: str | None) -> Head | None:
     """The bucket of the first queued job (priority, then age) of `task`, without locking anything."""
-    waiting = (jobs.c.status == "queued", jobs.c.cancel_requested.is_(False))
+    waiting = (jobs.c.status == JobStatus.QUEUED, jobs.c.cancel_requested.is_(False))
     head_q = select(jobs.c.bucket).where(*waiting, jobs.c.task == task)
     if bucket is not None:
         head_q = head_q.where(jobs.c.bucket == bucket)
@@ -68,7 +69,7 @@ def peek_head(conn: Connection, task: str, bucket: str | None) -> Head | None:
 
 def gather_and_claim(
     engine: Engine, settings: Settings, worker_id: str, task: str, bucket: str | None
-) -> list[RowMapping]:
+) -> list[Job]:
     """Claim the next batch of `task` (in `bucket` if given).
 
     With fewer than max_batch jobs queued, wait until the oldest of them has waited batch_window_s, so
@@ -97,16 +98,16 @@ def gather_and_claim(
         time.sleep(POLL_S)  # another worker claimed that bucket first: look again
 
 
-def release_claims(engine: Engine, rows: Sequence[RowMapping], reason: str) -> int:
+def release_claims(engine: Engine, rows: Sequence[Job], reason: str) -> int:
     """Put back the jobs of a batch that this worker still holds (after a transient error)."""
     released = 0
     with transaction(engine) as conn:
-        for row in rows:
-            released += jobstate.requeue_job(conn, row["id"], row["attempt"], reason=reason)
+        for job in rows:
+            released += jobstate.requeue_job(conn, job.id, job.attempt, reason=reason)
     return released
 
 
-RunBatch = Callable[[Sequence[RowMapping]], object]
+RunBatch = Callable[[Sequence[Job]], object]
 
 
 def drain(
@@ -137,5 +138,5 @@ def drain(
             bucket = None  # the named bucket is empty: go on with the rest of this task's queue
             continue
         claimed += len(rows)
-        log.info("claimed %d %s job(s) of bucket %s", len(rows), task, rows[0]["bucket"])
+        log.info("claimed %d %s job(s) of bucket %s", len(rows), task, rows[0].bucket)
         run_batch(rows)

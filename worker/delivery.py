@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Collection, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
@@ -25,6 +25,14 @@ from sqlalchemy import Connection, Engine, RowMapping, func, or_, select, update
 
 from core.db import make_engine
 from core.queue import TASK_DELIVER, WEBHOOK_QUEUE
+from core.records import (
+    RESULT_EVENT_IMAGE,
+    RESULT_EVENT_TEXT,
+    DeliveryStatus,
+    EventType,
+    JobResult,
+    result_payload,
+)
 from core.schema import results, webhook_attempts, webhook_deliveries, webhook_endpoints, webhook_events
 from core.settings import Settings
 from core.ssrf import SendOutcome, WebhookURLRefused, post_to_checked_url, resolve_webhook_url
@@ -72,7 +80,7 @@ def claim_due(
     cannot take every slot. `exclude` skips deliveries already tried by the caller.
     """
     due = [
-        webhook_deliveries.c.status == "pending",
+        webhook_deliveries.c.status == DeliveryStatus.PENDING,
         webhook_deliveries.c.next_attempt_at <= func.now(),
         or_(webhook_deliveries.c.locked_until.is_(None), webhook_deliveries.c.locked_until < func.now()),
     ]
@@ -141,35 +149,26 @@ def build_body(conn: Connection, settings: Settings, delivery: RowMapping, stora
     for name, link in list(links.items()):
         if isinstance(link, str) and link.startswith("/"):
             links[name] = base + link
-    if delivery["event_type"] == "job.succeeded" and delivery["job_id"]:
+    if delivery["event_type"] == EventType.JOB_SUCCEEDED and delivery["job_id"]:
         result = (
             conn.execute(select(results).where(results.c.job_id == delivery["job_id"])).mappings().first()
         )
         if result is not None:
-            data["result"] = result_link(result, settings, storage)
+            data["result"] = result_payload(
+                JobResult.from_row(result),
+                storage,
+                settings.presign_ttl_s,
+                fields=(RESULT_EVENT_TEXT, RESULT_EVENT_IMAGE),
+            )
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
-def result_link(result: RowMapping, settings: Settings, storage: Storage | None) -> dict[str, Any]:
-    """Describe a result for the payload: a presigned URL with its expiry for images, the text for text."""
-    if result["kind"] == "text":
-        return {"kind": "text", "text": result["text"]}
-    described: dict[str, Any] = {
-        "kind": result["kind"],
-        "content_type": result["content_type"],
-        "width": result["width"],
-        "height": result["height"],
-        "sha256": result["sha256"],
-    }
-    if storage is not None and result["object_key"]:
-        expires_at = datetime.now(UTC) + timedelta(seconds=settings.presign_ttl_s)
-        described["url"] = storage.presign_get(result["object_key"], settings.presign_ttl_s)
-        described["expires_at"] = expires_at.isoformat()
-    return described
-
-
 def _finish(
-    engine: Engine, delivery: RowMapping, outcome: SendOutcome, status: str, next_in_s: float | None
+    engine: Engine,
+    delivery: RowMapping,
+    outcome: SendOutcome,
+    status: DeliveryStatus,
+    next_in_s: float | None,
 ) -> None:
     """Record the attempt and move the delivery on.
 
@@ -200,16 +199,16 @@ def _finish(
         if next_in_s is not None:
             values["next_attempt_at"] = func.now() + timedelta(seconds=next_in_s)
         ours = [webhook_deliveries.c.id == delivery["id"]]
-        if status == "succeeded":
+        if status == DeliveryStatus.SUCCEEDED:
             values["delivered_at"] = func.now()
-            ours.append(webhook_deliveries.c.status.in_(("pending", "dead")))
+            ours.append(webhook_deliveries.c.status.in_((DeliveryStatus.PENDING, DeliveryStatus.DEAD)))
         else:
             ours += [
-                webhook_deliveries.c.status == "pending",
+                webhook_deliveries.c.status == DeliveryStatus.PENDING,
                 webhook_deliveries.c.locked_until == delivery["locked_until"],
             ]
         conn.execute(update(webhook_deliveries).where(*ours).values(**values))
-        if status == "disabled":  # 410 Gone: the endpoint asked us to stop
+        if status == DeliveryStatus.DISABLED:  # 410 Gone: the endpoint asked us to stop
             conn.execute(
                 update(webhook_endpoints)
                 .where(
@@ -222,9 +221,13 @@ def _finish(
                 update(webhook_deliveries)
                 .where(
                     webhook_deliveries.c.endpoint_id == delivery["endpoint_id"],
-                    webhook_deliveries.c.status == "pending",
+                    webhook_deliveries.c.status == DeliveryStatus.PENDING,
                 )
-                .values(status="disabled", locked_until=None, last_error="endpoint disabled (410 Gone)")
+                .values(
+                    status=DeliveryStatus.DISABLED,
+                    locked_until=None,
+                    last_error="endpoint disabled (410 Gone)",
+                )
             )
 
 
@@ -234,7 +237,7 @@ def deliver_one(
     delivery: RowMapping,
     storage: Storage | None = None,
     deadline: float | None = None,
-) -> str:
+) -> DeliveryStatus:
     """Attempt one claimed delivery and record it; return the delivery's new status.
 
     The attempt ends by `deadline` (time.monotonic(); default WEBHOOK_TIMEOUT_S from now), well inside
@@ -246,15 +249,18 @@ def deliver_one(
         with engine.begin() as conn:
             conn.execute(
                 update(webhook_deliveries)
-                .where(webhook_deliveries.c.id == delivery["id"], webhook_deliveries.c.status == "pending")
+                .where(
+                    webhook_deliveries.c.id == delivery["id"],
+                    webhook_deliveries.c.status == DeliveryStatus.PENDING,
+                )
                 .values(
-                    status="disabled",
+                    status=DeliveryStatus.DISABLED,
                     locked_until=None,
                     last_error="endpoint disabled",
                     updated_at=func.now(),
                 )
             )
-        return "disabled"
+        return DeliveryStatus.DISABLED
     with engine.connect() as conn:
         body = build_body(conn, settings, delivery, storage)
         secrets = signing_secrets(conn, delivery["tenant_id"])
@@ -263,21 +269,21 @@ def deliver_one(
     except WebhookURLRefused as exc:
         outcome = SendOutcome.failure(f"{exc.reason}: {exc}")
         if exc.reason != "unresolvable_host":  # a policy refusal does not heal by retrying
-            _finish(engine, delivery, outcome, "refused", None)
-            return "refused"
+            _finish(engine, delivery, outcome, DeliveryStatus.REFUSED, None)
+            return DeliveryStatus.REFUSED
     else:
         headers = sign_headers(secrets, delivery["event_id"], body)
         outcome = post_to_checked_url(
             checked, body.encode("utf-8"), headers, settings.webhook_timeout_s, deadline=deadline
         )
     if outcome.status_code is not None and 200 <= outcome.status_code < 300:
-        _finish(engine, delivery, outcome, "succeeded", None)
-        return "succeeded"
+        _finish(engine, delivery, outcome, DeliveryStatus.SUCCEEDED, None)
+        return DeliveryStatus.SUCCEEDED
     if outcome.status_code == 410:
-        _finish(engine, delivery, outcome, "disabled", None)
-        return "disabled"
+        _finish(engine, delivery, outcome, DeliveryStatus.DISABLED, None)
+        return DeliveryStatus.DISABLED
     delay = retry_delay(settings.webhook_retry_schedule_s, delivery["attempts"] + 1)
-    status = "pending" if delay is not None else "dead"
+    status = DeliveryStatus.PENDING if delay is not None else DeliveryStatus.DEAD
     _finish(engine, delivery, outcome, status, delay)
     return status
 
@@ -299,7 +305,7 @@ def deliver_due(
     deadline = None if budget_s is None else time.monotonic() + budget_s
     counts: dict[str, int] = {}
     tried: set[str] = set()
-    in_flight: dict[Future[str], tuple[str, str]] = {}  # attempt -> (endpoint id, tenant id)
+    in_flight: dict[Future[DeliveryStatus], tuple[str, str]] = {}  # attempt -> (endpoint id, tenant id)
     with ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="webhook") as pool:
         while True:
             free = max_parallel - len(in_flight)
@@ -325,7 +331,7 @@ def deliver_due(
             for future in done:
                 del in_flight[future]
                 status = future.result()
-                counts[status] = counts.get(status, 0) + 1
+                counts[status.value] = counts.get(status.value, 0) + 1
 
 
 _engines: dict[tuple[int, str], Engine] = {}

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from minio.error import S3Error
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import Engine, RowMapping, select
+from sqlalchemy import Engine, select
 
 from core import jobs as jobstate
 from core.db import transaction
 from core.jobs import Ack
+from core.records import Job, JobStatus, Task
 from core.schema import jobs as jobs_table
 from core.schema import results, uploads
 from core.settings import Settings
@@ -44,11 +45,15 @@ from worker.heartbeat import LeaseKeeper
 log = logging.getLogger(__name__)
 
 REQUEST_TYPES: dict[str, type] = {
-    "generate": GenerateRequest,
-    "edit": EditRequest,
-    "understand": UnderstandRequest,
+    Task.GENERATE: GenerateRequest,
+    Task.EDIT: EditRequest,
+    Task.UNDERSTAND: UnderstandRequest,
 }
-TEXT_FIELD = {"generate": "prompt", "edit": "instruction", "understand": "instruction"}
+TEXT_FIELD: dict[str, str] = {
+    Task.GENERATE: "prompt",
+    Task.EDIT: "instruction",
+    Task.UNDERSTAND: "instruction",
+}
 OUT_OF_MEMORY = (torch.OutOfMemoryError,)  # torch.cuda.OutOfMemoryError is the same class
 
 _model: tuple[int, NexusGen] | None = None
@@ -92,17 +97,17 @@ def load_model(settings: Settings) -> NexusGen:
 class Item:
     """One claimed job on its way through the batch."""
 
-    row: RowMapping
+    job: Job
     request: Any = None
     input_s: float = 0.0
 
     @property
     def job_id(self) -> str:
-        return str(self.row["id"])
+        return self.job.id
 
     @property
     def attempt(self) -> int:
-        return int(self.row["attempt"])
+        return self.job.attempt
 
 
 @dataclass
@@ -115,12 +120,12 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def build_request(task: str, row: RowMapping, image: Image.Image | None) -> Any:
-    """The model request of a job row: its params (unknown keys ignored), its text and input image."""
+def build_request(task: str, job: Job, image: Image.Image | None) -> Any:
+    """The model request of a job: its params (unknown keys ignored), its text and input image."""
     cls = REQUEST_TYPES[task]
     names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in (row["params"] or {}).items() if k in names and v is not None}
-    kwargs[TEXT_FIELD[task]] = row["prompt"]
+    kwargs = {k: v for k, v in job.params.items() if k in names and v is not None}
+    kwargs[TEXT_FIELD[task]] = job.prompt
     if "image" in names:
         if image is None:
             raise ValueError(f"{task} needs an input image")
@@ -191,11 +196,11 @@ def _split(
 
 def provenance_of(outcome: Outcome, worker_id: str, extra_timings: dict[str, float]) -> dict[str, Any]:
     """The model's provenance plus what only the worker knows: batch size, worker, attempt, timings."""
-    row = outcome.item.row
+    job = outcome.item.job
     prov = dict(outcome.result.provenance or {})
-    prov.setdefault("params", dict(row["params"] or {}))
-    prov["task"] = row["task"]
-    prov["bucket"] = row["bucket"]
+    prov.setdefault("params", dict(job.params))
+    prov["task"] = job.task
+    prov["bucket"] = job.bucket
     prov["batch_size"] = outcome.batch_size
     prov["worker"] = worker_id
     prov["attempt"] = outcome.item.attempt
@@ -237,12 +242,13 @@ def store_outcome(
                 done = jobstate.fail_job(
                     conn, job_id, attempt, code=res.error.code, message=res.error.message, provenance=prov
                 )
-        return ("canceled" if res.error.code == "canceled" else "failed") if done else "lost"
+        ended = JobStatus.CANCELED if res.error.code == "canceled" else JobStatus.FAILED
+        return ended.value if done else "lost"
     if keeper.confirm(job_id, "uploading") is Ack.LOST:
         return "lost"
     started = time.monotonic()
     ext, data, content_type, columns = encode_result(outcome)
-    key = result_key(item.row["tenant_id"], job_id, ext)
+    key = result_key(item.job.tenant_id, job_id, ext)
     digest = storage.put_bytes(key, data, content_type)
     timings["upload_s"] = round(time.monotonic() - started, 4)
     result = {
@@ -259,7 +265,7 @@ def store_outcome(
     if not done:
         drop_stale_object(engine, storage, job_id, key)
         return "lost"
-    return "succeeded"
+    return JobStatus.SUCCEEDED.value
 
 
 def drop_stale_object(engine: Engine, storage: Storage, job_id: str, key: str) -> None:
@@ -275,7 +281,7 @@ def drop_stale_object(engine: Engine, storage: Storage, job_id: str, key: str) -
         ).scalar_one_or_none()
         has_result = conn.execute(select(results.c.id).where(results.c.job_id == job_id)).first() is not None
     log.warning("completion of job %s rejected (now %s); our attempt is stale", job_id, status)
-    if status in ("failed", "canceled") and not has_result:
+    if status in (JobStatus.FAILED, JobStatus.CANCELED) and not has_result:
         storage.delete(key)
 
 
@@ -290,13 +296,11 @@ class ComputedBatch:
     counts: dict[str, int]
 
 
-def compute_batch(
-    settings: Settings, engine: Engine, storage: Storage, rows: Sequence[RowMapping]
-) -> ComputedBatch:
+def compute_batch(settings: Settings, engine: Engine, storage: Storage, rows: Sequence[Job]) -> ComputedBatch:
     """Load the inputs (failing bad ones) and run the model call; the leases stay held until stored."""
-    task = str(rows[0]["task"])
+    task = rows[0].task
     counts: dict[str, int] = {}
-    claims = {str(r["id"]): int(r["attempt"]) for r in rows}
+    claims = {job.id: job.attempt for job in rows}
     keeper = LeaseKeeper(
         engine,
         claims,
@@ -306,17 +310,17 @@ def compute_batch(
     ).start()
     try:
         items: list[Item] = []
-        for row in rows:
-            item = Item(row)
+        for job in rows:
+            item = Item(job)
             started = time.monotonic()
             try:
-                image = load_image(engine, storage, row["upload_id"])
-                item.request = build_request(task, row, image)
+                image = load_image(engine, storage, job.upload_id)
+                item.request = build_request(task, job, image)
             except ValueError as exc:
                 with transaction(engine) as conn:
                     jobstate.fail_job(conn, item.job_id, item.attempt, code="invalid_input", message=str(exc))
                 keeper.release([item.job_id])
-                counts["failed"] = counts.get("failed", 0) + 1
+                counts[JobStatus.FAILED.value] = counts.get(JobStatus.FAILED.value, 0) + 1
                 continue
             item.input_s = time.monotonic() - started
             items.append(item)
@@ -334,12 +338,12 @@ def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: Compute
         for outcome in batch.outcomes:
             what = store_outcome(engine, storage, batch.keeper, outcome, worker_id)
             batch.keeper.release([outcome.item.job_id])
-            row = outcome.item.row
+            job = outcome.item.job
             log.info(
                 "job %s %s",
-                row["id"],
+                job.id,
                 what,
-                extra={"job_id": row["id"], "batch_id": row["batch_id"], "attempt": row["attempt"]},
+                extra={"job_id": job.id, "batch_id": job.batch_id, "attempt": job.attempt},
             )
             counts[what] = counts.get(what, 0) + 1
     finally:

@@ -29,7 +29,8 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
         unclaimed = take_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
     # After the commit: a worker woken now must see the jobs queued.
-    wakeups = publish_wakeups(publisher, [(r["task"], r["bucket"]) for r in [*requeued, *unclaimed]])
+    pairs = [(job.task.value, job.bucket) for job in requeued] + [(r["task"], r["bucket"]) for r in unclaimed]
+    wakeups = publish_wakeups(publisher, pairs)
     counts = {
         "requeued": len(requeued),
         "poisoned": len(poisoned),

@@ -13,9 +13,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task, shared_task
-from sqlalchemy import Engine, RowMapping
+from sqlalchemy import Engine
 
 from core.queue import TASK_PROCESS, publish_wakeups
+from core.records import Job
 from core.settings import Settings
 from core.webhooks import publish_delivery_kick
 from worker.batching import TRANSIENT_ERRORS, drain, release_claims
@@ -39,7 +40,7 @@ def app_resources(app: Celery) -> tuple[Settings, Any]:
     return settings, app
 
 
-def put_back(engine: Engine, rows: Sequence[RowMapping], exc: BaseException) -> None:
+def put_back(engine: Engine, rows: Sequence[Job], exc: BaseException) -> None:
     """Requeue the jobs of a batch hit by a transient error (those this worker still holds)."""
     log.warning("transient %s during a batch; putting its jobs back", exc.__class__.__name__)
     try:
@@ -58,9 +59,9 @@ class StoreBehind:
     def __init__(self, engine: Engine, store: Callable[[ComputedBatch], dict[str, int]]) -> None:
         self.engine, self.store = engine, store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexusgen-store")
-        self._pending: tuple[Future[dict[str, int]], Sequence[RowMapping]] | None = None
+        self._pending: tuple[Future[dict[str, int]], Sequence[Job]] | None = None
 
-    def submit(self, rows: Sequence[RowMapping], batch: ComputedBatch) -> None:
+    def submit(self, rows: Sequence[Job], batch: ComputedBatch) -> None:
         try:
             self.wait()
         except TRANSIENT_ERRORS as exc:  # the batch before failed: this one goes back too
@@ -108,7 +109,7 @@ def process(app: Celery, task: str, bucket: str | None) -> int:
 
     behind = StoreBehind(engine, store_and_announce)
 
-    def run_batch(rows: Sequence[RowMapping]) -> None:
+    def run_batch(rows: Sequence[Job]) -> None:
         try:
             computed = execute.compute_batch(settings, engine, storage, rows)
         except TRANSIENT_ERRORS as exc:

@@ -19,13 +19,13 @@ def _claim_and_finish(
     """Run the worker's side of the state machine for one job; return the stored image bytes."""
     with engine.begin() as conn:
         (row,) = claim_batch(conn, worker_id="t", tasks=[job["task"]], max_batch=1, lease_s=60, bucket=None)
-        assert row["id"] == job["id"]
+        assert row.id == job["id"]
         data = b""
         if text is not None:
             result = {"kind": "text", "text": text, "content_type": "text/plain", "sha256": None}
         else:
             data = png_bytes(256, 256)
-            key = result_key(row["tenant_id"], row["id"], "png")
+            key = result_key(row.tenant_id, row.id, "png")
             digest = storage.put_bytes(key, data, "image/png")
             result = {
                 "kind": "image",
@@ -36,7 +36,7 @@ def _claim_and_finish(
                 "width": 256,
                 "height": 256,
             }
-        assert complete_job(conn, row["id"], row["attempt"], provenance={"seed": 1}, result=result)
+        assert complete_job(conn, row.id, row.attempt, provenance={"seed": 1}, result=result)
     return data
 
 

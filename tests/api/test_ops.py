@@ -78,9 +78,7 @@ def test_latency_and_batch_size_histograms_of_finished_jobs(client: Any, acme: T
     for row, denoise_s in zip(rows, (0.3, 7.0), strict=True):
         with engine.begin() as conn:
             prov = {"batch_size": 2, "timings": {"denoise_s": denoise_s, "upload_s": 0.01}}
-            complete_job(
-                conn, row["id"], row["attempt"], provenance=prov, result={"kind": "text", "text": "t"}
-            )
+            complete_job(conn, row.id, row.attempt, provenance=prov, result={"kind": "text", "text": "t"})
     text = client.get("/metrics").get_data(as_text=True)
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

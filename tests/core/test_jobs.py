@@ -9,6 +9,7 @@ from sqlalchemy import Engine, func, select, text
 
 from core import jobs as sm
 from core.ids import new_id
+from core.records import JobStatus
 from core.schema import batches, jobs, tenants, webhook_deliveries, webhook_events
 
 PARAMS = {"width": 256, "height": 256, "steps": 2, "cfg_scale": 3.0, "guidance": 3.5, "seed": 1}
@@ -70,7 +71,7 @@ def test_claim_is_exclusive_under_concurrency(clean_db: Engine) -> None:
             if not rows:
                 return
             with lock:
-                claimed.extend(r["id"] for r in rows)
+                claimed.extend(r.id for r in rows)
 
     threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
     for t in threads:
@@ -89,9 +90,9 @@ def test_claim_groups_one_bucket_by_priority_then_age(clean_db: Engine) -> None:
         high = _jobs(conn, tenant_id, 2, priority=5)
     with clean_db.begin() as conn:
         rows = sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=8, lease_s=60)
-    assert [r["id"] for r in rows] == high + low
-    assert {r["bucket"] for r in rows} == {sm.bucket_key("generate", PARAMS)}
-    assert all(r["attempt"] == 1 and r["status"] == "running" for r in rows)
+    assert [r.id for r in rows] == high + low
+    assert {r.bucket for r in rows} == {sm.bucket_key("generate", PARAMS)}
+    assert all(r.attempt == 1 and r.status is JobStatus.RUNNING for r in rows)
 
 
 def test_stale_attempt_cannot_write_after_lease_expiry(clean_db: Engine) -> None:
@@ -101,17 +102,17 @@ def test_stale_attempt_cannot_write_after_lease_expiry(clean_db: Engine) -> None
         (row,) = sm.claim_batch(conn, worker_id="old", tasks=["generate"], max_batch=1, lease_s=-1)
     with clean_db.begin() as conn:
         requeued, failed = sm.expire_leases(conn, max_attempts=3)
-    assert [r["id"] for r in requeued] == [job_id] and failed == []
+    assert [r.id for r in requeued] == [job_id] and failed == []
     with clean_db.begin() as conn:
         (new,) = sm.claim_batch(conn, worker_id="new", tasks=["generate"], max_batch=1, lease_s=60)
-    assert new["attempt"] == 2
+    assert new.attempt == 2
     result = {"kind": "text", "text": "x"}
     with clean_db.begin() as conn:
-        assert sm.record_progress(conn, job_id, row["attempt"], stage="denoising") is sm.Ack.LOST
-        assert not sm.complete_job(conn, job_id, row["attempt"], provenance={}, result=result)
+        assert sm.record_progress(conn, job_id, row.attempt, stage="denoising") is sm.Ack.LOST
+        assert not sm.complete_job(conn, job_id, row.attempt, provenance={}, result=result)
     with clean_db.begin() as conn:
-        assert sm.complete_job(conn, job_id, new["attempt"], provenance={"a": 1}, result=result)
-        assert not sm.complete_job(conn, job_id, new["attempt"], provenance={}, result=result)
+        assert sm.complete_job(conn, job_id, new.attempt, provenance={"a": 1}, result=result)
+        assert not sm.complete_job(conn, job_id, new.attempt, provenance={}, result=result)
     assert _status(clean_db, job_id) == "succeeded"
 
 
@@ -123,7 +124,7 @@ def test_poison_job_fails_after_max_attempts(clean_db: Engine) -> None:
             sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=1, lease_s=-1)
         with clean_db.begin() as conn:
             requeued, failed = sm.expire_leases(conn, max_attempts=2)
-    assert failed and failed[0]["error_code"] == "poison_job"
+    assert failed and failed[0].error_code == "poison_job"
     assert _status(clean_db, job_id) == "failed"
 
 
@@ -137,14 +138,14 @@ def test_batch_completed_announced_exactly_once(clean_db: Engine) -> None:
     with clean_db.begin() as conn:
         rows = sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=3, lease_s=60)
     with clean_db.begin() as conn:
-        assert sm.cancel_job(conn, tenant_id, ids[2])["cancel_requested"]
+        assert sm.cancel_job(conn, tenant_id, ids[2]).cancel_requested  # type: ignore[union-attr]
     with clean_db.begin() as conn:
-        sm.fail_job(conn, ids[1], rows[1]["attempt"], code="bad", message="m")
-        sm.mark_canceled(conn, ids[2], rows[2]["attempt"])
+        sm.fail_job(conn, ids[1], rows[1].attempt, code="bad", message="m")
+        sm.mark_canceled(conn, ids[2], rows[2].attempt)
     with clean_db.connect() as conn:
         assert conn.execute(select(batches.c.completed_at).where(batches.c.id == batch_id)).scalar() is None
     with clean_db.begin() as conn:
-        sm.complete_job(conn, ids[0], rows[0]["attempt"], provenance={}, result={"kind": "text", "text": "t"})
+        sm.complete_job(conn, ids[0], rows[0].attempt, provenance={}, result={"kind": "text", "text": "t"})
     with clean_db.connect() as conn:
         types = sorted(conn.execute(select(webhook_events.c.type)).scalars())
         deliveries = conn.execute(select(func.count()).select_from(webhook_deliveries)).scalar()
@@ -157,14 +158,14 @@ def test_cancel_queued_job_never_starts_and_unclaimed_jobs_are_republished(clean
         tenant_id = _tenant(conn)
         a, b = _jobs(conn, tenant_id, 2)
     with clean_db.begin() as conn:
-        assert sm.cancel_job(conn, tenant_id, a)["status"] == "canceled"
+        assert sm.cancel_job(conn, tenant_id, a).status is JobStatus.CANCELED  # type: ignore[union-attr]
         assert sm.cancel_job(conn, "ten_other", b) is None  # another tenant's job is invisible
     with clean_db.begin() as conn:
         stale = sm.take_unclaimed(conn, older_than_s=-1)
     assert [r["id"] for r in stale] == [b]
     with clean_db.begin() as conn:
         rows = sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=8, lease_s=60)
-    assert [r["id"] for r in rows] == [b]
+    assert [r.id for r in rows] == [b]
 
 
 def test_sweeper_purges_expired_idempotency_keys(clean_db: Engine) -> None:

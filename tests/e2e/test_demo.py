@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,5 +36,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert len(texts) == 2  # the tiny random model may answer with an empty text
     sheet = (out / "index.html").read_text(encoding="utf-8")
     assert "一只在竹林里" in sheet and sheet.count("<figure>") == 8
+    header = sheet[sheet.index("<header>") : sheet.index("</header>")]
+    batch_id = re.search(r"batch (bat_\w+)", result.stderr).group(1)  # type: ignore[union-attr]
+    assert batch_id in header and "8/8 succeeded" in header
+    assert "after submission" in header and "0 rejected; every expected event arrived" in header
+    assert "tiny random checkpoint" in header  # the reader is told why the pictures are noise
+    assert sheet.count('<div class="pair"><img src="input-') == 5  # 3 edits, 2 understandings
     assert "8/8 jobs succeeded" in result.stderr and "0 rejected" in result.stderr
     assert not (tmp_path / ".nexusgen" / "up.json").exists()  # the stack was shut down

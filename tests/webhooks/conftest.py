@@ -91,8 +91,8 @@ def start_job(
             )
         )
         (claimed,) = claim_batch(conn, worker_id="test", tasks=["generate"], max_batch=1, lease_s=60)
-    assert claimed["id"] == job_id
-    return job_id, int(claimed["attempt"])
+    assert claimed.id == job_id
+    return job_id, claimed.attempt
 
 
 def succeed_job(engine: Any, job_id: str, attempt: int, tenant_id: str) -> None:

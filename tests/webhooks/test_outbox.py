@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from core.jobs import record_progress
+from core.records import Job
 from core.schema import jobs, webhook_deliveries, webhook_events
 from core.webhooks import enqueue_progress_event
 from tests.webhooks.conftest import start_job
@@ -85,8 +86,8 @@ def test_progress_events_only_when_asked_and_throttled(engine: Any, tenant: Any)
         with engine.begin() as conn:
             record_progress(conn, job_id, attempt, stage="denoising", step=step, total_steps=4)
     with engine.begin() as conn:
-        job = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one()
-        assert enqueue_progress_event(conn, job, "decoding", None, None) is None  # still within the interval
+        job = Job.from_row(conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one())
+        assert enqueue_progress_event(conn, job) is None  # still within the interval
         rows = conn.execute(select(webhook_events).order_by(webhook_events.c.id)).mappings().all()
     assert [(r["type"], r["job_id"]) for r in rows] == [("job.progress", job_id)]
     data = rows[0]["payload"]["data"]

@@ -23,7 +23,7 @@ from worker.sweeper import sweep
 def claim(engine: Engine, max_batch: int, lease_s: float = 60, worker: str = "w") -> list[str]:
     with transaction(engine) as conn:
         rows = claim_batch(conn, worker_id=worker, tasks=["generate"], max_batch=max_batch, lease_s=lease_s)
-    return [r["id"] for r in rows]
+    return [r.id for r in rows]
 
 
 def test_claim_takes_priority_then_age_across_tenants(engine: Engine, tenant: str) -> None:
@@ -54,12 +54,12 @@ def test_gathering_window_waits_for_batch_mates(engine: Engine, tenant: str, set
     time.sleep(0.4)
     mates = [insert_job(engine, tenant, "generate")[0] for _ in range(2)]
     thread.join(timeout=10)
-    assert [r["id"] for r in claimed] == [first, *mates]
+    assert [r.id for r in claimed] == [first, *mates]
     assert time.monotonic() - started >= 1.0  # it waited for the window, not just the first job
 
     full = [insert_job(engine, tenant, "generate")[0] for _ in range(4)]
     started = time.monotonic()
-    assert [r["id"] for r in gather_and_claim(engine, windowed, "w", "generate", None)] == full
+    assert [r.id for r in gather_and_claim(engine, windowed, "w", "generate", None)] == full
     assert time.monotonic() - started < 1.0  # a full bucket is claimed at once
 
 
@@ -68,7 +68,7 @@ def test_drain_runs_every_bucket_of_its_task_only(engine: Engine, tenant: str, s
     gen = [insert_job(engine, tenant, "generate", steps=s)[0] for s in (2, 2, 2, 3)]
     other = insert_job(engine, tenant, "understand")[0]
     batches: list[list[str]] = []
-    claimed = drain(engine, cfg, "w", "generate", None, lambda rows: batches.append([r["id"] for r in rows]))
+    claimed = drain(engine, cfg, "w", "generate", None, lambda rows: batches.append([r.id for r in rows]))
     assert claimed == 4
     assert batches == [gen[:2], [gen[2]], [gen[3]]]
     assert job_rows(engine, [other])[other]["status"] == "queued"
@@ -116,7 +116,7 @@ def test_canceled_job_whose_worker_died_ends_canceled_not_queued(engine: Engine,
     job, _ = insert_job(engine, tenant, "generate")
     assert claim(engine, max_batch=1, lease_s=0.2) == [job]
     with transaction(engine) as conn:
-        assert cancel_job(conn, tenant, job)["status"] == "running"  # type: ignore[index]
+        assert cancel_job(conn, tenant, job).status == "running"  # type: ignore[union-attr]
     time.sleep(0.4)
     with transaction(engine) as conn:
         requeued, failed = expire_leases(conn, max_attempts=3)
@@ -138,8 +138,8 @@ def test_stale_attempt_writes_nothing(
     with transaction(engine) as conn:
         expire_leases(conn, max_attempts=3)
         (new,) = claim_batch(conn, worker_id="new", tasks=["understand"], max_batch=1, lease_s=60)
-    assert new["attempt"] == old["attempt"] + 1
-    keeper = LeaseKeeper(engine, {job: old["attempt"]}, lease_s=60, heartbeat_s=60, progress_interval_s=0)
+    assert new.attempt == old.attempt + 1
+    keeper = LeaseKeeper(engine, {job: old.attempt}, lease_s=60, heartbeat_s=60, progress_interval_s=0)
     outcome = Outcome(Item(old), Result(text="late"), batch_size=1)
     assert store_outcome(engine, storage, keeper, outcome, "old") == "lost"
     assert storage.list_keys(f"tenants/{tenant}/jobs/{job}/") == []

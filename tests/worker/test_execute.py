@@ -11,6 +11,8 @@ from sqlalchemy import Engine
 
 from core.db import transaction
 from core.jobs import claim_batch
+from core.records import Job
+from core.schema import jobs
 from core.settings import Settings
 from model.requests import GenerateRequest, RequestError, Result
 from tests.worker.support import insert_job, job_rows
@@ -38,10 +40,12 @@ class PickyModel:
 
 
 def items(n: int) -> list[Item]:
+    blank = dict.fromkeys(jobs.c.keys())
     rows = [
-        {"id": f"job_{i}", "attempt": 1, "params": {}, "task": "generate", "bucket": "b"} for i in range(n)
+        {**blank, "id": f"job_{i}", "attempt": 1, "task": "generate", "status": "running", "bucket": "b"}
+        for i in range(n)
     ]
-    return [Item(row, GenerateRequest(prompt=f"p{i}", seed=i)) for i, row in enumerate(rows)]  # type: ignore[arg-type]
+    return [Item(Job.from_row(row), GenerateRequest(prompt=f"p{i}", seed=i)) for i, row in enumerate(rows)]
 
 
 @pytest.fixture
@@ -86,7 +90,7 @@ def test_storage_outage_puts_the_batch_back_for_a_retry(
     assert all("transient error" in r["error_message"] for r in rows.values())
     with transaction(engine) as conn:  # and the next claim takes them again
         again = claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=4, lease_s=60)
-    assert sorted(r["id"] for r in again) == sorted(ids)
+    assert sorted(r.id for r in again) == sorted(ids)
 
 
 def test_worker_serves_only_its_task_families(engine: Engine, tenant: str, settings: Settings) -> None:

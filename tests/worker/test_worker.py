@@ -116,7 +116,7 @@ def test_cancel_while_queued_never_starts(
     canceled, bucket = insert_job(engine, tenant, "generate", "never", seed=7)
     kept, _ = insert_job(engine, tenant, "generate", "kept", seed=8)
     with transaction(engine) as conn:
-        assert cancel_job(conn, tenant, canceled)["status"] == "canceled"  # type: ignore[index]
+        assert cancel_job(conn, tenant, canceled).status == "canceled"  # type: ignore[union-attr]
     publish(cfg, [("generate", bucket)])
     rows = wait_for(engine, [kept], timeout_s=60)
     assert rows[kept]["status"] == "succeeded"
@@ -146,7 +146,7 @@ def test_cancel_while_running_stops_at_a_step_and_mates_finish(
     assert seen["stage"] == "denoising" and seen["total_steps"] == steps, worker.tail()
     assert 0.15 < seen["progress"] < 0.9
     with transaction(engine) as conn:
-        assert cancel_job(conn, tenant, victim)["status"] == "running"  # type: ignore[index]
+        assert cancel_job(conn, tenant, victim).status == "running"  # type: ignore[union-attr]
     rows = wait_for(engine, ids, timeout_s=90)
     assert rows[victim]["status"] == "canceled"
     assert 2 <= rows[victim]["step"] < steps  # stopped at a step boundary, not at the end
