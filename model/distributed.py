@@ -65,6 +65,19 @@ def init_tensor_parallel(rank: int, world: int, port: int, device: str, timeout_
     )
 
 
+def bound_collectives(timeout_s: float) -> None:
+    """Give every process group the timeout, also those DeepSpeed created while sharding the model.
+
+    `new_group` defaults to 30 minutes (gloo) whatever the world's timeout; a hung rank would hold
+    the others that long. There is no public setter, hence torch's `_set_pg_timeout`.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
 def shared_decision(decide: Callable[[int], bool] | None, leader: bool) -> Callable[[int], bool]:
     """A `should_cancel` that every rank calls at the same points: rank 0's answer, broadcast."""
     import torch.distributed as tdist

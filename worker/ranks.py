@@ -27,7 +27,14 @@ import torch
 
 from core.device_memory import publish_device_memory
 from core.settings import Settings
-from model.distributed import Lockstep, RankFailure, device_memory, follow, init_tensor_parallel
+from model.distributed import (
+    Lockstep,
+    RankFailure,
+    bound_collectives,
+    device_memory,
+    follow,
+    init_tensor_parallel,
+)
 from model.pipeline import NexusGen, parse_dtype
 
 log = logging.getLogger(__name__)
@@ -82,7 +89,7 @@ def build_model(settings: Settings, device: str, rank: int = 0) -> NexusGen:
     if not settings.model_dir:
         raise RuntimeError("not configured: NEXUSGEN_MODEL_DIR")
     check_plan(settings, rank, device)
-    return NexusGen.from_pretrained(
+    model = NexusGen.from_pretrained(
         settings.model_dir,
         device=device,
         dtype=settings.dtype,
@@ -92,6 +99,9 @@ def build_model(settings: Settings, device: str, rank: int = 0) -> NexusGen:
         edit_decoders=settings.edit_decoders,
         resident_text_encoders=settings.resident_text_encoders,
     )
+    if settings.tp_world > 1:
+        bound_collectives(settings.tp_timeout_s)
+    return model
 
 
 def _free_port() -> int:
