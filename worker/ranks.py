@@ -44,6 +44,10 @@ EXIT_RANK_FAILED = 3
 LOAD_TIMEOUT_S = 1800.0  # the real stack takes minutes to load; a rank silent longer than this is lost
 
 
+class PlanDoesNotFit(RuntimeError):
+    """The memory plan exceeds a device's free memory: the worker refuses to start."""
+
+
 def rank_devices(settings: Settings) -> list[str]:
     """The device of each rank: the listed ones, or rank r on `cuda:r` / the CPU for a lone entry."""
     world, listed = settings.tp_world, list(settings.devices)
@@ -78,7 +82,7 @@ def check_plan(settings: Settings, rank: int, device: str) -> None:
     # text encoders kept in host memory visit the device for a call: leave room for the largest
     need = plan.devices[rank].total_bytes + max(plan.host_components.values(), default=0)
     if need > free:
-        raise RuntimeError(
+        raise PlanDoesNotFit(
             f"the memory plan needs {need / 2**30:.1f} GiB on {device} but only {free / 2**30:.1f} GiB are "
             "free; serve fewer tasks (NEXUSGEN_TASKS), add devices (NEXUSGEN_TP_SIZE) or use fp8 DiTs"
         )
@@ -234,9 +238,8 @@ def _open_model(settings: Settings, device: str) -> Any:
     if settings.tp_world == 1:
         try:
             return build_model(settings, device)
-        except RuntimeError as exc:
-            if "memory plan" in str(exc):
-                exit_worker(str(exc))
+        except PlanDoesNotFit as exc:
+            exit_worker(str(exc))
             raise
     ranks = Ranks(settings)
     try:

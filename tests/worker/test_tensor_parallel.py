@@ -40,7 +40,7 @@ def cfg(settings: Settings) -> Settings:
         tp_timeout_s=30,
         max_batch=8,
         batch_window_s=0.5,
-        lease_s=4,
+        lease_s=30,  # long enough for a loaded CPU; the killed worker below holds 4 s leases
         heartbeat_s=0.5,
         progress_interval_s=0.1,
         requeue_after_s=0,
@@ -228,12 +228,12 @@ def test_killed_rank_ends_the_worker_and_a_restart_completes_every_job_once(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     client, headers = api
-    worker = start_worker(cfg, "tp2-kill")
+    worker = start_worker(cfg.with_overrides(lease_s=4), "tp2-kill")  # its jobs come back 4 s after it dies
     jobs = [
         {
             "task": "generate",
             "prompt": f"job {i}",
-            "params": {**SMALL, "steps": 40, "seed": i},
+            "params": {**SMALL, "steps": 12, "seed": i},
             "metadata": {"key": str(i)},
         }
         for i in range(3)
@@ -253,7 +253,7 @@ def test_killed_rank_ends_the_worker_and_a_restart_completes_every_job_once(
 
     restarted = start_worker(cfg, "tp2-restarted")
     publisher = make_publisher(cfg)
-    rows = wait_for(engine, ids, timeout_s=300, between=lambda: sweep(engine, publisher, cfg))
+    rows = wait_for(engine, ids, timeout_s=600, between=lambda: sweep(engine, publisher, cfg))
     assert {r["status"] for r in rows.values()} == {"succeeded"}, restarted.tail()
     assert {r["attempt"] for r in rows.values()} == {2}
     results = result_rows(engine, ids)
@@ -264,7 +264,8 @@ def test_killed_rank_ends_the_worker_and_a_restart_completes_every_job_once(
     print(f"rank 1 killed -> worker exited {code} after {took:.1f}s (timeout {cfg.tp_timeout_s}s)")
 
     # a hung rank (stopped, still alive): rank 0's collective times out and the worker exits the same way
-    more = submit(client, headers, [{**jobs[0], "metadata": {"key": "hang"}}])
+    hang_job = {**jobs[0], "params": {**SMALL, "steps": 40, "seed": 9}, "metadata": {"key": "hang"}}
+    more = submit(client, headers, [hang_job])
     wait_for_denoising(engine, more)
     hung = rank_process(restarted, 1)
     hung.suspend()
