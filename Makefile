@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench demo up clean
+.PHONY: install test lint bench demo up clean chaos
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Every fault scenario against real processes (several minutes); prints the table of figures.
+chaos: install
+	NEXUSGEN_CHAOS=full $(BIN)/python -m pytest -m chaos -s -q tests/chaos
 
 lint: install
 	$(BIN)/ruff format --check .

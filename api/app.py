@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import weakref
 
 from apiflask import APIFlask
@@ -34,21 +33,20 @@ def create_app(settings: Settings | None = None) -> APIFlask:
         SERVERS=[{"url": settings.public_base_url}],
     )
     services = Services(
-        settings=settings, engine=make_engine(settings), storage=Storage.from_settings(settings)
+        settings=settings,
+        engine=make_engine(settings),
+        reader=make_engine(settings, autocommit=True),
+        storage=Storage.from_settings(settings),
     )
     app.extensions["nexusgen"] = services
 
-    from api import batches, docs, jobs, ops, uploads
+    from api import batches, docs, jobs, ops, uploads, webhooks
 
     docs.configure_docs(app)
 
     app.extensions["nexusgen_metrics"] = ops.make_registry(services.engine, settings)
-    for module in (uploads, jobs, batches, ops):
+    for module in (uploads, jobs, batches, ops, webhooks):
         app.register_blueprint(module.bp)
-    if importlib.util.find_spec("api.webhooks") is not None:  # helper H's blueprint (delivery log, redeliver)
-        from api import webhooks
-
-        app.register_blueprint(webhooks.bp)
     register_error_handlers(app)
     _close_on_teardown(app, services)
     return app
@@ -57,3 +55,4 @@ def create_app(settings: Settings | None = None) -> APIFlask:
 def _close_on_teardown(app: APIFlask, services: Services) -> None:
     """Give the pool back when the app object goes away (tests build many apps)."""
     weakref.finalize(app, services.engine.dispose)
+    weakref.finalize(app, services.reader.dispose)

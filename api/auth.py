@@ -30,7 +30,7 @@ def _verify(token: str) -> Principal | None:
         hit = _cache.get(digest)
     if hit is not None and hit[0] > now:
         return hit[1]
-    with services().engine.connect() as conn:
+    with services().reader.connect() as conn:
         principal = authenticate(conn, token)
     if principal is not None:  # unknown keys are not cached: a key created a moment later must work
         with _cache_lock:

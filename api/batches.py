@@ -14,7 +14,7 @@ from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
-from api.jobs import load_owned, parse_json_body, render_jobs, require_id
+from api.jobs import load_owned, parse_json_body, render_jobs, require_content_type, require_id
 from api.schemas import BatchIn, BatchOut, BatchQuery, describes_body
 from core.ids import new_id
 from core.ingest import insert_jobs, missing_uploads, parse_jsonl, store_pending_uploads, validate_many
@@ -22,7 +22,7 @@ from core.jobs import cancel_batch, count_by_status
 from core.records import JOB_RESULT_LINE_FIELDS, Batch, Job, JobStatus, batch_payload
 from core.schema import batches, jobs
 from core.settings import Settings
-from core.submit import JobDraft, SubmitError, check_metadata, parse_webhook
+from core.submit import JobDraft, SubmitError, check_metadata, parse_json, parse_webhook
 
 bp = APIBlueprint("batches", __name__, tag="Batches")
 
@@ -50,7 +50,7 @@ def batch_options(query: dict[str, Any]) -> tuple[dict[str, Any] | None, Any]:
     metadata = None
     if query.get("metadata") is not None:
         try:
-            metadata = json.loads(query["metadata"])
+            metadata = parse_json(query["metadata"])
         except ValueError as exc:
             raise SubmitError("invalid_metadata", f"the metadata parameter is not JSON: {exc}") from exc
         if metadata is None:
@@ -115,7 +115,7 @@ def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> Batch:
 @bp.input(BatchQuery, location="query", arg_name="query")
 @describes_body(BatchIn)
 @bp.output(BatchOut, status_code=201, description="The batch with its job counts.")
-@bp.doc(responses=[400, 409, 413, 422])
+@bp.doc(responses=[400, 409, 413, 415, 422, 503])
 def create_batch(query: dict[str, Any]) -> Response:
     """Submit many jobs: JSON `{jobs, webhook, metadata}` or JSONL (`application/x-ndjson`, one job a line,
     each with a unique custom_id). A JSONL batch takes its webhook and metadata as query parameters
@@ -123,6 +123,7 @@ def create_batch(query: dict[str, Any]) -> Response:
     422 naming every bad line, and nothing is created."""
     principal = current_principal()
     svc = services()
+    require_content_type(*JSONL_TYPES)
 
     def work(conn: Connection) -> Created:
         drafts, metadata, (url, events) = _parse_batch(conn, principal.tenant_id, svc.settings, query)
@@ -160,7 +161,7 @@ def create_batch(query: dict[str, Any]) -> Response:
 def get_batch(batch_id: str) -> Response:
     """A batch and its job counts by status."""
     principal = current_principal()
-    with services().engine.connect() as conn:
+    with services().reader.connect() as conn:
         batch = _load_batch(conn, principal.tenant_id, batch_id)
         return jsonify(batch_payload(batch, count_by_status(conn, batch_id)))
 

@@ -24,6 +24,7 @@ class Services:
     settings: Settings
     engine: Engine
     storage: Storage
+    reader: Engine  # autocommit, for the reads of GET requests (core.db.make_engine)
     _publisher: Celery | None = field(default=None, repr=False)
 
     def publisher(self) -> Celery:

@@ -6,16 +6,26 @@ the error processor below; our own input errors (SubmitError, ImageError, ...) m
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NoReturn
 
 from apiflask import APIFlask, HTTPError
 from flask import Response, jsonify
-from sqlalchemy.exc import DataError
+from kombu.exceptions import KombuError
+from kombu.exceptions import OperationalError as BrokerError
+from minio.error import MinioException
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
+from urllib3.exceptions import HTTPError as Urllib3Error
 from werkzeug.datastructures import Headers
 
 from core.idempotency import IdempotencyConflict
 from core.images import ImageError
 from core.submit import SubmitError
+
+log = logging.getLogger("nexusgen.api")
+
+# An outage of a backing service is not the client's fault and not ours to hide: 503, retry shortly.
+RETRY_AFTER_S = 5
 
 DEFAULT_CODES = {
     400: "bad_request",
@@ -58,7 +68,44 @@ def error_response(status: int, code: str, message: str, details: Any = None) ->
     return response
 
 
+def unavailable(code: str, message: str) -> Response:
+    """503 with Retry-After: a backing service (database, storage, broker) does not answer."""
+    response = error_response(503, code, message)
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
 def register_error_handlers(app: APIFlask) -> None:
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    def _database_down(error: Exception) -> Response:
+        log.warning("database unavailable: %s", str(error).splitlines()[0][:300])
+        return unavailable("database_unavailable", "the database is unavailable; retry shortly")
+
+    @app.errorhandler(MinioException)
+    @app.errorhandler(Urllib3Error)
+    def _storage_down(error: Exception) -> Response:
+        log.warning("object storage unavailable: %s", str(error)[:300])
+        return unavailable("storage_unavailable", "object storage is unavailable; retry shortly")
+
+    @app.errorhandler(BrokerError)
+    @app.errorhandler(KombuError)
+    def _broker_down(error: Exception) -> Response:
+        log.warning("broker unavailable: %s", str(error)[:300])
+        return unavailable("broker_unavailable", "the message broker is unavailable; retry shortly")
+
+    @app.errorhandler(IntegrityError)
+    def _integrity(error: IntegrityError) -> Response:
+        # The key's tenant was removed while its lookup was cached: the key no longer exists.
+        if "tenant_id" in str(error.orig):
+            from api.auth import clear_cache
+
+            clear_cache()
+            response = error_response(401, "unauthorized", "this API key's tenant no longer exists")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="nexusgen"'
+            return response
+        return error_response(409, "conflict", "the request conflicts with the current state; retry it")
+
     @app.error_processor
     def _apiflask_error(error: HTTPError) -> Response:
         code = (error.extra_data or {}).get("code") or DEFAULT_CODES.get(error.status_code, "error")

@@ -34,7 +34,7 @@ from core.records import (
     result_payload,
 )
 from core.schema import batches, jobs, results
-from core.submit import SubmitError, validate_job
+from core.submit import SubmitError, parse_json, validate_job
 
 bp = APIBlueprint("jobs", __name__, tag="Jobs")
 
@@ -49,10 +49,19 @@ def require_id(value: str, kind: str) -> str:
     return value
 
 
+def require_content_type(*extra: str) -> None:
+    """415 unless the body is declared JSON (`application/json`, `...+json`) or one of `extra`."""
+    mimetype = request.mimetype
+    if not mimetype or mimetype == "application/json" or mimetype.endswith("+json") or mimetype in extra:
+        return
+    accepted = ", ".join(("application/json", *extra))
+    fail(415, "unsupported_media_type", f"send the body as {accepted}, not {mimetype}")
+
+
 def parse_json_body() -> Any:
     """The request body as JSON, or a 400 `invalid_json` answer."""
     try:
-        return json.loads(request.get_data(cache=True))
+        return parse_json(request.get_data(cache=True))
     except (UnicodeDecodeError, ValueError) as exc:
         fail(400, "invalid_json", f"the body is not valid JSON: {exc}")
 
@@ -105,11 +114,12 @@ def load_job(conn: Connection, tenant_id: str, job_id: str) -> Job:
 @bp.auth_required(auth, roles=["submit"])
 @describes_body(JobIn)
 @bp.output(JobOut, status_code=201, description="The queued job.")
-@bp.doc(responses=[400, 409, 413, 422])
+@bp.doc(responses=[400, 409, 413, 415, 422, 503])
 def create_job() -> Response:
     """Submit one job; send an Idempotency-Key header to make retries safe."""
     principal = current_principal()
     svc = services()
+    require_content_type()
     body = request.get_data(cache=True)
 
     def work(conn: Connection) -> Created:
@@ -134,7 +144,7 @@ def create_job() -> Response:
 def get_job(job_id: str) -> Response:
     """A job: status, stage, progress, result link, provenance and error."""
     principal = current_principal()
-    with services().engine.connect() as conn:
+    with services().reader.connect() as conn:
         job = load_job(conn, principal.tenant_id, job_id)
         return jsonify(render_jobs(conn, [job])[0])
 
@@ -145,7 +155,7 @@ def encode_cursor(created_at: datetime, job_id: str) -> str:
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
-        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        created, job_id = parse_json(base64.urlsafe_b64decode(cursor.encode()))
         return datetime.fromisoformat(created), require_id(str(job_id), "cursor position")
     except (binascii.Error, UnicodeError, ValueError, TypeError) as exc:
         fail(400, "invalid_cursor", f"the cursor is not one this API gave out: {exc}")
@@ -161,7 +171,7 @@ def list_jobs(query: dict[str, Any]) -> Response:
     principal = current_principal()
     limit = query["limit"]
     stmt = select(jobs).where(jobs.c.tenant_id == principal.tenant_id)
-    with services().engine.connect() as conn:
+    with services().reader.connect() as conn:
         if query.get("batch_id"):
             require_id(query["batch_id"], "batch")
             owned = conn.execute(
@@ -211,7 +221,7 @@ def get_result(job_id: str) -> BaseResponse:
     """The result: a redirect to the image, or the text of an understand job."""
     principal = current_principal()
     svc = services()
-    with svc.engine.connect() as conn:
+    with svc.reader.connect() as conn:
         job = load_job(conn, principal.tenant_id, job_id)
         if not job.status.terminal:
             fail(409, "not_ready", f"the job is {job.status}; its result is not ready")

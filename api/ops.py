@@ -16,17 +16,28 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.context import services
 from api.metrics import RecentJobsCollector
+from core.counts import tally
 from core.device_memory import FIELDS as DEVICE_MEMORY_FIELDS
 from core.device_memory import read_device_memory
 from core.records import TASKS, DeliveryStatus, JobStatus
-from core.schema import jobs, webhook_deliveries
+from core.schema import webhook_deliveries
 from core.settings import Settings
 
 bp = APIBlueprint("ops", __name__, tag="Operations")
 
 
+# The longest wait of a task's queued jobs: the first entry of ix_jobs_queued_since.
+_OLDEST = text(
+    "SELECT extract(epoch FROM now() - min(enqueued_at)) FROM jobs WHERE status = 'queued' AND task = :task"
+)
+
+
 class DatabaseCollector:
-    """Gauges computed from the database at scrape time, so every API process reports the same truth."""
+    """Gauges read from the database at scrape time, so every API process reports the same truth.
+
+    Job counts come from the counters (core.counts), never from a count over job rows, so a scrape costs
+    the same at any depth.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -50,22 +61,11 @@ class DatabaseCollector:
         up = GaugeMetricFamily("nexusgen_metrics_database_up", "1 if the database answered this scrape.")
         try:
             with self.engine.connect() as conn:
-                counts = {
-                    (t, s): n
-                    for t, s, n in conn.execute(
-                        select(jobs.c.task, jobs.c.status, func.count()).group_by(jobs.c.task, jobs.c.status)
-                    )
-                }
-                queued = conn.execute(
-                    select(jobs.c.task, jobs.c.bucket, jobs.c.priority, func.count())
-                    .where(jobs.c.status == JobStatus.QUEUED)
-                    .group_by(jobs.c.task, jobs.c.bucket, jobs.c.priority)
-                ).all()
-                ages = conn.execute(
-                    select(jobs.c.task, func.extract("epoch", func.now() - func.min(jobs.c.enqueued_at)))
-                    .where(jobs.c.status == JobStatus.QUEUED)
-                    .group_by(jobs.c.task)
-                ).all()
+                counts, queued = tally(conn)
+                ages = [
+                    (task, conn.execute(_OLDEST, {"task": task}).scalar())
+                    for task in sorted({t for t, _, _ in queued})
+                ]
                 delivered: dict[str, int] = {
                     status: int(n)
                     for status, n in conn.execute(
@@ -83,7 +83,7 @@ class DatabaseCollector:
         for task in tasks:
             for status in JobStatus:
                 by_status.add_metric([task, status.value], counts.get((task, status), 0))
-        for task, bucket, priority, n in queued:
+        for (task, bucket, priority), n in sorted(queued.items()):
             depth.add_metric([task, bucket, str(priority)], n)
         for task, age in ages:
             oldest.add_metric([task], float(age or 0))

@@ -46,6 +46,12 @@ class ParamsIn(Schema):
     decoder = String(validate=OneOf(["edit", "generation"]), metadata={"description": "edit jobs only"})
     language = String(validate=OneOf(["en", "zh"]))
     negative_prompt = String()
+    cache_threshold = Float(
+        metadata={
+            "description": "step cache (TeaCache) threshold 0..1, generate and edit (default 0 = off); "
+            "higher skips more DiT steps: faster, further from the uncached image"
+        }
+    )
     max_new_tokens = Integer(metadata={"description": "understand jobs only, 1..4096 (default 1024)"})
 
 
@@ -88,7 +94,7 @@ class UploadIn(Schema):
 
 class JobListQuery(Schema):
     batch_id = String()
-    status = String(validate=OneOf(list(JobStatus)))
+    status = String(validate=OneOf([s.value for s in JobStatus]))
     cursor = String()
     limit = Integer(load_default=100, validate=Range(1, 1000))
 
@@ -134,13 +140,15 @@ class JobOut(Schema):
     batch_id = String(allow_none=True)
     custom_id = String(allow_none=True)
     task = String()
-    status = String(validate=OneOf(list(JobStatus)))
+    status = String(validate=OneOf([s.value for s in JobStatus]))
     stage = String()
     progress = Nested(ProgressOut)
     priority = Integer()
     params = Dict()
     metadata = Dict()
     attempt = Integer()
+    worker_losses = Integer()
+    put_backs = Integer()
     created_at = DateTime()
     started_at = DateTime(allow_none=True)
     finished_at = DateTime(allow_none=True)

@@ -10,31 +10,49 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from psycopg.types.json import Jsonb
+import orjson
 from sqlalchemy import Connection, select
 
 from core.ids import new_id
 from core.schema import uploads
 from core.settings import Settings
 from core.storage import Storage, upload_key
-from core.submit import JobDraft, SubmitError, validate_job
+from core.submit import JobDraft, SubmitError, parse_json, validate_job
 
 INSERT_CHUNK = 1000
 _JSONB_COLUMNS = frozenset({"params", "metadata"})
 
 
 def parse_jsonl(body: bytes) -> tuple[list[tuple[int, Any]], list[dict[str, Any]]]:
-    """Split a JSONL body into (line number, value) pairs and per-line parse errors; skip blank lines."""
+    """Split a JSONL body into (line number, value) pairs and per-line parse errors; skip blank lines.
+
+    orjson parses a line in about a quarter of json.loads' time; a line orjson refuses goes to json.loads,
+    so what is accepted (NaN, integers past 64 bits, lone surrogates) and every error stay as they were
+    (core.submit.parse_json).
+    """
     items: list[tuple[int, Any]] = []
     errors: list[dict[str, Any]] = []
     for number, raw in enumerate(body.split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
-            items.append((number, json.loads(raw)))
+            items.append((number, orjson.loads(raw)))
+            continue
+        except orjson.JSONDecodeError:
+            pass
+        try:
+            items.append((number, parse_json(raw)))
         except (UnicodeDecodeError, ValueError) as exc:
             errors.append({"line": number, "code": "invalid_json", "message": f"not valid JSON: {exc}"})
     return items, errors
+
+
+def _json_text(value: Any) -> str:
+    """A JSON document for a jsonb column of COPY (orjson; json for what orjson cannot write)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # e.g. an integer past 64 bits in metadata
+        return json.dumps(value)
 
 
 def validate_many(
@@ -158,5 +176,5 @@ def insert_jobs(
     with driver.cursor() as cursor, cursor.copy(f"COPY jobs ({', '.join(columns)}) FROM STDIN") as copy:
         for draft, job_id in zip(drafts, ids, strict=True):
             row = job_row(tenant_id, batch_id, draft, job_id)
-            copy.write_row([Jsonb(row[c]) if c in _JSONB_COLUMNS else row[c] for c in columns])
+            copy.write_row([_json_text(row[c]) if c in _JSONB_COLUMNS else row[c] for c in columns])
     return {(d.task, d.bucket) for d in drafts}

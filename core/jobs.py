@@ -14,6 +14,8 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping, and_, exists, func, select, update
 
+from core.counts import queued_tasks
+from core.fair_share import Group, Head, fill_order, oldest_ids, queue_head, turn_taken
 from core.ids import new_id
 from core.records import (
     ACTIVE_STATUSES,
@@ -32,14 +34,17 @@ from core.webhooks import enqueue_event, enqueue_progress_event
 
 
 def bucket_key(task: str, params: dict[str, Any]) -> str:
-    """Jobs with equal keys can share one model call: task, decoder, output size, steps, cfg and guidance."""
+    """Jobs with equal keys can share one model call: task, decoder, output size, steps, cfg, guidance
+    and step-cache threshold (named only when on, so keys of jobs without it stay as they were)."""
     if task == Task.UNDERSTAND:
         return f"understand|{params.get('max_new_tokens', 1024)}"
     decoder = params.get("decoder", "generation") if task == Task.EDIT else "generation"
-    return (
+    key = (
         f"{task}|{decoder}|{params['width']}x{params['height']}|{params['steps']}"
         f"|{float(params['cfg_scale']):g}|{float(params['guidance']):g}"
     )
+    threshold = float(params.get("cache_threshold") or 0.0)
+    return f"{key}|cache{threshold:g}" if threshold else key
 
 
 def _announce(conn: Connection, job: Job, event_type: EventType, *, complete_batch: bool = True) -> None:
@@ -106,56 +111,55 @@ def claim_batch(
     max_batch: int,
     lease_s: float,
     bucket: str | None = None,
+    head: Head | None = None,
 ) -> list[Job]:
-    """Claim up to `max_batch` queued jobs of one bucket (priority, then age), exclusively."""
-    head_q = select(jobs.c.bucket).where(
-        jobs.c.status == JobStatus.QUEUED, jobs.c.task.in_(list(tasks)), jobs.c.cancel_requested.is_(False)
-    )
-    if bucket is not None:
-        head_q = head_q.where(jobs.c.bucket == bucket)
-    head = conn.execute(
-        head_q.order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    ).first()
+    """queued -> running for up to `max_batch` jobs of one bucket, exclusively, in fair-share order.
+
+    The head's group goes first (the caller's peek, or core.fair_share.queue_head: the most urgent
+    priority, then the tenant whose turn it is); the bucket's other groups fill the batch.
+    """
     if head is None:
-        return []
-    ids = (
-        conn.execute(
-            select(jobs.c.id)
-            .where(
-                jobs.c.status == JobStatus.QUEUED,
-                jobs.c.bucket == head.bucket,
-                jobs.c.cancel_requested.is_(False),
-            )
-            .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-            .limit(max_batch)
-            .with_for_update(skip_locked=True)
+        head = queue_head(conn, tasks, bucket)
+        if head is None:
+            return []
+    rows = _claim_group(conn, head, max_batch, worker_id, lease_s)
+    if len(rows) < max_batch:
+        for group in fill_order(conn, head):
+            # A filler's tenant keeps its turn, unless the head had nothing left to give.
+            rows += _claim_group(conn, group, max_batch - len(rows), worker_id, lease_s, turn=not rows)
+            if len(rows) >= max_batch:
+                break
+    return rows
+
+
+def _claim_group(
+    conn: Connection, group: Group, limit: int, worker_id: str, lease_s: float, turn: bool = True
+) -> list[Job]:
+    """One statement: claim the group's oldest free jobs and, if `turn`, record the tenant's turn."""
+    # MATERIALIZED: evaluated once. As a plain IN (subquery) it may be re-run, and each run under
+    # SKIP LOCKED finds other free rows: more than `limit` jobs.
+    picked = oldest_ids(group, limit).cte("picked").prefix_with("MATERIALIZED")
+    claimed = (
+        update(jobs)
+        .where(jobs.c.id.in_(select(picked.c.id)), jobs.c.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.RUNNING,
+            stage="starting",
+            step=None,
+            attempt=jobs.c.attempt + 1,
+            lease_owner=worker_id,
+            lease_expires_at=func.now() + timedelta(seconds=lease_s),
+            started_at=func.coalesce(jobs.c.started_at, func.now()),
+            updated_at=func.now(),
         )
-        .scalars()
-        .all()
+        .returning(*jobs.c)
+        .cte("claimed")
     )
-    rows = (
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.id.in_(ids), jobs.c.status == JobStatus.QUEUED)
-            .values(
-                status=JobStatus.RUNNING,
-                stage="starting",
-                step=None,
-                attempt=jobs.c.attempt + 1,
-                lease_owner=worker_id,
-                lease_expires_at=func.now() + timedelta(seconds=lease_s),
-                started_at=func.coalesce(jobs.c.started_at, func.now()),
-                updated_at=func.now(),
-            )
-            .returning(*jobs.c)
-        )
-        .mappings()
-        .all()
-    )
-    order = {job_id: i for i, job_id in enumerate(ids)}
-    return sorted((Job.from_row(r) for r in rows), key=lambda job: order[job.id])
+    stmt = select(claimed)
+    if turn:
+        stmt = stmt.add_cte(turn_taken(group, claimed).cte("turn"))
+    rows = conn.execute(stmt).mappings().all()
+    return sorted((Job.from_row(r) for r in rows), key=lambda job: (job.created_at, job.id))
 
 
 class Ack(enum.Enum):
@@ -306,7 +310,8 @@ def requeue_job(conn: Connection, job_id: str, attempt: int, *, reason: str) -> 
     """
     if _cancel_running(conn, and_(_owned(job_id, attempt), jobs.c.cancel_requested.is_(True))):
         return True
-    return bool(_transition(conn, _owned(job_id, attempt), _back_in_queue(error_message=reason[:4000])))
+    values = _back_in_queue(error_message=reason[:4000], put_backs=jobs.c.put_backs + 1)
+    return bool(_transition(conn, _owned(job_id, attempt), values))
 
 
 def _cancel_running(conn: Connection, cond: Any) -> list[Job]:
@@ -370,44 +375,50 @@ def cancel_batch(conn: Connection, tenant_id: str, batch_id: str) -> int | None:
 
 
 def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[Job], list[Job]]:
-    """Requeue running jobs whose lease ran out; fail those that used up their attempts (poison jobs).
+    """Requeue running jobs whose lease ran out; fail those whose worker was now lost `max_attempts` times.
 
-    Returns (requeued jobs, failed jobs); the caller re-publishes wake-ups for the requeued ones.
+    Only worker losses count toward poison: claims that ended in a transient put-back (requeue_job) do
+    not. Returns (requeued jobs, failed jobs); the caller re-publishes wake-ups for the requeued ones.
     """
     expired = and_(jobs.c.status == JobStatus.RUNNING, jobs.c.lease_expires_at < func.now())
     # A job whose cancel was requested is not retried: it ends canceled (claims would skip it forever).
     _cancel_running(conn, and_(expired, jobs.c.cancel_requested.is_(True)))
     message = f"the job's worker was lost {max_attempts} times; not retried again"
+    lost = jobs.c.worker_losses + 1
     failed = _transition(
         conn,
-        and_(expired, jobs.c.attempt >= max_attempts),
-        _ended(JobStatus.FAILED, error_code="poison_job", error_message=message),
+        and_(expired, jobs.c.worker_losses + 1 >= max_attempts),
+        _ended(JobStatus.FAILED, error_code="poison_job", error_message=message, worker_losses=lost),
     )
     for job in failed:
         _announce(conn, job, EventType.JOB_FAILED)
-    requeued = _transition(conn, expired, _back_in_queue())
+    requeued = _transition(conn, expired, _back_in_queue(worker_losses=lost))
     return requeued, failed
 
 
-def take_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 1000) -> list[RowMapping]:
-    """Queued jobs nobody claimed for a while (a lost wake-up): stamp and return them to re-publish."""
-    stale = (
-        select(jobs.c.id)
-        .where(
-            jobs.c.status == JobStatus.QUEUED,
-            jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s),
+def find_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 100) -> list[RowMapping]:
+    """Queued jobs nobody claimed for `older_than_s` (a lost wake-up?): their ids, tasks and buckets.
+
+    Per task, the longest-waiting jobs in ix_jobs_queued_since order: at most `limit` rows are read,
+    whatever the depth, and none is locked or written, so a sweep never takes a job from a claim (one
+    wake-up drains a whole task family, so the buckets of a few suffice).
+    """
+    found: list[RowMapping] = []
+    for task in queued_tasks(conn):
+        found += (
+            conn.execute(
+                select(jobs.c.id, jobs.c.task, jobs.c.bucket)
+                .where(
+                    jobs.c.status == JobStatus.QUEUED,
+                    jobs.c.task == task,
+                    jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s),
+                )
+                .order_by(jobs.c.enqueued_at)
+                .limit(limit - len(found))
+            )
+            .mappings()
+            .all()
         )
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    return list(
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.id.in_(stale))
-            .values(enqueued_at=func.now())
-            .returning(jobs.c.id, jobs.c.task, jobs.c.bucket)
-        )
-        .mappings()
-        .all()
-    )
+        if len(found) >= limit:
+            break
+    return found

@@ -24,7 +24,7 @@ class Task(StrEnum):
     UNDERSTAND = "understand"
 
 
-TASKS: tuple[str, ...] = tuple(Task)
+TASKS: tuple[str, ...] = tuple(task.value for task in Task)
 
 
 class JobStatus(StrEnum):
@@ -160,6 +160,8 @@ class Job:
     total_steps: int | None
     progress: float
     attempt: int
+    worker_losses: int  # claims that ended with the worker lost (count toward poison)
+    put_backs: int  # claims put back after a transient infrastructure error (do not)
     lease_owner: str | None
     lease_expires_at: datetime | None
     cancel_requested: bool
@@ -209,6 +211,8 @@ JOB_API_FIELDS = (
     "params",
     "metadata",
     "attempt",
+    "worker_losses",
+    "put_backs",
     "created_at",
     "started_at",
     "finished_at",
@@ -262,6 +266,8 @@ def job_payload(
         "params": job.params,
         "metadata": job.metadata,
         "attempt": job.attempt,
+        "worker_losses": job.worker_losses,
+        "put_backs": job.put_backs,
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),

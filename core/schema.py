@@ -99,7 +99,11 @@ jobs = Table(
     Column("step", Integer),
     Column("total_steps", Integer),
     Column("progress", Float, nullable=False, server_default=text("0")),
-    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    Column("attempt", Integer, nullable=False, server_default=text("0")),  # claims so far (ownership token)
+    # Why a claim did not end the job: its worker was lost (lease expired; counts toward poison), or it
+    # was put back after a transient infrastructure error (never counts toward poison).
+    Column("worker_losses", Integer, nullable=False, server_default=text("0")),
+    Column("put_backs", Integer, nullable=False, server_default=text("0")),
     Column("lease_owner", String(200)),
     Column("lease_expires_at", DateTime(timezone=True)),
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
@@ -116,11 +120,50 @@ jobs = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     UniqueConstraint("batch_id", "custom_id", name="uq_jobs_batch_custom_id"),
 )
-# The claim query: queued jobs of a bucket by priority then age.
-Index("ix_jobs_claim", jobs.c.status, jobs.c.task, jobs.c.bucket, jobs.c.priority.desc(), jobs.c.created_at)
+# Partial indexes hold only the rows a query looks for, so their size follows the queue, not the history.
+QUEUED = text("status = 'queued'")
+# Claims: the oldest queued jobs of one (task, bucket, priority, tenant) group, read in index order.
+Index(
+    "ix_jobs_queue",
+    jobs.c.task,
+    jobs.c.bucket,
+    jobs.c.priority.desc(),
+    jobs.c.tenant_id,
+    jobs.c.created_at,
+    jobs.c.id,
+    postgresql_where=QUEUED,
+)
+# The sweeper's search for forgotten jobs and the oldest-queued-job gauge: queued jobs by wait.
+Index("ix_jobs_queued_since", jobs.c.task, jobs.c.enqueued_at, postgresql_where=QUEUED)
 Index("ix_jobs_tenant_created", jobs.c.tenant_id, jobs.c.created_at, jobs.c.id)
 Index("ix_jobs_batch", jobs.c.batch_id, jobs.c.status)
-Index("ix_jobs_lease", jobs.c.status, jobs.c.lease_expires_at)
+Index("ix_jobs_lease", jobs.c.lease_expires_at, postgresql_where=text("status = 'running'"))
+Index("ix_jobs_finished", jobs.c.finished_at, postgresql_where=text("finished_at IS NOT NULL"))
+
+# Job counts by (tenant, task, status; bucket and priority for queued jobs), kept by statement triggers on
+# `jobs` (migration 0003_fair_share) as append-only delta rows: no transition waits on a counter row.
+# Readers sum the rows of a key; the sweeper folds them (core.counts.compact_counts).
+job_counts = Table(
+    "job_counts",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("tenant_id", String(40), nullable=False),  # no foreign key: a tenant's deletion is counted too
+    Column("task", String(20), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("bucket", String(200), nullable=False),  # '' unless queued
+    Column("priority", Integer, nullable=False),  # 0 unless queued
+    Column("n", BigInteger, nullable=False),
+)
+Index("ix_job_counts_key", job_counts.c.status, job_counts.c.task, job_counts.c.bucket)
+
+# Round robin between tenants: when each tenant was last served a batch of each task.
+tenant_turns = Table(
+    "tenant_turns",
+    metadata,
+    Column("task", String(20), primary_key=True),
+    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    Column("served_at", DateTime(timezone=True), nullable=False),
+)
 
 results = Table(
     "results",

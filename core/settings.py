@@ -36,6 +36,14 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
 
 
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    """One of `allowed` (the first is the default when unset)."""
+    value = env.get(name) or allowed[0]
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 # The environment variable of each Settings field (from_env reads them, to_env writes them).
 ENV_NAMES = {
     "database_url": "DATABASE_URL",
@@ -58,6 +66,9 @@ ENV_NAMES = {
     "edit_decoders": "NEXUSGEN_EDIT_DECODERS",
     "resident_text_encoders": "NEXUSGEN_RESIDENT_TEXT_ENCODERS",
     "prefix_mode": "NEXUSGEN_PREFIX_MODE",
+    "compile": "NEXUSGEN_COMPILE",
+    "dit_precision": "NEXUSGEN_DIT_PRECISION",
+    "offload": "NEXUSGEN_OFFLOAD",
     "batch_window_s": "NEXUSGEN_BATCH_WINDOW_S",
     "lease_s": "NEXUSGEN_LEASE_S",
     "heartbeat_s": "NEXUSGEN_HEARTBEAT_S",
@@ -110,6 +121,9 @@ class Settings:
     edit_decoders: tuple[str, ...] = ("edit", "generation")  # decoders edit jobs may ask this worker for
     resident_text_encoders: bool = False  # keep CLIP and T5 on the accelerator between calls
     prefix_mode: str = "natural"  # natural | forced (forced for the tiny random checkpoint)
+    compile: str = "off"  # off | regional: torch.compile of the repeated DiT and AR blocks
+    dit_precision: str = "bf16"  # bf16 | fp8 (torchao float8 DiT blocks; CUDA sm 8.9+ only)
+    offload: str = "none"  # none | model | group: keep weights on the CPU, move them in per use
     batch_window_s: float = 0.2  # how long a worker waits for batch mates after the first job
     lease_s: float = 120.0
     heartbeat_s: float = 10.0
@@ -189,6 +203,11 @@ class Settings:
         )
         if not edit_decoders or set(edit_decoders) - {"edit", "generation"}:
             raise ValueError(f"NEXUSGEN_EDIT_DECODERS must list edit and/or generation, got {edit_decoders}")
+        speed = {
+            "compile": _choice(env, "NEXUSGEN_COMPILE", ("off", "regional")),
+            "dit_precision": _choice(env, "NEXUSGEN_DIT_PRECISION", ("bf16", "fp8")),
+            "offload": _choice(env, "NEXUSGEN_OFFLOAD", ("none", "model", "group")),
+        }
         api_port = _int(env, "NEXUSGEN_API_PORT", 8080)
         api_host = env.get("NEXUSGEN_API_HOST", "127.0.0.1")
         return cls(
@@ -212,6 +231,7 @@ class Settings:
             edit_decoders=edit_decoders,
             resident_text_encoders=_bool(env.get("NEXUSGEN_RESIDENT_TEXT_ENCODERS")),
             prefix_mode=prefix_mode,
+            **speed,
             batch_window_s=_float(env, "NEXUSGEN_BATCH_WINDOW_S", 0.2),
             lease_s=_float(env, "NEXUSGEN_LEASE_S", 120.0),
             heartbeat_s=_float(env, "NEXUSGEN_HEARTBEAT_S", 10.0),

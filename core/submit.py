@@ -21,6 +21,8 @@ from core.webhooks import ALL_EVENTS
 
 PRIORITY_RANGE = (-100, 100)
 MAX_METADATA_BYTES = 16 * 1024
+MIN_SIDE, MAX_SIDE = 256, 2048  # output width and height; no model stage uses more of an input image
+MAX_METADATA_DEPTH = 32  # levels of objects and arrays; deeper data cannot be echoed back safely
 MAX_CUSTOM_ID_CHARS = 200
 MAX_SEED = 2**63 - 1
 
@@ -33,8 +35,14 @@ _IMAGE_DEFAULTS: dict[str, Any] = {
     "language": "en",
 }
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "generate": {**_IMAGE_DEFAULTS, "cfg_scale": 3.0, "negative_prompt": ""},
-    "edit": {**_IMAGE_DEFAULTS, "cfg_scale": 1.0, "decoder": "edit", "negative_prompt": ""},
+    "generate": {**_IMAGE_DEFAULTS, "cfg_scale": 3.0, "negative_prompt": "", "cache_threshold": 0.0},
+    "edit": {
+        **_IMAGE_DEFAULTS,
+        "cfg_scale": 1.0,
+        "decoder": "edit",
+        "negative_prompt": "",
+        "cache_threshold": 0.0,
+    },
     "understand": {"max_new_tokens": 1024},
 }
 SPEC_KEYS = {
@@ -122,16 +130,17 @@ def normalize_params(task: str, raw: Any) -> dict[str, Any]:
         return params
     for name in ("width", "height"):
         value = params[name]
-        if not _is_int(value) or value % 16 or not 256 <= value <= 2048:
+        if not _is_int(value) or value % 16 or not MIN_SIDE <= value <= MAX_SIDE:
             raise SubmitError(
-                "invalid_size", f"{name} must be a multiple of 16 from 256 to 2048, got {value!r}"
+                "invalid_size",
+                f"{name} must be a multiple of 16 from {MIN_SIDE} to {MAX_SIDE}, got {value!r}",
             )
     if not _is_int(params["steps"]) or not 1 <= params["steps"] <= 100:
         raise SubmitError("invalid_steps", f"steps must be an integer from 1 to 100, got {params['steps']!r}")
     # The same bounds as model.validate_request, so an accepted job never fails in the worker for them.
-    for name, low in (("cfg_scale", 1), ("guidance", 0)):
-        if not _is_number(params[name]) or not low <= params[name] <= 30:
-            raise SubmitError("invalid_params", f"{name} must be a number from {low} to 30")
+    for name, low, high in (("cfg_scale", 1, 30), ("guidance", 0, 30), ("cache_threshold", 0, 1)):
+        if not _is_number(params[name]) or not low <= params[name] <= high:
+            raise SubmitError("invalid_params", f"{name} must be a number from {low} to {high}")
         params[name] = float(params[name])
     if params["language"] not in ("en", "zh"):
         raise SubmitError("invalid_params", "language must be en or zh")
@@ -250,11 +259,36 @@ def validate_job(
     return draft
 
 
+def parse_json(raw: bytes | str) -> Any:
+    """Parse JSON; nesting too deep for the parser is a ValueError like any other invalid JSON."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+
+
+def json_depth(value: Any) -> int:
+    """How many levels of objects and arrays `value` nests (iteratively: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_METADATA_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def check_metadata(raw: Any) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise SubmitError("invalid_metadata", "metadata must be an object")
+    if json_depth(raw) > MAX_METADATA_DEPTH:
+        raise SubmitError("invalid_metadata", f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
     try:
         encoded = json.dumps(raw, ensure_ascii=False, allow_nan=False)
     except ValueError as exc:

@@ -24,7 +24,7 @@ from core.schema import tenants, webhook_deliveries, webhook_endpoints, webhook_
 
 # What a subscription without `events` gets: every event but job.progress.
 DEFAULT_EVENTS: tuple[str, ...] = tuple(e.value for e in EventType if e is not EventType.JOB_PROGRESS)
-ALL_EVENTS: tuple[str, ...] = tuple(EventType)
+ALL_EVENTS: tuple[str, ...] = tuple(event.value for event in EventType)
 # At most one job.progress event per job in this many seconds.
 PROGRESS_EVENT_INTERVAL_S = 5.0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -21,6 +22,7 @@ from model.config import (
     UNDERSTAND_MAX_PIXELS,
     VISION_PLACEHOLDER,
 )
+from model.speed import onload
 
 MIN_PIXELS = 3136
 MAX_ASPECT_RATIO = 200
@@ -134,6 +136,8 @@ class ARStage:
         self.repetition_penalty = repetition_penalty or 1.0
         params = inspect.signature(self.lm.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.heads = template_heads(components.tokenizer, self.ids["image_pad"])
+        self._head_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -149,6 +153,7 @@ class ARStage:
     def vit_features(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Merged ViT features of all images in ONE call: ([n_i, D] per image, grids [n, 3])."""
         pixel_values, grids = self.vit_inputs(images)
+        onload(self.c.ar)
         visual = self.c.ar.model.visual
         pixel_values = pixel_values.to(self.device, visual.dtype)
         merged = visual(pixel_values, grid_thw=grids.to(self.device)).pooler_output  # [sum n_i, D]
@@ -173,10 +178,11 @@ class ARStage:
 
     # -- batched tensors
     def _batch(
-        self, enc: Encoded, seqs: list[list[int]], generated_image: bool
+        self, enc: Encoded, seqs: list[list[int]], generated_image: bool, head_len: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded inputs_embeds [B,L,D], attention mask [B,L], M-RoPE position ids [3,B,L], ids [B,L].
+        """Padded inputs_embeds [B,L,D], attention mask [B,L], M-RoPE position ids [3,B,L], ids [B,L].
 
+        Padding goes after the first `head_len` tokens (a head all rows share), i.e. on the left when 0.
         Image spans are marked from the known layout (input-image slots of the prompt, the last 81 slots),
         never from the ids, so an image_pad the model wrote itself stays a text token.
         """
@@ -186,9 +192,11 @@ class ARStage:
         mm_types = torch.zeros(B, L, dtype=torch.int)  # 1 = image token (input image or generated image)
         grids: list[torch.Tensor] = []
         for i, seq in enumerate(seqs):
-            start = L - len(seq)
-            ids[i, start:] = torch.tensor(seq)
-            mask[i, start:] = 1
+            start = L - len(seq)  # padding width of this row
+            ids[i, :head_len] = torch.tensor(seq[:head_len], dtype=torch.long)
+            ids[i, head_len + start :] = torch.tensor(seq[head_len:])
+            mask[i, :head_len] = 1
+            mask[i, head_len + start :] = 1
             if enc.grids[i] is not None:
                 n_in = enc.features[i].shape[0]  # type: ignore[union-attr]
                 prompt_ids = torch.tensor(enc.ids[i])
@@ -235,6 +243,7 @@ class ARStage:
         is non-empty) or at its token limit (ok=False if success_ids is non-empty).
         """
         B = len(enc.ids)
+        onload(self.c.ar)
         embeds, mask, positions, ids = self._batch(enc, enc.ids, generated_image=False)
         next_pos = positions.amax(dim=(0, 2)) + 1  # [B]: text position of the first new token
         first_real = ids.gather(1, (mask == 0).sum(1, keepdim=True))  # [B, 1]
@@ -275,13 +284,74 @@ class ARStage:
 
     # -- phase B: the one-pass image block (§2.5, §2.6)
     @torch.no_grad()
-    def image_embeddings(self, enc: Encoded, prefixes: list[list[int]]) -> torch.Tensor:
-        """[B, 81, D] vision_head outputs at [BOI, IMG_0..IMG_79] of [prompt, prefix..BOI, 81 x image_pad]."""
+    def image_embeddings(
+        self, enc: Encoded, prefixes: list[list[int]], reuse_head: bool = True
+    ) -> torch.Tensor:
+        """[B, 81, D] vision_head outputs at [BOI, IMG_0..IMG_79] of [prompt, prefix..BOI, 81 x image_pad].
+
+        One forward over the batch. The template head every row starts with (system message, user header,
+        template text) is not recomputed: its keys/values are computed once per stage and reused
+        (`reuse_head`), the same tensors at the same positions. IMG_80 is dropped: its output is unused.
+        """
         if any(not p or p[-1] != self.ids["boi"] for p in prefixes):
             raise ValueError("every prefix must end with the BOI token")
         pad = [self.ids["image_pad"]] * NUM_IMAGE_TOKENS
         seqs = [ids + prefix + pad for ids, prefix in zip(enc.ids, prefixes, strict=True)]
-        embeds, mask, positions, _ = self._batch(enc, seqs, generated_image=True)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
-        hidden = out.last_hidden_state[:, -NUM_IMAGE_TOKENS - 1 : -1]  # [B, 81, D]
+        head = self.shared_head(seqs) if reuse_head else ()
+        onload(self.c.ar)
+        embeds, mask, positions, _ = self._batch(enc, seqs, generated_image=True, head_len=len(head))
+        mask = None if bool(mask.all()) else mask  # no padding: plain causal attention
+        cache = self._head_cache(head, len(seqs)) if head else None
+        out = self.lm(
+            inputs_embeds=embeds[:, len(head) : -1],
+            attention_mask=None if mask is None else mask[:, :-1],
+            position_ids=positions[:, :, len(head) : -1],
+            use_cache=cache is not None,
+            **{self._cache_kw: cache},
+        )
+        hidden = out.last_hidden_state[:, -NUM_IMAGE_TOKENS:]  # [B, 81, D]
         return self.c.vision_head(hidden)
+
+    def shared_head(self, seqs: list[list[int]]) -> tuple[int, ...]:
+        """The longest known template head that every sequence starts with (ids), or ()."""
+        for head in self.heads:
+            if all(len(s) > len(head) and tuple(s[: len(head)]) == head for s in seqs):
+                return head
+        return ()
+
+    def _head_cache(self, head: tuple[int, ...], batch: int) -> Any:
+        """A DynamicCache holding the head's keys/values for `batch` rows (computed on first use)."""
+        from transformers.cache_utils import DynamicCache
+
+        if head not in self._head_kv:
+            ids = torch.tensor([head], device=self.device)
+            positions = torch.arange(len(head), device=self.device).view(1, 1, -1).expand(3, 1, -1)
+            out = self.lm(inputs_embeds=self.lm.embed_tokens(ids), position_ids=positions, use_cache=True)
+            layers = getattr(out, self._cache_kw).layers
+            self._head_kv[head] = [(layer.keys, layer.values) for layer in layers]
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(self._head_kv[head]):
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
+        return cache
+
+
+def template_heads(tokenizer: Any, image_pad: int) -> list[tuple[int, ...]]:
+    """Token ids every prompt of each template starts with, longest first.
+
+    Two probe prompts show where the per-request text begins (BPE may merge across that boundary, so
+    rows are checked against the head before it is used); the head stops before any image token.
+    """
+    edit_user = EDIT_TEMPLATE.replace(IMAGE_PLACEHOLDER, VISION_PLACEHOLDER)
+    users = [*GENERATION_TEMPLATES.values(), edit_user]
+    heads = set()
+    for template in users:
+        probes = [
+            tokenizer(chat(template.format(prompt=x, instruction=x)), add_special_tokens=False)["input_ids"]
+            for x in ("a", "1")
+        ]
+        n = 0
+        while n < min(map(len, probes)) and probes[0][n] == probes[1][n] and probes[0][n] != image_pad:
+            n += 1
+        if n:
+            heads.add(tuple(probes[0][:n]))
+    return sorted(heads, key=len, reverse=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from model.config import (
     T5_MAX_LENGTH,
     TARGET_EMBED_SIZE,
 )
+from model.step_cache import StepCache, cached_blocks
 
 
 # ---- schedule, latents, ids ------------------------------------------------------------------------------
@@ -116,6 +118,8 @@ class DenoiseJob:
     steps: int
     cfg_scale: float
     guidance: float
+    cache_threshold: float = 0.0  # 0: every step runs every block (the step cache is off)
+    stats: dict[str, Any] = field(default_factory=dict)  # filled by `denoise`: step-cache counts
 
 
 StepProgress = Callable[[int, int, int], None]  # (request index, step, total)
@@ -145,6 +149,11 @@ def denoise(
     index = list(job.index)
     positive = job.positive.to(device, dtype)
     negative = None if job.negative is None else job.negative.to(device, dtype)
+    caches: dict[str, StepCache] = {}
+    if job.cache_threshold > 0:  # one cache per CFG branch, as the reference's TeaCache
+        branches = ("positive",) if negative is None else ("positive", "negative")
+        caches = {name: StepCache(job.cache_threshold, job.steps, len(index)) for name in branches}
+    skipped = dict.fromkeys(index, 0)
     for step in range(job.steps):
         if should_cancel is not None:
             alive = [k for k, i in enumerate(index) if not should_cancel(i)]
@@ -152,20 +161,37 @@ def denoise(
                 rows = torch.tensor(alive, dtype=torch.long, device=device)
                 latents, keep = latents[rows], keep[rows]
                 index = [index[k] for k in alive]
+                for cache in caches.values():
+                    cache.select(alive)
             if not index:
                 break
         b = latents.shape[0]
         packed = pack_latents(latents)  # [B, T, C*4]
         guidance = torch.full((b,), job.guidance, device=device, dtype=dtype)
-        velocity = dit_velocity(dit, packed, positive.select(keep), sigmas[step], guidance, img_ids)
+        pos_cache = caches.get("positive")
+        velocity = dit_velocity(
+            dit, packed, positive.select(keep), sigmas[step], guidance, img_ids, pos_cache
+        )
         if negative is not None:
-            v_neg = dit_velocity(dit, packed, negative.select(keep), sigmas[step], guidance, img_ids)
+            neg_cache = caches.get("negative")
+            v_neg = dit_velocity(
+                dit, packed, negative.select(keep), sigmas[step], guidance, img_ids, neg_cache
+            )
             velocity = v_neg + job.cfg_scale * (velocity - v_neg)
+        if pos_cache is not None:
+            for k, i in enumerate(index):
+                skipped[i] = int(pos_cache.skipped[k])
         # Euler in the latent dtype with an fp32 0-dim step, as DS does (a 0-dim tensor keeps bf16 results)
         latents = latents + unpack_latents(velocity, h, w) * (sigmas[step + 1] - sigmas[step])
         if on_step is not None:
             for i in index:
                 on_step(i, step + 1, job.steps)
+    if caches:
+        job.stats = {
+            "skipped_steps": skipped,  # request index -> steps whose blocks were skipped (positive branch)
+            "block_evaluations": sum(c.block_evaluations for c in caches.values()),
+            "blocks_skipped": sum(c.blocks_skipped for c in caches.values()),
+        }
     return latents, index
 
 
@@ -175,8 +201,11 @@ def dit_dtype(dit: torch.nn.Module) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else next(dit.parameters()).dtype
 
 
-def dit_velocity(dit, packed, cond: Conditioning, sigma, guidance, img_ids):  # type: ignore[no-untyped-def]
-    """One DiT call -> packed velocity. t = 1000·σ reaches the sinusoid in fp32, as in DS (§8.1)."""
+def dit_velocity(dit, packed, cond: Conditioning, sigma, guidance, img_ids, cache=None):  # type: ignore[no-untyped-def]
+    """One DiT call -> packed velocity. t = 1000·σ reaches the sinusoid in fp32, as in DS (§8.1).
+
+    With a `StepCache`, the blocks run only for the rows whose input changed enough (model.step_cache).
+    """
     timestep = sigma.expand(packed.shape[0])  # [B] fp32
 
     def exact_timestep(_module, args):  # type: ignore[no-untyped-def]
@@ -185,16 +214,17 @@ def dit_velocity(dit, packed, cond: Conditioning, sigma, guidance, img_ids):  # 
 
     handle = dit.time_text_embed.register_forward_pre_hook(exact_timestep)
     try:
-        return dit(
-            hidden_states=packed,
-            encoder_hidden_states=cond.states,
-            pooled_projections=cond.pooled,
-            timestep=timestep.to(packed.dtype),
-            guidance=guidance,
-            img_ids=img_ids,
-            txt_ids=cond.txt_ids,
-            return_dict=False,
-        )[0]
+        with cached_blocks(dit, cache):
+            return dit(
+                hidden_states=packed,
+                encoder_hidden_states=cond.states,
+                pooled_projections=cond.pooled,
+                timestep=timestep.to(packed.dtype),
+                guidance=guidance,
+                img_ids=img_ids,
+                txt_ids=cond.txt_ids,
+                return_dict=False,
+            )[0]
     finally:
         handle.remove()
 
@@ -243,10 +273,13 @@ class TextEncoders:
         if self.resident or self.device.type == "cpu" or next(module.parameters()).device == self.device:
             yield module
             return
-        from model.engine import offloaded
-
-        with offloaded(module, self.device) as on_device:
-            yield on_device
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def pooled(self, text: str) -> torch.Tensor:

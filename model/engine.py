@@ -1,4 +1,6 @@
-"""Inference engines for the loaded stack: plain torch, DeepSpeed tensor parallel, CPU offload and fp8 DiTs.
+"""Inference engines for the loaded stack: plain torch and DeepSpeed tensor parallel.
+
+Offloading, fp8 DiTs and compilation are speed options of either engine (`model.speed`).
 
 `apply_engine(components, engine, device)` is what `model.pipeline` calls after `load_components`. The
 modules it returns are plain `nn.Module`s (the DeepSpeed wrapper's `.module`, sharded in place), so the
@@ -11,20 +13,14 @@ import dataclasses
 import importlib
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.components import Components
 
 ENGINES = ("torch", "deepspeed")
-FP8_ERROR = "fp8 requires a CUDA device with fp8 support"
-# big modules that offload moves to the accelerator one at a time (the small heads stay there)
-OFFLOADED = ("ar", "gen_dit", "edit_dit", "t5", "clip", "vae")
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -32,30 +28,12 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def apply_engine(
-    components: Components, engine: str, device: str, *, offload: bool = False, fp8_dit: bool = False
-) -> Components:
-    """Return the components prepared for `engine` ("torch" or "deepspeed") on `device`.
-
-    `offload` keeps the big modules on the CPU and moves the one in use to `device`; `fp8_dit` stores the
-    DiT block weights in float8 (CUDA with fp8 support only). Both are optional, off by default.
-    """
+def apply_engine(components: Components, engine: str, device: str) -> Components:
+    """Return the components prepared for `engine` ("torch" or "deepspeed") on `device`."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
-    if fp8_dit:
-        check_fp8_support(device)
-        if engine == "deepspeed" and tensor_parallel_world()[1] > 1:
-            raise ValueError("fp8 DiTs are not supported together with tensor parallelism")
     if engine == "deepspeed":
         components = apply_deepspeed(components, device)
-    if fp8_dit:
-        components = dataclasses.replace(
-            components,
-            gen_dit=None if components.gen_dit is None else quantize_fp8(components.gen_dit),
-            edit_dit=None if components.edit_dit is None else quantize_fp8(components.edit_dit),
-        )
-    if offload:
-        enable_model_offload(components, device)
     return components
 
 
@@ -277,94 +255,3 @@ def _check_head_shards(dit: nn.Module) -> None:
                 raise ValueError(
                     f"{name}: shard width {width} is not a whole number of {module.head_dim}-d heads"
                 )
-
-
-# ---- CPU offload --------------------------------------------------------------------------------------
-@contextmanager
-def offloaded(module: nn.Module, device: str | torch.device) -> Iterator[nn.Module]:
-    """Move `module` to `device` for the duration of the block, then back to the CPU."""
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to("cpu")
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-
-
-class ModelOffload:
-    """Keep the big modules on the CPU and the one in use on the device (one at a time, like the reference).
-
-    A forward pre-hook on each module AND its submodules loads its owner, so the pipeline may call a
-    submodule directly (`ar.model.language_model`, `ar.lm_head`) without knowing about offloading.
-    """
-
-    def __init__(self, modules: dict[str, nn.Module], device: str | torch.device) -> None:
-        self.modules = modules
-        self.device = torch.device(device)
-        self.active: str | None = None
-        for name, module in modules.items():
-            module.to("cpu")
-            for sub in module.modules():
-                sub.register_forward_pre_hook(self._hook(name))
-
-    def _hook(self, name: str) -> Any:
-        def load(_module: nn.Module, _args: Any) -> None:
-            if self.active != name:
-                self.load(name)
-
-        return load
-
-    def load(self, name: str) -> None:
-        """Move `name` to the device, and the previously active module back to the CPU."""
-        if self.active is not None:
-            self.modules[self.active].to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        self.modules[name].to(self.device)
-        self.active = name
-
-
-def enable_model_offload(components: Components, device: str) -> ModelOffload:
-    """Install offloading on the big modules of `components` (in place); returns the controller."""
-    modules = {name: m for name in OFFLOADED if (m := getattr(components, name)) is not None}
-    return ModelOffload(modules, device)
-
-
-# ---- fp8 DiT ------------------------------------------------------------------------------------------
-def check_fp8_support(device: str | torch.device) -> None:
-    """Raise unless `device` is a CUDA device whose torch build stores and computes float8 (sm 8.9+)."""
-    dev = torch.device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch, "float8_e4m3fn"):
-        raise ValueError(FP8_ERROR)
-    if torch.cuda.get_device_capability(dev) < (8, 9):
-        raise ValueError(FP8_ERROR)
-
-
-class Float8Linear(nn.Module):
-    """Linear with its weight stored in float8_e4m3fn (per-output-row scale), computed in the input dtype."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
-        self.register_buffer("weight_fp8", (weight / scale).to(torch.float8_e4m3fn))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_fp8.to(hidden.dtype) * self.scale.to(hidden.dtype)
-        return F.linear(hidden, weight, None if self.bias is None else self.bias.to(hidden.dtype))
-
-
-def quantize_fp8(dit: nn.Module) -> nn.Module:
-    """Replace every Linear inside the DiT blocks by a Float8Linear (in place); embedders stay as they are."""
-    for blocks_name in ("transformer_blocks", "single_transformer_blocks"):
-        for block in getattr(dit, blocks_name):
-            for name, module in list(block.named_modules()):
-                if isinstance(module, nn.Linear):
-                    parent_name, _, child = name.rpartition(".")
-                    parent = block.get_submodule(parent_name) if parent_name else block
-                    setattr(parent, child, Float8Linear(module))
-    return dit

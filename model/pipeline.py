@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import secrets
 import time
@@ -43,12 +44,16 @@ from model.requests import (
     Result,
     UnderstandRequest,
 )
+from model.speed import SpeedOptions, release
+
+log = logging.getLogger(__name__)
 
 # request limits (validate_request); sizes are multiples of 16 so no silent rounding happens. 64 is the
 # smallest size the architecture takes (a 4x4 grid of packed latent tokens); the API may be stricter.
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 2048, 16
 MAX_STEPS = 100
 MAX_SCALE = 30.0
+MAX_CACHE_THRESHOLD = 1.0  # TeaCache's FLUX range: 0.25 ~1.5x, 0.4 ~1.8x, 0.6 ~2x, 0.8 ~2.25x fewer steps
 MAX_PROMPT_CHARS = 4000
 MAX_UNDERSTAND_TOKENS = 4096
 MAX_SEED = 2**63 - 1
@@ -69,7 +74,8 @@ def validate_request(req: Request) -> None:
     """Raise ValueError naming the first invalid field of a request; the model never fixes input silently.
 
     Limits: non-empty text of at most 4000 characters without `<|...|>` special-token markup; width and
-    height multiples of 16 in 64..2048; steps 1..100; cfg_scale 1..30; guidance 0..30; seed 0..2**63-1;
+    height multiples of 16 in 64..2048; steps 1..100; cfg_scale 1..30; guidance 0..30; cache_threshold
+    0..1; seed 0..2**63-1;
     language en|zh; decoder edit|generation; images non-empty, decodable, aspect ratio at most 200;
     understanding max_new_tokens 1..4096.
     """
@@ -98,13 +104,19 @@ def validate_request(req: Request) -> None:
             )
     if not isinstance(req.steps, int) or not 1 <= req.steps <= MAX_STEPS:
         raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {req.steps}")
-    for field, number in (("cfg_scale", req.cfg_scale), ("guidance", req.guidance)):
+    for field, number in (
+        ("cfg_scale", req.cfg_scale),
+        ("guidance", req.guidance),
+        ("cache_threshold", req.cache_threshold),
+    ):
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise ValueError(f"{field} must be a number, got {number!r}")
     if not 1.0 <= req.cfg_scale <= MAX_SCALE:
         raise ValueError(f"cfg_scale must be in 1..{MAX_SCALE}, got {req.cfg_scale}")
     if not 0.0 <= req.guidance <= MAX_SCALE:
         raise ValueError(f"guidance must be in 0..{MAX_SCALE}, got {req.guidance}")
+    if not 0.0 <= req.cache_threshold <= MAX_CACHE_THRESHOLD:
+        raise ValueError(f"cache_threshold must be in 0..{MAX_CACHE_THRESHOLD}, got {req.cache_threshold}")
     if req.seed is not None and not (isinstance(req.seed, int) and 0 <= req.seed <= MAX_SEED):
         raise ValueError(f"seed must be an integer in 0..2**63-1, got {req.seed!r}")
     if req.language not in LANGUAGES:
@@ -143,9 +155,17 @@ def parse_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> 
 
 
 def bucket_of(req: GenerateRequest | EditRequest) -> tuple[Any, ...]:
-    """Requests sharing this key run as one batch: size, steps, cfg, guidance, decoder."""
+    """Requests sharing this key run as one batch: size, steps, cfg, guidance, decoder, cache threshold."""
     decoder = req.decoder if isinstance(req, EditRequest) else "generation"
-    return (req.width, req.height, req.steps, float(req.cfg_scale), float(req.guidance), decoder)
+    return (
+        req.width,
+        req.height,
+        req.steps,
+        float(req.cfg_scale),
+        float(req.guidance),
+        decoder,
+        float(req.cache_threshold),
+    )
 
 
 class NexusGen:
@@ -161,9 +181,10 @@ class NexusGen:
         components: Components,
         device: str | torch.device = "cpu",
         prefix_mode: str = "natural",
-        offload: bool = False,
         engine: str = "torch",
         max_prefix_tokens: int = 1024,
+        options: SpeedOptions | None = None,
+        offload_hooks: list[Any] | None = None,
         resident_text_encoders: bool = False,
     ) -> None:
         if prefix_mode not in PREFIX_MODES:
@@ -171,7 +192,9 @@ class NexusGen:
         self.components = components
         self.device = torch.device(device)
         self.dtype = components.dtype
-        self.prefix_mode, self.offload, self.engine = prefix_mode, offload, engine
+        self.prefix_mode, self.engine = prefix_mode, engine
+        self.options = options or SpeedOptions()
+        self.offload_hooks = offload_hooks
         self.max_prefix_tokens = max_prefix_tokens
         self.checkpoint_hash = components.checkpoint_hash
         self.loaded = components.loaded()
@@ -182,9 +205,11 @@ class NexusGen:
             self.tp_size = tensor_parallel_world()[1]
         self.ar = ARStage(components, self.device)
         # module offloading moves the encoders itself; otherwise "" is encoded now and they leave the device
-        self.text = TextEncoders(components, self.device, resident=resident_text_encoders or offload)
+        offloaded = self.options.offload != "none"
+        self.text = TextEncoders(components, self.device, resident=resident_text_encoders or offloaded)
         self.gen_decoder = GenerationDecoder(components, self.text)
         self.edit_decoder = EditingDecoder(components, self.text, self.ar.vit_features)
+        self._compiled_buckets: set[tuple[Any, ...]] = set()
 
     @classmethod
     def from_pretrained(
@@ -194,41 +219,50 @@ class NexusGen:
         dtype: torch.dtype | str | None = None,
         engine: str = "torch",
         prefix_mode: str = "natural",
-        offload: bool = False,
         max_prefix_tokens: int = 1024,
+        compile: str = "off",
+        dit_precision: str = "bf16",
+        offload: str = "none",
         tasks: Sequence[str] = TASKS,
         edit_decoders: Sequence[str] = DECODERS,
         resident_text_encoders: bool = False,
     ) -> NexusGen:
         """Load a checkpoint in the official layout (bf16 on cuda, fp32 on cpu unless dtype is given).
 
-        Only what `tasks` need is loaded (model.plan.components_for); the generation DiT serves edits
-        only when `edit_decoders` includes "generation". CLIP and T5 encode "" once at load and then
-        wait in host memory for a non-empty negative prompt, unless `resident_text_encoders`.
+        `compile`, `dit_precision` and `offload` are the speed options (`model.speed`); an option the
+        device cannot serve (fp8 on CPU) is refused here, before any weight is read. Only what `tasks`
+        need is loaded (model.plan.components_for); the generation DiT serves edits only when
+        `edit_decoders` includes "generation". CLIP and T5 encode "" once at load and then wait in host
+        memory for a non-empty negative prompt, unless `resident_text_encoders`.
         """
         from model.checkpoint import load_components
         from model.plan import components_for
+        from model.speed import apply_speed_options, check_options
 
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if prefix_mode not in PREFIX_MODES:
             raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
+        options = SpeedOptions(compile=compile, dit_precision=dit_precision, offload=offload)
+        check_options(options, device, engine)
         dtype = parse_dtype(dtype, device)
         parts = components_for(tasks, edit_decoders)
-        components = load_components(path, "cpu" if offload else device, dtype, parts)
-        if offload:  # the small heads live on the device; engine.py moves the big modules per use
+        offloaded = options.offload != "none"
+        components = load_components(path, "cpu" if offloaded else device, dtype, parts)
+        if offloaded:  # the small heads live on the device; the offload hooks move the big modules
             heads = (components.vision_head, components.image_prefill_embeds, components.adapter)
             for head in (*heads, components.merger):
                 if head is not None:
                     head.to(device)
-        if engine != "torch" or offload:
+        if engine != "torch":
             from model.engine import apply_engine
 
-            kwargs = {"offload": True} if offload else {}
-            components = apply_engine(components, engine, device, **kwargs) or components
+            components = apply_engine(components, engine, device)
+        hooks = apply_speed_options(components, options, device)
         return cls(
-            components, device, prefix_mode, offload, engine, max_prefix_tokens, resident_text_encoders
-        )
+            components, device, prefix_mode, engine, max_prefix_tokens, options, hooks,
+            resident_text_encoders=resident_text_encoders,
+        )  # fmt: skip
 
     # ---- public calls ----------------------------------------------------------------------------------
     def generate(
@@ -240,7 +274,10 @@ class NexusGen:
         """Text-to-image for one bucket of requests."""
         prompts = [generation_prompt(r.prompt, r.language) for r in self._check(requests, GenerateRequest)]
         prefixes = [GENERATION_PREFIXES[r.language] for r in requests]
-        return self._images("generate", requests, prompts, prefixes, progress, should_cancel)
+        try:
+            return self._images("generate", requests, prompts, prefixes, progress, should_cancel)
+        finally:
+            release(self.offload_hooks)
 
     def edit(
         self,
@@ -251,7 +288,10 @@ class NexusGen:
         """Image editing for one bucket of requests (decoder "edit" or "generation")."""
         prompts = [editing_prompt(r.instruction, r.image) for r in self._check(requests, EditRequest)]
         prefixes = [EDIT_PREFIXES[r.language] for r in requests]
-        return self._images("edit", requests, prompts, prefixes, progress, should_cancel)
+        try:
+            return self._images("edit", requests, prompts, prefixes, progress, should_cancel)
+        finally:
+            release(self.offload_hooks)
 
     def understand(
         self,
@@ -280,7 +320,10 @@ class NexusGen:
                 [understanding_prompt(requests[i].instruction, requests[i].image) for i in live]
             )
             stop = {self.ar.ids["eos"], self.ar.ids["pad"], self.ar.ids["im_end"]}
-            decoded = self.ar.greedy(enc, [requests[i].max_new_tokens for i in live], set(), stop)
+            try:
+                decoded = self.ar.greedy(enc, [requests[i].max_new_tokens for i in live], set(), stop)
+            finally:
+                release(self.offload_hooks)
         for i, out in zip(live, decoded, strict=True):
             results[i].text = self.components.tokenizer.decode(out.tokens, skip_special_tokens=True)
             results[i].provenance = self._provenance(
@@ -299,7 +342,8 @@ class NexusGen:
         buckets = {bucket_of(r) for r in requests}
         if len(buckets) > 1:
             raise ValueError(
-                f"requests of one call must share size, steps, cfg, guidance and decoder: {buckets}"
+                f"requests of one call must share size, steps, cfg, guidance, decoder and cache threshold: "
+                f"{buckets}"
             )
         return requests
 
@@ -323,6 +367,7 @@ class NexusGen:
         seeds = [r.seed if r.seed is not None else secrets.randbelow(2**32) for r in requests]
         results = [Result() for _ in requests]
         timings: dict[str, float] = {}
+        cache_stats: dict[str, Any] = {}
         for i in range(len(requests)):
             _notify(progress, i, "encoding")
 
@@ -348,9 +393,11 @@ class NexusGen:
             job = DenoiseJob(
                 ok, [seeds[i] for i in ok], positive, negative,
                 first.width, first.height, first.steps, float(first.cfg_scale), float(first.guidance),
+                float(first.cache_threshold),
             )  # fmt: skip
             on_step = None if progress is None else lambda i, s, n: progress(i, "denoising", s, n)
             channels = self.components.vae.config.latent_channels
+            self._log_first_compile(first, len(ok))
             with _timer(timings, "denoise_s", self.device):
                 latents, kept = denoise(dit, job, vae_scale, channels, self.device, on_step, should_cancel)
             # 5. VAE decode
@@ -362,13 +409,29 @@ class NexusGen:
                 results[i].image = image
             for i in sorted(set(ok) - set(kept)):
                 results[i].error = RequestError("canceled", "canceled during denoising")
+            cache_stats = job.stats
 
         for i, req in enumerate(requests):
             results[i].provenance = self._provenance(
                 req, len(requests), timings, task=task, seed=seeds[i], decoder=decoder,
                 prefix_mode=self.prefix_mode, prefix_text=prefix_texts[i],
             )  # fmt: skip
+            if cache_stats:
+                results[i].provenance["step_cache"] = {
+                    "skipped_steps": cache_stats["skipped_steps"].get(i, 0),
+                    "batch_block_evaluations": cache_stats["block_evaluations"],
+                    "batch_blocks_skipped": cache_stats["blocks_skipped"],
+                }
         return results
+
+    def _log_first_compile(self, first: GenerateRequest | EditRequest, batch: int) -> None:
+        """With regional compilation, the first call of a shape bucket compiles its blocks: say so."""
+        key = (*bucket_of(first), batch)
+        if self.options.compile == "regional" and key not in self._compiled_buckets:
+            self._compiled_buckets.add(key)
+            log.info(
+                "compiling the repeated DiT blocks for bucket %s at batch %d (first use)", key[:-1], batch
+            )
 
     def _prefixes(
         self, prompts: list[ARPrompt], forced: list[str]
@@ -419,6 +482,7 @@ class NexusGen:
             "tp_size": self.tp_size,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "speed_options": self.options.describe(),
             "timings": dict(timings),
             **extra,
         }

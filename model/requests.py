@@ -25,6 +25,7 @@ class GenerateRequest:
     seed: int | None = None  # None: a random seed, recorded in the provenance
     language: Language = "en"
     negative_prompt: str = ""
+    cache_threshold: float = 0.0  # step cache (TeaCache) threshold; 0 = off
 
 
 @dataclass
@@ -42,6 +43,7 @@ class EditRequest:
     decoder: Decoder = "edit"
     language: Language = "en"
     negative_prompt: str = ""
+    cache_threshold: float = 0.0
 
 
 @dataclass

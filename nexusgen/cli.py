@@ -140,6 +140,13 @@ def worker(webhooks: bool, concurrency: int | None, hostname: str | None) -> Non
     keep_celery_logging()
     settings.require("database_url", "broker_url", "s3_endpoint_url")
     queues = [WEBHOOK_QUEUE, MAINTENANCE_QUEUE] if webhooks else [MODEL_QUEUES[t] for t in settings.tasks]
+    if not webhooks:
+        from worker.execute import check_speed_options
+
+        try:  # e.g. NEXUSGEN_DIT_PRECISION=fp8 on a CPU: refuse now, not at the first job
+            check_speed_options(settings)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
     from worker.app import run_worker
 
     run_worker(settings, queues=queues, concurrency=concurrency or (4 if webhooks else 1), hostname=hostname)

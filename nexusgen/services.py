@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.config
 import os
@@ -60,9 +61,39 @@ def keep_celery_logging() -> None:
 # --- single services (the `nexusgen api` and `nexusgen flower` commands) --------------------------------
 
 
+# The codes of the answers gunicorn gives itself, before the app sees a request (request line too long,
+# header fields too large, malformed HTTP).
+GUNICORN_ERROR_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    414: "uri_too_long",
+    417: "expectation_failed",
+    431: "header_fields_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+}
+
+
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own error answers as our error object instead of an HTML page."""
+    from gunicorn.util import write_nonblock
+
+    code = GUNICORN_ERROR_CODES.get(status_int, "bad_request")
+    body = json.dumps({"error": {"code": code, "message": mesg or reason, "details": None}}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    write_nonblock(sock, head.encode("latin1") + body)
+
+
 def serve_api(settings: Settings, *, workers: int, threads: int) -> None:
     """Run `api.app:create_app(settings)` under gunicorn (threaded workers) on the configured address."""
+    import gunicorn.util
     from gunicorn.app.base import BaseApplication
+
+    # gunicorn writes its pre-app errors through this one function (workers inherit it by fork).
+    gunicorn.util.write_error = write_json_error
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:

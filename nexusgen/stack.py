@@ -124,7 +124,8 @@ def require_answering(name: str, url: str, source: Path | None) -> None:
     hint = (
         f"; {source} belongs to an `up` that no longer serves it: restart `nexusgen up`"
         if source
-        else f"; start that server, or unset {name} to let `nexusgen up` start an embedded one"
+        else f"; start that server, or unset {name} (if it came from a sourced .nexusgen/env: commands "
+        "then find the running `nexusgen up` themselves, and `up` starts embedded servers)"
         if name != "NEXUSGEN_API_URL"
         else "; is `nexusgen up` or `nexusgen api` running there?"
     )

@@ -1,7 +1,9 @@
 """`nexusgen up`: start embedded servers for unset URLs, migrate, then supervise the service processes.
 
 Every service runs as its own child process (`nexusgen api`, `worker`, `worker --webhooks`, `beat`,
-`flower`) in its own session, logging to STATE_DIR/logs/<service>.log; Ctrl-C or SIGTERM stops them in
+`flower`) in its own session, logging to STATE_DIR/logs/<service>.log, next to the embedded servers.
+A child that dies (a service or an embedded server) is logged and restarted with backoff while the rest
+keep running; `up` gives up only on a child whose restarts keep failing. Ctrl-C or SIGTERM stops them in
 order (API first, embedded servers last) and kills what does not stop in time.
 """
 
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,31 +53,70 @@ def check_ports(ports: dict[str, tuple[int, str]], host: str = "127.0.0.1") -> N
 
 # --- supervision ------------------------------------------------------------------------------------------
 
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # waits before each restart of a child that keeps dying
+STABLE_AFTER_S = 10.0  # a child that ran this long started fine: its next death starts the backoff afresh
+
 
 @dataclass
 class Child:
-    """One supervised service process."""
+    """One supervised process: a service (`argv`) or an embedded server (`launch` returns its Server)."""
 
     name: str
-    argv: list[str]
+    argv: list[str] = field(default_factory=list)
     stop_timeout_s: float = 15.0
-    process: subprocess.Popen[bytes] | None = None
+    process: Any = None  # subprocess.Popen, or _NotStarted after a restart that could not start
     log_path: Path | None = None
+    launch: Callable[[], Any] | None = None  # embedded servers: start again on the same port and data
+    server: Any = None
+    started_at: float = 0.0
+    failures: int = 0  # deaths in a row, each within STABLE_AFTER_S of its start
+    restart_at: float | None = None  # when a dead child is due to be started again
 
     @property
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
 
+class _NotStarted:
+    """Stands for the process of a restart that failed to start at all (exit status 127)."""
+
+    pid = -1
+
+    def poll(self) -> int:
+        return 127
+
+    def send_signal(self, sig: int) -> None:
+        return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 127
+
+
 @dataclass
 class Supervisor:
-    """Starts children with a shared environment and stops them in reverse order."""
+    """Starts children, restarts any that dies (with backoff), and stops them in reverse order.
+
+    A dead child is logged and restarted while the others keep running; only a child whose restarts
+    keep failing (more than len(backoff_s) deaths in a row, each soon after its start) ends the stack.
+    """
 
     env: dict[str, str]
     log_dir: Path
     children: list[Child] = field(default_factory=list)
+    backoff_s: tuple[float, ...] = RESTART_BACKOFF_S
+    stable_after_s: float = STABLE_AFTER_S
 
     def start(self, child: Child) -> None:
+        self._spawn(child)
+        self.children.append(child)
+
+    def _spawn(self, child: Child) -> None:
+        child.started_at = time.monotonic()
+        if child.launch is not None:
+            child.server = child.launch()
+            child.process, child.log_path = child.server.process, child.server.log_path
+            log.info("started embedded %s (pid %d)", child.name, child.process.pid)
+            return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         child.log_path = self.log_dir / f"{child.name}.log"
         with child.log_path.open("ab") as out:
@@ -82,21 +124,55 @@ class Supervisor:
             child.process = subprocess.Popen(
                 child.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self.children.append(child)
         log.info("started %s (pid %d): %s", child.name, child.process.pid, shlex.join(child.argv))
 
     def dead(self) -> list[Child]:
         return [c for c in self.children if c.exit_code is not None]
+
+    def check(self) -> Child | None:
+        """Restart dead children whose backoff is over; return a child that keeps failing (give up)."""
+        now = time.monotonic()
+        for child in self.dead():
+            if child.restart_at is None:  # just found dead
+                if child.process.pid > 0:
+                    kill_group(child.process.pid)  # pool processes a killed leader left behind
+                ran_s = now - child.started_at
+                child.failures = 1 if ran_s >= self.stable_after_s else child.failures + 1
+                if child.failures > len(self.backoff_s):
+                    log.error(
+                        "%s died %d times in a row, each within %.0f s of its start; giving up",
+                        child.name,
+                        child.failures,
+                        self.stable_after_s,
+                    )
+                    return child
+                wait_s = self.backoff_s[child.failures - 1]
+                child.restart_at = now + wait_s
+                log.error(
+                    "%s (pid %d) exited with status %s after %.1f s; restarting it in %.0f s (log %s)",
+                    child.name,
+                    child.process.pid,
+                    child.exit_code,
+                    ran_s,
+                    wait_s,
+                    child.log_path,
+                )
+            if now >= child.restart_at:
+                child.restart_at = None
+                try:
+                    self._spawn(child)
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    log.error("restarting %s failed: %s", child.name, exc)
+                    child.started_at, child.process = now, _NotStarted()
+        return None
 
     def stop_all(self) -> None:
         """SIGTERM every child at once (API first), then wait for each; SIGKILL what outlives its timeout."""
         started = time.monotonic()
         running = [c for c in reversed(self.children) if c.process is not None and c.process.poll() is None]
         for child in running:
-            assert child.process is not None
             child.process.send_signal(signal.SIGTERM)
         for child in running:
-            assert child.process is not None
             remaining = max(0.0, child.stop_timeout_s - (time.monotonic() - started))
             try:
                 child.process.wait(timeout=remaining)
@@ -106,6 +182,9 @@ class Supervisor:
             # the whole session: also pool processes a killed or careless leader left behind
             kill_group(child.process.pid)
             child.process.wait(timeout=10)
+        for child in self.children:
+            if child.server is not None:
+                child.server.stop()  # closes its log; the process is already gone
         self.children.clear()
 
 
@@ -223,38 +302,47 @@ def prepare_model_dir(settings: Settings) -> Settings:
     return settings.with_overrides(model_dir=str(directory), prefix_mode="forced")
 
 
-def start_embedded(settings: Settings, log_dir: Path) -> tuple[Settings, list[Any]]:
-    """Start PostgreSQL, Redis and SeaweedFS S3 for whichever URL is unset, data under the state dir.
+def embedded_children(settings: Settings, log_dir: Path) -> tuple[Settings, list[Child]]:
+    """Children for PostgreSQL, Redis and SeaweedFS S3 for whichever URL is unset, data under the state dir.
 
-    Each keeps the port of its last start when that is free (a sourced STATE_DIR/env stays valid).
+    Each keeps the port of its last start when that is free (a sourced STATE_DIR/env stays valid), and a
+    restart after a crash reuses that port and data, so the other children's URLs stay right.
     """
     from nexusgen import embedded
 
-    state, servers, changes = settings.state_dir, [], {}
-    try:
-        if not settings.database_url:
-            server = embedded.start_postgres(
-                state / "postgres", embedded.remembered_port(state, "postgres"), log_dir / "postgres.log"
+    state, children, changes = settings.state_dir, [], {}
+    if not settings.database_url:
+        pg_port = embedded.remembered_port(state, "postgres")
+        children.append(
+            Child(
+                "postgres",
+                launch=lambda: embedded.start_postgres(state / "postgres", pg_port, log_dir / "postgres.log"),
             )
-            servers.append(server)
-            changes["database_url"] = server.url
-        if not settings.broker_url:
-            port = embedded.remembered_port(state, "redis")
-            server = embedded.start_redis(state / "redis", port, log_dir / "redis.log")
-            servers.append(server)
-            changes["broker_url"] = server.url
-        if not settings.s3_endpoint_url:
-            access, secret = embedded.s3_credentials(state)
-            port = embedded.remembered_port(state, "s3")
-            server = embedded.start_s3(state / "s3", port, log_dir / "s3.log", access, secret)
-            servers.append(server)
-            changes.update(s3_endpoint_url=server.url, s3_access_key=access, s3_secret_key=secret)
-    except BaseException:
-        stop_embedded(servers)
-        raise
-    for server in servers:
-        log.info("embedded %s at %s (log %s)", server.name, server.url, server.log_path)
-    return settings.with_overrides(**changes), servers
+        )
+        changes["database_url"] = f"postgresql+psycopg://postgres@127.0.0.1:{pg_port}/nexusgen"
+    if not settings.broker_url:
+        redis_port = embedded.remembered_port(state, "redis")
+        children.append(
+            Child(
+                "redis",
+                launch=lambda: embedded.start_redis(state / "redis", redis_port, log_dir / "redis.log"),
+            )
+        )
+        changes["broker_url"] = f"redis://127.0.0.1:{redis_port}/0"
+    if not settings.s3_endpoint_url:
+        access, secret = embedded.s3_credentials(state)
+        s3_port = embedded.remembered_port(state, "s3")
+        children.append(
+            Child(
+                "s3",
+                launch=lambda: embedded.start_s3(state / "s3", s3_port, log_dir / "s3.log", access, secret),
+                stop_timeout_s=15,
+            )
+        )
+        changes.update(
+            s3_endpoint_url=f"http://127.0.0.1:{s3_port}", s3_access_key=access, s3_secret_key=secret
+        )
+    return settings.with_overrides(**changes), children
 
 
 EMBEDDABLE = {"database_url": "postgres", "broker_url": "redis", "s3_endpoint_url": "s3"}
@@ -291,13 +379,6 @@ def check_configured_urls(settings: Settings) -> Settings:
     return settings.with_overrides(**unset) if unset else settings
 
 
-def stop_embedded(servers: list[Any]) -> None:
-    """Stop in reverse start order; Server.stop kills what ignores SIGTERM (SeaweedFS) after its timeout."""
-    for server in reversed(servers):
-        server.stop()
-        log.info("stopped embedded %s", server.name)
-
-
 def run_up(settings: Settings) -> int:
     """Run the stack until Ctrl-C or SIGTERM; return the exit status."""
     configure_logging("up", settings.log_level)
@@ -306,7 +387,6 @@ def run_up(settings: Settings) -> int:
     flower_port = settings.flower_port
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    servers: list[Any] = []
     supervisor: Supervisor | None = None
     state_file: Path | None = None
     status = 0
@@ -320,7 +400,11 @@ def run_up(settings: Settings) -> int:
             settings.api_host,
         )
         settings = check_configured_urls(settings)
-        settings, servers = start_embedded(settings, settings.state_dir / "logs")
+        supervisor = Supervisor({}, settings.state_dir / "logs")
+        settings, servers = embedded_children(settings, supervisor.log_dir)
+        for server in servers:  # first, so that they stop last
+            supervisor.start(server)
+            log.info("embedded %s (log %s)", server.name, server.log_path)
         settings = prepare_model_dir(settings)
         from core.migrate import upgrade
         from core.storage import Storage
@@ -328,7 +412,7 @@ def run_up(settings: Settings) -> int:
         upgrade(settings)
         Storage.from_settings(settings).ensure_bucket()
         log.info("database schema is up to date and bucket %s is there", settings.s3_bucket)
-        supervisor = Supervisor(service_env(settings), settings.state_dir / "logs")
+        supervisor.env = service_env(settings)
         for child in service_children(settings, flower_port):
             supervisor.start(child)
         api_url = f"http://{settings.api_host}:{settings.api_port}"
@@ -342,8 +426,8 @@ def run_up(settings: Settings) -> int:
                 flush=True,
             )
         while not stop.wait(0.5):
-            if dead := supervisor.dead():
-                log.error("%s exited with status %s; stopping the stack", dead[0].name, dead[0].exit_code)
+            if failing := supervisor.check():
+                print(f"error: {failing.name} keeps dying; giving up and stopping the stack", file=sys.stderr)
                 status = 1
                 break
     except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
@@ -355,7 +439,6 @@ def run_up(settings: Settings) -> int:
             state_file.unlink(missing_ok=True)
         if supervisor is not None:
             supervisor.stop_all()
-        stop_embedded(servers)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         log.info("nexusgen stopped")

@@ -84,19 +84,11 @@ def settings(
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> Iterator[Engine]:
     from core.db import make_engine
+    from core.migrate import upgrade
     from core.storage import Storage
 
-    try:
-        from core.migrate import upgrade
-    except ImportError:  # before migrations exist
-        upgrade = None
-    if upgrade is not None:
-        upgrade(settings)
+    upgrade(settings)
     eng = make_engine(settings)
-    if upgrade is None:
-        from core.schema import metadata
-
-        metadata.create_all(eng)
     Storage.from_settings(settings).ensure_bucket()
     yield eng
     eng.dispose()

@@ -21,25 +21,15 @@ from core.queue import MAINTENANCE_QUEUE, MODEL_QUEUES, TASK_DELIVER, TASK_SWEEP
 from core.settings import Settings
 from core.storage import Storage
 
-SETTINGS_KEY = "nexusgen_settings"  # app.conf key holding the Settings (worker.delivery reads it too)
-TASK_MODULES = ("worker.tasks", "worker.sweeper")
-OPTIONAL_TASK_MODULES = ("worker.delivery",)
-
-
-def _optional_module(name: str) -> Any | None:
-    """Import a task module written by another part of the project, or None while it does not exist."""
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-        return None
+TASK_MODULES = ("worker.tasks", "worker.sweeper", "worker.delivery")
+WEBHOOK_POLL_S = 5.0  # beat asks a webhook worker to look at the outbox this often (commits also kick it)
 
 
 class NexusGenCelery(Celery):
-    """A Celery app that carries the service Settings and this process's engine and storage."""
+    """A Celery app that carries the service Settings and this process's engine and storage.
+
+    Tasks reach them through worker.runtime.NexusGenTask (`self.settings`, `self.engine`, ...).
+    """
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__("nexusgen", **kwargs)
@@ -70,21 +60,22 @@ class NexusGenCelery(Celery):
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The periodic tasks: the sweeper, and webhook delivery polling when worker.delivery exists."""
-    schedule: dict[str, dict[str, Any]] = {
+    """The periodic tasks: the sweeper and the webhook outbox poll.
+
+    A run nobody started within its period is superseded by the next one (`expires`).
+    """
+    return {
         "nexusgen-sweep": {
             "task": TASK_SWEEP,
             "schedule": timedelta(seconds=settings.sweep_interval_s),
-            # a sweep nobody ran in time is superseded by the next one
             "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_interval_s},
-        }
+        },
+        "nexusgen-deliver-webhooks": {
+            "task": TASK_DELIVER,
+            "schedule": WEBHOOK_POLL_S,
+            "options": {"queue": WEBHOOK_QUEUE, "expires": WEBHOOK_POLL_S},
+        },
     }
-    delivery = _optional_module("worker.delivery")
-    extra = getattr(delivery, "BEAT_SCHEDULE", None) if delivery is not None else None
-    if callable(extra):
-        extra = extra(settings)
-    schedule.update(extra or {})
-    return schedule
 
 
 def model_queues(settings: Settings) -> list[str]:
@@ -114,12 +105,10 @@ def make_celery(settings: Settings) -> NexusGenCelery:
             f"({settings.lease_s}), or leases run out between heartbeats"
         )
     signals.worker_init.connect(_fail_on_cold_shutdown, weak=False, dispatch_uid="nexusgen-worker-init")
-    include = list(TASK_MODULES) + [m for m in OPTIONAL_TASK_MODULES if _optional_module(m) is not None]
     app = NexusGenCelery(
-        settings, broker=settings.broker_url, backend=settings.result_backend, include=include
+        settings, broker=settings.broker_url, backend=settings.result_backend, include=list(TASK_MODULES)
     )
     app.conf.update(
-        {SETTINGS_KEY: settings},
         task_acks_late=True,  # a message is acked only after its task ran: a killed worker loses nothing
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

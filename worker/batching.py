@@ -9,79 +9,38 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-import urllib3.exceptions
-from kombu.exceptions import OperationalError as BrokerError
-from minio.error import ServerError as S3ServerError
-from sqlalchemy import Connection, Engine, func, select
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy import Engine
 
 from core import jobs as jobstate
 from core.db import transaction
-from core.records import Job, JobStatus
-from core.schema import jobs
+from core.fair_share import queue_head
+from core.records import Job
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
 DRAIN_BUDGET_S = 30.0  # one task drains for at most this long, then hands over to a fresh wake-up
-# Infrastructure hiccups worth a retry (database, object storage, broker), never bad input or OOM.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OperationalError,
-    InterfaceError,
-    urllib3.exceptions.HTTPError,
-    S3ServerError,
-    BrokerError,
-    ConnectionError,
-    TimeoutError,
-)
-
-
-@dataclass(frozen=True)
-class Head:
-    """The bucket the next claim would take, how many of its jobs wait, and the oldest one's age."""
-
-    bucket: str
-    queued: int
-    age_s: float
-
-
-def peek_head(conn: Connection, task: str, bucket: str | None) -> Head | None:
-    """The bucket of the first queued job (priority, then age) of `task`, without locking anything."""
-    waiting = (jobs.c.status == JobStatus.QUEUED, jobs.c.cancel_requested.is_(False))
-    head_q = select(jobs.c.bucket).where(*waiting, jobs.c.task == task)
-    if bucket is not None:
-        head_q = head_q.where(jobs.c.bucket == bucket)
-    head = conn.execute(
-        head_q.order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id).limit(1)
-    ).scalar_one_or_none()
-    if head is None:
-        return None
-    queued, age = conn.execute(
-        select(func.count(), func.extract("epoch", func.now() - func.min(jobs.c.enqueued_at))).where(
-            *waiting, jobs.c.bucket == head
-        )
-    ).one()
-    return Head(bucket=head, queued=int(queued), age_s=float(age or 0.0))
 
 
 def gather_and_claim(
     engine: Engine, settings: Settings, worker_id: str, task: str, bucket: str | None
 ) -> list[Job]:
-    """Claim the next batch of `task` (in `bucket` if given).
+    """Claim the next batch of `task` (in `bucket` if given), tenants taking turns (core.fair_share).
 
     With fewer than max_batch jobs queued, wait until the oldest of them has waited batch_window_s, so
     jobs submitted a moment apart share one model call; a full bucket or an old job is claimed at once.
     """
     while True:
-        with engine.connect() as conn:
-            head = peek_head(conn, task, bucket)
+        with engine.connect() as conn:  # the peek locks nothing: claims of other workers go on
+            head = queue_head(
+                conn, [task], bucket, full_at=settings.max_batch, window_s=settings.batch_window_s
+            )
         if head is None:
             return []
         wait = settings.batch_window_s - head.age_s
-        if head.queued < settings.max_batch and wait > 0:
+        if head.available < settings.max_batch and wait > 0:
             time.sleep(min(wait, POLL_S))
             continue
         with transaction(engine) as conn:
@@ -92,6 +51,7 @@ def gather_and_claim(
                 max_batch=settings.max_batch,
                 lease_s=settings.lease_s,
                 bucket=head.bucket,
+                head=head,
             )
         if rows:
             return rows

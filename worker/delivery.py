@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from collections import Counter
@@ -22,9 +21,9 @@ from typing import Any
 
 from celery import shared_task
 from sqlalchemy import Connection, Engine, RowMapping, func, or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from core.db import make_engine
-from core.queue import TASK_DELIVER, WEBHOOK_QUEUE
+from core.queue import TASK_DELIVER
 from core.records import (
     RESULT_EVENT_IMAGE,
     RESULT_EVENT_TEXT,
@@ -38,17 +37,10 @@ from core.settings import Settings
 from core.ssrf import SendOutcome, WebhookURLRefused, post_to_checked_url, resolve_webhook_url
 from core.storage import Storage
 from core.webhooks import sign_headers, signing_secrets
+from worker.runtime import NexusGenTask
 
 log = logging.getLogger(__name__)
 
-BEAT_SCHEDULE = {
-    # a poll nobody ran within its period is superseded by the next one
-    "nexusgen-deliver-webhooks": {
-        "task": TASK_DELIVER,
-        "schedule": 5.0,
-        "options": {"queue": WEBHOOK_QUEUE, "expires": 5.0},
-    }
-}
 MAX_PARALLEL = 8  # attempts in flight per task
 PER_ENDPOINT_LIMIT = 4  # of those, to one endpoint
 PER_TENANT_LIMIT = 4  # of those, for one tenant (the other slots stay free for other tenants)
@@ -231,6 +223,30 @@ def _finish(
             )
 
 
+def _record(
+    engine: Engine,
+    settings: Settings,
+    delivery: RowMapping,
+    outcome: SendOutcome,
+    status: DeliveryStatus,
+    next_in_s: float | None = None,
+) -> None:
+    """_finish, retried through a database outage while the claim lock lasts: an answer the receiver gave
+    is not thrown away lightly (unrecorded, the event is sent again once the lock runs out)."""
+    give_up = time.monotonic() + settings.webhook_lock_s - settings.webhook_timeout_s - 5
+    delay = 0.5
+    while True:
+        try:
+            _finish(engine, delivery, outcome, status, next_in_s)
+            return
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + delay > give_up:
+                raise
+            log.warning("recording a webhook attempt failed (%s); retrying", exc.__class__.__name__)
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+
+
 def deliver_one(
     engine: Engine,
     settings: Settings,
@@ -269,7 +285,7 @@ def deliver_one(
     except WebhookURLRefused as exc:
         outcome = SendOutcome.failure(f"{exc.reason}: {exc}")
         if exc.reason != "unresolvable_host":  # a policy refusal does not heal by retrying
-            _finish(engine, delivery, outcome, DeliveryStatus.REFUSED, None)
+            _record(engine, settings, delivery, outcome, DeliveryStatus.REFUSED)
             return DeliveryStatus.REFUSED
     else:
         headers = sign_headers(secrets, delivery["event_id"], body)
@@ -277,14 +293,14 @@ def deliver_one(
             checked, body.encode("utf-8"), headers, settings.webhook_timeout_s, deadline=deadline
         )
     if outcome.status_code is not None and 200 <= outcome.status_code < 300:
-        _finish(engine, delivery, outcome, DeliveryStatus.SUCCEEDED, None)
+        _record(engine, settings, delivery, outcome, DeliveryStatus.SUCCEEDED)
         return DeliveryStatus.SUCCEEDED
     if outcome.status_code == 410:
-        _finish(engine, delivery, outcome, DeliveryStatus.DISABLED, None)
+        _record(engine, settings, delivery, outcome, DeliveryStatus.DISABLED)
         return DeliveryStatus.DISABLED
     delay = retry_delay(settings.webhook_retry_schedule_s, delivery["attempts"] + 1)
     status = DeliveryStatus.PENDING if delay is not None else DeliveryStatus.DEAD
-    _finish(engine, delivery, outcome, status, delay)
+    _record(engine, settings, delivery, outcome, status, delay)
     return status
 
 
@@ -334,27 +350,12 @@ def deliver_due(
                 counts[status.value] = counts.get(status.value, 0) + 1
 
 
-_engines: dict[tuple[int, str], Engine] = {}
-
-
-def _runtime(app: Any) -> tuple[Settings, Engine, Storage | None]:
-    """Settings, engine and storage of this worker process (worker.app's NexusGenCelery provides them)."""
-    settings = app.conf.get("nexusgen_settings") or Settings.from_env()
-    engine = getattr(app, "engine", None)
-    if engine is None:  # a plain Celery app: one engine per process
-        key = (os.getpid(), str(settings.database_url))
-        if key not in _engines:
-            _engines[key] = make_engine(settings)
-        engine = _engines[key]
-    storage = getattr(app, "storage", None) if settings.s3_endpoint_url else None
-    return settings, engine, storage
-
-
-@shared_task(name=TASK_DELIVER, bind=True, ignore_result=True)
-def deliver_webhooks(self: Any) -> dict[str, int]:
-    """Deliver due webhooks until none are left or the time budget is spent."""
-    settings, engine, storage = _runtime(self.app)
-    counts = deliver_due(engine, settings, storage=storage, budget_s=TASK_BUDGET_S)
+@shared_task(base=NexusGenTask, name=TASK_DELIVER, bind=True, ignore_result=True, autoretry_for=())
+def deliver_webhooks(self: NexusGenTask) -> dict[str, int]:
+    """Deliver due webhooks until none are left or the time budget is spent (beat polls again anyway)."""
+    settings = self.settings
+    storage = self.storage if settings.s3_endpoint_url else None
+    counts = deliver_due(self.engine, settings, storage=storage, budget_s=TASK_BUDGET_S)
     if counts:
         log.info("webhook deliveries: %s", counts)
     return counts

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from minio.error import S3Error
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlalchemy import Engine, select
 
 from core import jobs as jobstate
@@ -30,6 +30,7 @@ from core.schema import jobs as jobs_table
 from core.schema import results, uploads
 from core.settings import Settings
 from core.storage import Storage, result_key
+from core.submit import MAX_SIDE
 from model import (
     EditRequest,
     GenerateRequest,
@@ -39,8 +40,8 @@ from model import (
     UnderstandRequest,
     validate_request,
 )
-from worker.batching import TRANSIENT_ERRORS
 from worker.heartbeat import LeaseKeeper
+from worker.runtime import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,14 @@ def worker_device(settings: Settings) -> str:
 
     index = getattr(current_process(), "index", None)  # set on prefork children only
     return settings.device if index is None else f"cuda:{index}"
+
+
+def check_speed_options(settings: Settings) -> None:
+    """Refuse at start what this worker's device or engine cannot do (fp8 on a CPU, offload with TP)."""
+    from model.speed import SpeedOptions, check_options
+
+    options = SpeedOptions(settings.compile, settings.dit_precision, settings.offload)
+    check_options(options, worker_device(settings), settings.engine)
 
 
 def load_model(settings: Settings) -> NexusGen:
@@ -149,10 +158,23 @@ def load_image(engine: Engine, storage: Storage, upload_id: str | None) -> Image
         if exc.code != "NoSuchKey":
             raise
         raise ValueError(f"upload {upload_id} has no stored image") from exc
+    return decode_input(data, upload_id)
+
+
+def decode_input(data: bytes, upload_id: str) -> Image.Image:
+    """Decode a stored input for the model: EXIF orientation applied, sides bounded to MAX_SIDE.
+
+    No stage uses more than MAX_SIDE pixels a side of an input (the AR encoder and the edit decoder's
+    reference are smaller still), so a 40 MP photo is decoded at a reduced JPEG scale and shrunk before
+    it is held; the stored original is kept as it is.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+            img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that suffices
+            upright = ImageOps.exif_transpose(img)
+            upright.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+            return upright.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"upload {upload_id} is not a readable image: {exc}") from exc
 
 

@@ -69,6 +69,7 @@ def check_plan(settings: Settings, rank: int, device: str) -> None:
         settings.tasks,
         tp=settings.tp_world,
         dtype=PLAN_DTYPES[parse_dtype(settings.dtype, device)],
+        fp8_dit=settings.dit_precision == "fp8",
         resident_text_encoders=settings.resident_text_encoders,
         devices=rank_devices(settings),
         edit_decoders=settings.edit_decoders,
@@ -76,8 +77,8 @@ def check_plan(settings: Settings, rank: int, device: str) -> None:
     )
     if rank == 0:
         log.info("%s", format_plan(plan))
-    if torch.device(device).type != "cuda":
-        return
+    if torch.device(device).type != "cuda" or settings.offload != "none":
+        return  # (offloaded modules visit the device one at a time: the plan is an upper bound)
     free, _total = torch.cuda.mem_get_info(torch.device(device))
     # text encoders kept in host memory visit the device for a call: leave room for the largest
     need = plan.devices[rank].total_bytes + max(plan.host_components.values(), default=0)
@@ -102,6 +103,9 @@ def build_model(settings: Settings, device: str, rank: int = 0) -> NexusGen:
         tasks=settings.tasks,
         edit_decoders=settings.edit_decoders,
         resident_text_encoders=settings.resident_text_encoders,
+        compile=settings.compile,
+        dit_precision=settings.dit_precision,
+        offload=settings.offload,
     )
     if settings.tp_world > 1:
         bound_collectives(settings.tp_timeout_s)

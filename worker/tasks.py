@@ -12,32 +12,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery, Task, shared_task
+from celery import shared_task
 from sqlalchemy import Engine
 
 from core.queue import TASK_PROCESS, publish_wakeups
 from core.records import Job
-from core.settings import Settings
 from core.webhooks import publish_delivery_kick
-from worker.batching import TRANSIENT_ERRORS, drain, release_claims
+from worker.app import NexusGenCelery
+from worker.batching import drain, release_claims
+from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
 
 if TYPE_CHECKING:
     from worker.execute import ComputedBatch
 
 log = logging.getLogger(__name__)
-
-MAX_RETRIES = 20
-MAX_BACKOFF_S = 60.0
-
-
-def app_resources(app: Celery) -> tuple[Settings, Any]:
-    """The Settings of a worker.app.NexusGenCelery app, and the app itself (engine, storage, worker id)."""
-    from worker.app import SETTINGS_KEY, NexusGenCelery
-
-    if not isinstance(app, NexusGenCelery):
-        raise RuntimeError("nexusgen tasks must run on worker.app.make_celery's app")
-    settings: Settings = app.conf[SETTINGS_KEY]
-    return settings, app
 
 
 def put_back(engine: Engine, rows: Sequence[Job], exc: BaseException) -> None:
@@ -88,16 +76,16 @@ class StoreBehind:
             self._pool.shutdown(wait=True)
 
 
-def process(app: Celery, task: str, bucket: str | None) -> int:
+def process(app: NexusGenCelery, task: str, bucket: str | None) -> int:
     """Drain the queue of `task` (starting with `bucket`); returns how many jobs this call claimed."""
-    settings, res = app_resources(app)
+    settings = app.settings
     if task not in settings.tasks:
         log.warning("wake-up for %s ignored: this worker serves %s", task, ",".join(settings.tasks))
         return 0
     from worker import execute  # imports torch: only in processes that run the model
 
     execute.load_model(settings)
-    engine, storage, worker_id = res.engine, res.storage, res.worker_id
+    engine, storage, worker_id = app.engine, app.storage, app.worker_id
 
     def store_and_announce(batch: Any) -> dict[str, int]:
         counts = execute.store_batch(engine, storage, worker_id, batch)
@@ -126,11 +114,7 @@ def process(app: Celery, task: str, bucket: str | None) -> int:
         behind.close()
 
 
-@shared_task(name=TASK_PROCESS, bind=True, ignore_result=True, max_retries=MAX_RETRIES)
-def process_queue(self: Task, task: str, bucket: str | None = None) -> int:
-    """Celery entry point of TASK_PROCESS(task, bucket); retries only transient infrastructure errors."""
-    try:
-        return process(self.app, task, bucket)
-    except TRANSIENT_ERRORS as exc:
-        countdown = min(MAX_BACKOFF_S, 2.0**self.request.retries)
-        raise self.retry(exc=exc, countdown=countdown) from exc
+@shared_task(base=NexusGenTask, name=TASK_PROCESS, bind=True, ignore_result=True)
+def process_queue(self: NexusGenTask, task: str, bucket: str | None = None) -> int:
+    """Celery entry point of TASK_PROCESS(task, bucket); NexusGenTask retries transient errors."""
+    return process(self.runtime, task, bucket)

@@ -51,6 +51,7 @@ def test_generate_job_gets_defaults_and_a_recorded_seed(client: Any, acme: Tenan
     assert isinstance(params["seed"], int)
     assert job["progress"] == {"step": None, "total_steps": None, "fraction": 0.0}
     assert job["error"] is None and job["result"] is None
+    assert (job["worker_losses"], job["put_backs"]) == (0, 0)
     again = client.get(f"/v1/jobs/{job['id']}", headers=acme.headers)
     assert again.status_code == 200 and again.get_json()["params"]["seed"] == params["seed"]
 

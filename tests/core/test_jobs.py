@@ -161,7 +161,7 @@ def test_cancel_queued_job_never_starts_and_unclaimed_jobs_are_republished(clean
         assert sm.cancel_job(conn, tenant_id, a).status is JobStatus.CANCELED  # type: ignore[union-attr]
         assert sm.cancel_job(conn, "ten_other", b) is None  # another tenant's job is invisible
     with clean_db.begin() as conn:
-        stale = sm.take_unclaimed(conn, older_than_s=-1)
+        stale = sm.find_unclaimed(conn, older_than_s=-1)
     assert [r["id"] for r in stale] == [b]
     with clean_db.begin() as conn:
         rows = sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=8, lease_s=60)
@@ -186,3 +186,26 @@ def test_sweeper_purges_expired_idempotency_keys(clean_db: Engine) -> None:
     with clean_db.begin() as conn:
         assert purge_expired(conn, 24 * 3600) == 1
         assert conn.execute(select(idempotency_keys.c.key)).scalars().all() == ["new"]
+
+
+def test_transient_put_backs_do_not_count_toward_poison(clean_db: Engine) -> None:
+    with clean_db.begin() as conn:
+        (job_id,) = _jobs(conn, _tenant(conn), 1)
+    for _ in range(5):  # a storage or database blip puts the job back, again and again
+        with clean_db.begin() as conn:
+            (row,) = sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=1, lease_s=60)
+            assert sm.requeue_job(conn, job_id, row.attempt, reason="transient error: S3Error")
+    for losses in (1, 2):  # then the worker is lost: only these count, and max_attempts is 3
+        with clean_db.begin() as conn:
+            sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=1, lease_s=-1)
+        with clean_db.begin() as conn:
+            requeued, failed = sm.expire_leases(conn, max_attempts=3)
+        assert [j.id for j in requeued] == [job_id] and not failed
+        assert (requeued[0].worker_losses, requeued[0].put_backs) == (losses, 5)
+    with clean_db.begin() as conn:
+        sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=1, lease_s=-1)
+    with clean_db.begin() as conn:
+        requeued, failed = sm.expire_leases(conn, max_attempts=3)
+    assert not requeued and [j.id for j in failed] == [job_id]
+    assert (failed[0].worker_losses, failed[0].put_backs, failed[0].attempt) == (3, 5, 8)
+    assert failed[0].error_code == "poison_job"

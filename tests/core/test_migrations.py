@@ -43,7 +43,12 @@ def test_upgrade_matches_metadata_and_downgrade_is_clean(empty_db: Any) -> None:
         assert set(inspect(conn).get_table_names()) == set(metadata.tables) | {"alembic_version"}
         assert schema_diff(conn) == []
         indexes = {ix["name"] for ix in inspect(conn).get_indexes("jobs")}
-        assert {"ix_jobs_claim", "ix_jobs_tenant_created", "ix_jobs_batch", "ix_jobs_lease"} <= indexes
+        assert {"ix_jobs_queue", "ix_jobs_queued_since", "ix_jobs_tenant_created", "ix_jobs_lease"} <= indexes
+        assert "ix_jobs_claim" not in indexes  # replaced by the partial ix_jobs_queue
+        triggers = conn.execute(
+            text("SELECT tgname FROM pg_trigger WHERE tgrelid = 'jobs'::regclass AND NOT tgisinternal")
+        ).scalars()
+        assert sorted(triggers) == ["jobs_count_delete", "jobs_count_insert", "jobs_count_update"]
 
     upgrade(settings)  # a second run is a no-op
     downgrade(settings, "base")
@@ -51,6 +56,7 @@ def test_upgrade_matches_metadata_and_downgrade_is_clean(empty_db: Any) -> None:
         assert current_revision(conn) is None
         assert inspect(conn).get_table_names() == ["alembic_version"]  # only Alembic's own bookkeeping
         assert conn.execute(text("SELECT count(*) FROM pg_type WHERE typtype = 'e'")).scalar() == 0
+        assert conn.execute(text("SELECT to_regproc('nexusgen_count_jobs')")).scalar() is None
 
     upgrade(settings)  # and back up again from empty
     with engine.connect() as conn:
@@ -61,3 +67,33 @@ def test_the_session_database_is_at_head(engine: Any) -> None:
     with engine.connect() as conn:
         assert current_revision(conn) == head_revision()
         assert schema_diff(conn) == []
+
+
+def test_fair_share_revision_counts_the_jobs_already_there(empty_db: Any) -> None:
+    settings, engine = empty_db
+    upgrade(settings, "0002_job_loss_accounting")  # the revision before the counters
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, webhook_secret) VALUES ('ten_a', 'a', 'whsec_x')"))
+        for i, (status, priority) in enumerate([("queued", 0)] * 3 + [("queued", 2), ("succeeded", 0)]):
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant_id, task, prompt, params, bucket, status, priority)"
+                    " VALUES (:id, 'ten_a', 'generate', 'x', '{}', 'b', :status, :priority)"
+                ),
+                {"id": f"job_{i}", "status": status, "priority": priority},
+            )
+    upgrade(settings)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET status = 'running' WHERE id = 'job_0'"))  # counted from now on
+        counted = conn.execute(
+            text(
+                "SELECT status, priority, sum(n) FROM job_counts GROUP BY status, priority"
+                " HAVING sum(n) <> 0 ORDER BY 1, 2"
+            )
+        ).all()
+    assert [tuple(r) for r in counted] == [
+        ("queued", 0, 2),
+        ("queued", 2, 1),
+        ("running", 0, 1),
+        ("succeeded", 0, 1),
+    ]

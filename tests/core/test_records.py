@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import Engine, select
 
 from core.ids import new_id
@@ -25,6 +26,7 @@ from core.records import (
 from core.schema import jobs, tenants
 from core.settings import Settings
 from core.storage import Storage
+from core.submit import SubmitError, validate_job
 
 
 def test_enums_travel_as_their_strings_through_postgres_and_json(clean_db: Engine) -> None:
@@ -82,3 +84,12 @@ def test_result_renderings_differ_only_in_the_fields_they_select(settings: Setti
     assert "url" not in unsigned and "expires_at" not in unsigned
     text = JobResult("job_2", ResultKind.TEXT, None, "text/plain", 2, "cd", None, None, "hi")
     assert result_payload(text, storage, 60) == {"content_type": "text/plain", "sha256": "cd", "text": "hi"}
+
+
+def test_refusals_name_the_plain_strings(settings: Settings) -> None:
+    with pytest.raises(SubmitError, match=r"one of \['generate', 'edit', 'understand'\], got 'paint'"):
+        validate_job({"task": "paint", "prompt": "x"}, settings)
+    with pytest.raises(SubmitError, match=r"list of \['job.succeeded', 'job.failed', "):
+        validate_job(
+            {"task": "generate", "prompt": "x", "webhook": {"url": "http://h/x", "events": []}}, settings
+        )

@@ -145,3 +145,17 @@ def test_insert_jobs_is_set_based(engine: Any, clean_db: Any) -> None:
     with engine.connect() as conn:
         prompts = conn.execute(select(jobs.c.prompt).order_by(jobs.c.id)).scalars().all()
     assert prompts == [str(i) for i in range(2500)]  # ids follow the submission order
+
+
+def test_inspecting_a_large_image_reads_its_header_only() -> None:
+    import io
+    import time
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((6000, 4000), 16).convert("RGB").save(buf, "JPEG", quality=60)
+    started = time.process_time()
+    info = inspect_image(buf.getvalue(), SETTINGS)
+    assert (info.width, info.height, info.content_type) == (6000, 4000, "image/jpeg")
+    assert time.process_time() - started < 0.1  # decoding 24 MP would take several times that

@@ -304,6 +304,18 @@ def test_64x64_generation_works_in_the_model_while_the_api_keeps_256(forced: Nex
         normalize_params("generate", {"width": 64, "height": 64})
 
 
+def test_every_boundary_the_api_accepts_the_model_accepts() -> None:
+    from core.submit import MAX_SIDE, MIN_SIDE, normalize_params
+
+    for side in (MIN_SIDE, MAX_SIDE):
+        for task, kind in (("generate", GenerateRequest), ("edit", EditRequest)):
+            for extreme in ({}, {"cfg_scale": 30, "guidance": 30, "cache_threshold": 1, "steps": 100}):
+                params = normalize_params(task, {"width": side, "height": side, **extreme})
+                fields = {k: v for k, v in params.items() if k in kind.__dataclass_fields__}
+                args = ("a",) if kind is GenerateRequest else ("a", GOOD_IMAGE)
+                validate_request(kind(*args, **fields))
+
+
 def test_validate_request_accepts_defaults() -> None:
     validate_request(GenerateRequest("a cat"))
     validate_request(replace(GenerateRequest("a cat"), width=2048, height=256, steps=100))

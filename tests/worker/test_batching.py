@@ -83,7 +83,7 @@ def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
     lost, _ = insert_job(engine, tenant, "generate")
     poison, _ = insert_job(engine, tenant, "generate")
     with transaction(engine) as conn:  # the poison job was already lost once
-        conn.execute(update(jobs).where(jobs.c.id == poison).values(attempt=1))
+        conn.execute(update(jobs).where(jobs.c.id == poison).values(attempt=1, worker_losses=1))
     assert sorted(claim(engine, max_batch=2, lease_s=0.2)) == sorted([lost, poison])
     time.sleep(0.4)
     counts = sweep(engine, make_publisher(cfg), cfg)

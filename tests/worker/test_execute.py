@@ -17,9 +17,9 @@ from core.settings import Settings
 from model.requests import GenerateRequest, RequestError, Result
 from tests.worker.support import insert_job, job_rows
 from worker.app import make_celery
-from worker.batching import TRANSIENT_ERRORS
 from worker.execute import Item, run_model
 from worker.heartbeat import LeaseKeeper
+from worker.runtime import TRANSIENT_ERRORS
 from worker.tasks import process
 
 

@@ -1,0 +1,203 @@
+"""The queue at depth: claim, peek, sweep and /metrics latency and JSONL ingestion at 10k/100k/1M queued.
+
+Starts embedded Postgres, Redis and S3 and the real API under gunicorn, makes 50 tenants, and fills the
+queue through the bulk path (10,000-line JSONL POSTs to /v1/batches, each from one tenant, lines spread
+over 20 buckets and 3 priorities). At each depth it times: a claim of 8 jobs of a known bucket
+(core.jobs.claim_batch, committed; the claimed jobs are put back afterwards, untimed), the worker's
+head-of-queue peek across buckets (core.fair_share.queue_head), one sweep (worker.sweeper.sweep), one
+GET /metrics, and reports the ingestion rate of the fill POSTs that reached the depth.
+Run: `python -m bench.bench_queue [--depths 10000,100000,1000000]`; writes bench/results/queue.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.bench_ingest import percentile, start_gunicorn
+from bench.common import table, write_result
+from bench.services import start_services
+
+TENANTS = 50
+SIZES = ((256, 256), (512, 512), (768, 768), (1024, 1024))
+STEPS = (10, 20, 30, 40, 50)  # 4 sizes x 5 step counts = 20 buckets
+PRIORITIES = (0, 1, 2)
+LINES = 10_000
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", default="10000,100000,1000000", help="queued jobs at each measurement")
+    parser.add_argument("--samples", type=int, default=100, help="timed claims and peeks per depth")
+    parser.add_argument("--scrapes", type=int, default=20, help="timed sweeps and /metrics scrapes per depth")
+    return parser.parse_args()
+
+
+def jsonl(batch_no: int, lines: int) -> bytes:
+    """One tenant's JSONL batch: every line in one of 20 buckets, at one of 3 priorities."""
+    out = []
+    for i in range(lines):
+        width, height = SIZES[(i // 5) % len(SIZES)]
+        spec = {
+            "task": "generate",
+            "prompt": f"a lighthouse at dusk, batch {batch_no} line {i}",
+            "params": {"width": width, "height": height, "steps": STEPS[i % len(STEPS)]},
+            "priority": PRIORITIES[(i // 20) % len(PRIORITIES)],
+            "custom_id": f"b{batch_no}-{i}",
+        }
+        out.append(json.dumps(spec))
+    return ("\n".join(out) + "\n").encode()
+
+
+def timings(fn: Callable[[], Any], n: int) -> dict[str, float]:
+    """Median and p99 milliseconds of `n` calls."""
+    ms = []
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - started) * 1000)
+    return {"median_ms": round(statistics.median(ms), 2), "p99_ms": round(percentile(ms, 0.99), 2)}
+
+
+def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: int) -> dict[str, Any]:
+    from sqlalchemy import update
+
+    from core.fair_share import queue_head
+    from core.jobs import bucket_key, claim_batch
+    from core.queue import make_publisher
+    from core.schema import jobs
+    from worker.sweeper import sweep
+
+    buckets = [
+        bucket_key("generate", {"width": w, "height": h, "steps": s, "cfg_scale": 3.0, "guidance": 3.5})
+        for w, h in SIZES
+        for s in STEPS
+    ]
+    turn = iter(range(10**9))
+
+    def claim() -> None:
+        with engine.begin() as conn:
+            bucket = buckets[next(turn) % len(buckets)]
+            rows = claim_batch(
+                conn, worker_id="bench", tasks=["generate"], max_batch=8, lease_s=600, bucket=bucket
+            )
+            assert len(rows) == 8, (bucket, len(rows))
+
+    def peek() -> None:
+        with engine.connect() as conn:
+            assert queue_head(conn, ["generate"], full_at=8, window_s=0.2) is not None
+
+    publisher = make_publisher(settings)
+    metrics = httpx.Client(base_url=base_url, timeout=60)
+
+    def scrape() -> None:
+        metrics.get("/metrics").raise_for_status()
+
+    sweep(engine, publisher, settings)  # fold the fill's counter rows, as beat does every 15 s
+    result = {
+        "claim": timings(claim, samples),
+        "peek": timings(peek, samples),
+        "sweep": timings(lambda: sweep(engine, publisher, settings), scrapes),
+        "metrics": timings(scrape, scrapes),
+    }
+    with engine.begin() as conn:  # put the claimed jobs back (untimed), so every depth is what it says
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.status == "running", jobs.c.lease_owner == "bench")
+            .values(status="queued", stage="queued", lease_owner=None, lease_expires_at=None, attempt=0)
+        )
+    metrics.close()
+    return result
+
+
+def main() -> int:
+    args = parse_args()
+    depths = [int(d) for d in args.depths.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="fair-bench-queue-"))
+    os.chmod(root, 0o755)  # the embedded Postgres runs as an unprivileged user
+    settings, servers = start_services(root)
+    api = None
+    results: list[dict[str, Any]] = []
+    try:
+        from core.auth import create_api_key, create_tenant
+        from core.db import make_engine
+
+        engine = make_engine(settings)
+        keys = []
+        with engine.begin() as conn:
+            for t in range(TENANTS):
+                create_tenant(conn, f"tenant-{t:02d}")
+                keys.append(create_api_key(conn, f"tenant-{t:02d}"))
+        base_url, api = start_gunicorn(settings, 2, 4, root / "api.log")
+        client = httpx.Client(base_url=base_url, timeout=600)
+        queued, batch_no = 0, 0
+        for depth in depths:
+            rates = []
+            while queued < depth:
+                lines = min(LINES, depth - queued)
+                body = jsonl(batch_no, lines)
+                headers = {
+                    "Authorization": f"Bearer {keys[batch_no % TENANTS]}",
+                    "Content-Type": "application/x-ndjson",
+                }
+                started = time.perf_counter()
+                client.post("/v1/batches", content=body, headers=headers).raise_for_status()
+                rates.append(lines / (time.perf_counter() - started))
+                queued += lines
+                batch_no += 1
+            load_before = os.getloadavg()
+            row = measure(engine, settings, base_url, args.samples, args.scrapes)
+            row.update(
+                depth=queued,
+                ingest_jobs_per_s=round(statistics.median(rates[-5:]), 1),
+                loadavg=[round(x, 2) for x in (*load_before, *os.getloadavg())],
+            )
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        client.close()
+        header = ["queued", "claim med/p99 ms", "peek med/p99 ms", "sweep med/p99 ms",
+                  "/metrics med/p99 ms", "ingest jobs/s", "load 1m"]  # fmt: skip
+        rows = [
+            [
+                r["depth"],
+                *(f"{r[k]['median_ms']}/{r[k]['p99_ms']}" for k in ("claim", "peek", "sweep", "metrics")),
+                r["ingest_jobs_per_s"],
+                r["loadavg"][0],
+            ]
+            for r in results
+        ]
+        print(table(rows, header))
+        write_result(
+            "queue",
+            {
+                "bench": "queue",
+                "tenants": TENANTS,
+                "buckets": len(SIZES) * len(STEPS),
+                "priorities": len(PRIORITIES),
+                "results": results,
+                "cpu_count": os.cpu_count(),
+            },
+        )
+    finally:
+        if api is not None:
+            api.terminate()
+            api.wait(15)
+        for server in servers:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

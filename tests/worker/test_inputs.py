@@ -1,0 +1,42 @@
+"""Input images as the model gets them: EXIF orientation applied, sides bounded, the original kept."""
+
+from __future__ import annotations
+
+import io
+import time
+
+from PIL import Image
+
+from core.submit import MAX_SIDE
+from worker.execute import decode_input
+
+
+def _jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
+    image = Image.new("RGB", (width, height), (200, 30, 30))
+    image.paste((30, 30, 200), (0, 0, width // 4, height))  # a blue band on the left edge
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied() -> None:
+    # Orientation 6: the camera was turned; viewers rotate 90 degrees clockwise.
+    upright = decode_input(_jpeg(640, 320, orientation=6), "upl_x")
+    assert upright.size == (320, 640)
+    top = upright.getpixel((160, 10))  # the left band ends up on top
+    assert isinstance(top, tuple) and top[2] > 150 and top[0] < 100
+    plain = decode_input(_jpeg(640, 320), "upl_y")
+    assert plain.size == (640, 320)
+
+
+def test_a_large_photo_is_bounded_early_and_fast() -> None:
+    data = _jpeg(8000, 5000)  # 40 MP
+    started = time.process_time()
+    image = decode_input(data, "upl_z")
+    cpu_s = time.process_time() - started
+    assert max(image.size) <= MAX_SIDE and image.mode == "RGB"
+    assert abs(image.width / image.height - 8000 / 5000) < 0.01
+    assert cpu_s < 1.5, f"decoding a 40 MP JPEG took {cpu_s:.2f} s of CPU"
