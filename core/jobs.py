@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, exists, func, select, update
+from sqlalchemy import Connection, RowMapping, Select, and_, exists, func, select, update
 
 from core.counts import queued_tasks
 from core.fair_share import Group, Head, fill_order, oldest_ids, queue_head, turn_taken
@@ -396,6 +396,20 @@ def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[Job], li
     return requeued, failed
 
 
+def find_unclaimed_query(task: str, older_than_s: float, limit: int) -> Select[tuple[str, str, str]]:
+    """The `limit` longest-waiting queued jobs of `task` past `older_than_s`: ix_jobs_queued_since order."""
+    return (
+        select(jobs.c.id, jobs.c.task, jobs.c.bucket)
+        .where(
+            jobs.c.status == JobStatus.QUEUED,
+            jobs.c.task == task,
+            jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s),
+        )
+        .order_by(jobs.c.enqueued_at)
+        .limit(limit)
+    )
+
+
 def find_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 100) -> list[RowMapping]:
     """Queued jobs nobody claimed for `older_than_s` (a lost wake-up?): their ids, tasks and buckets.
 
@@ -405,20 +419,8 @@ def find_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 100) -
     """
     found: list[RowMapping] = []
     for task in queued_tasks(conn):
-        found += (
-            conn.execute(
-                select(jobs.c.id, jobs.c.task, jobs.c.bucket)
-                .where(
-                    jobs.c.status == JobStatus.QUEUED,
-                    jobs.c.task == task,
-                    jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s),
-                )
-                .order_by(jobs.c.enqueued_at)
-                .limit(limit - len(found))
-            )
-            .mappings()
-            .all()
-        )
+        query = find_unclaimed_query(task, older_than_s, limit - len(found))
+        found += conn.execute(query).mappings().all()
         if len(found) >= limit:
             break
     return found

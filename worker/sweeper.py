@@ -11,26 +11,37 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, shared_task
-from sqlalchemy import Engine
+from sqlalchemy import Engine, RowMapping
 
 from core.counts import compact_counts
 from core.db import transaction
 from core.idempotency import purge_expired
 from core.jobs import expire_leases, find_unclaimed
 from core.queue import TASK_SWEEP, publish_wakeups
+from core.records import Job
 from core.settings import Settings
 from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
 
 log = logging.getLogger(__name__)
 
 
-def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, int]:
-    """One sweep; returns counts (requeued, poisoned, unclaimed, wakeups)."""
+def sweep_database(engine: Engine, settings: Settings) -> tuple[list[Job], list[Job], list[RowMapping], int]:
+    """The sweep's one transaction: (requeued jobs, poisoned jobs, forgotten queued jobs, keys purged).
+
+    Every query in it reads a bounded number of rows (partial indexes, the counters), whatever the depth.
+    """
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
         unclaimed = find_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
         folded = compact_counts(conn)
+    log.debug("sweep folded %d counter rows", folded)
+    return requeued, poisoned, unclaimed, purged
+
+
+def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, int]:
+    """One sweep; returns counts (requeued, poisoned, unclaimed, wakeups)."""
+    requeued, poisoned, unclaimed, purged = sweep_database(engine, settings)
     # After the commit: a worker woken now must see the jobs queued.
     pairs = [(job.task.value, job.bucket) for job in requeued] + [(r["task"], r["bucket"]) for r in unclaimed]
     wakeups = publish_wakeups(publisher, pairs)
@@ -41,7 +52,6 @@ def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, in
         "wakeups": wakeups,
         "idempotency_keys_purged": purged,
     }
-    log.debug("sweep folded %d counter rows", folded)
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts
