@@ -147,7 +147,7 @@ def _launch(world: int, checkpoint: Path, tmp_path: Path, device: str = "cpu") -
         )  # fmt: skip
         for r in range(world)
     ]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
     for rank, (proc, log) in enumerate(zip(procs, logs, strict=True)):
         assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{log[-4000:]}"
     report = json.loads(out.read_text())
