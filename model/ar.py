@@ -144,7 +144,7 @@ class ARStage:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.c.image_prefill_embeds.weight.dtype
+        return self.c.dtype
 
     # -- inputs
     def vit_inputs(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
