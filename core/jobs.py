@@ -47,6 +47,18 @@ def bucket_key(task: str, params: dict[str, Any]) -> str:
     return f"{key}|cache{threshold:g}" if threshold else key
 
 
+def describe_bucket(bucket: str) -> str:
+    """A bucket key in words, for admins: 'generate 512x512, 50 steps, cfg 3, guidance 3.5'."""
+    parts = bucket.split("|")
+    if parts[0] == "understand" and len(parts) == 2:
+        return f"understand, up to {parts[1]} tokens"
+    if len(parts) != 6:
+        return bucket
+    task, decoder, size, steps, cfg, guidance = parts
+    kind = task if task == "generate" else f"{task} ({decoder} decoder)"
+    return f"{kind} {size}, {steps} steps, cfg {cfg}, guidance {guidance}"
+
+
 def _announce(conn: Connection, job: Job, event_type: EventType, *, complete_batch: bool = True) -> None:
     """Write the job's event to the outbox; complete its batch if this was the batch's last job."""
     enqueue_event(
@@ -372,6 +384,29 @@ def cancel_batch(conn: Connection, tenant_id: str, batch_id: str) -> int | None:
     conn.execute(update(batches).where(batches.c.id == batch_id).values(cancel_requested=True))
     maybe_complete_batch(conn, batch_id)
     return len(canceled)
+
+
+def request_cancel_of_owner(conn: Connection, lease_owner: str) -> list[str]:
+    """Ask every running job held under `lease_owner` (one batch task) to stop; returns their ids."""
+    return list(
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.status == JobStatus.RUNNING, jobs.c.lease_owner == lease_owner)
+            .values(cancel_requested=True, updated_at=func.now())
+            .returning(jobs.c.id)
+        ).scalars()
+    )
+
+
+def end_leases(conn: Connection, claims: Sequence[tuple[str, int]]) -> int:
+    """Let the leases of (job id, attempt) claims run out now: the next sweep requeues (or poisons) them.
+
+    For a batch that crashed: its jobs go through the same attempt accounting as a lost worker's.
+    """
+    ended = 0
+    for job_id, attempt in claims:
+        ended += len(_transition(conn, _owned(job_id, attempt), {"lease_expires_at": func.now()}))
+    return ended
 
 
 def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[Job], list[Job]]:
