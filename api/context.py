@@ -11,8 +11,9 @@ from celery import Celery
 from flask import current_app
 from kombu.exceptions import KombuError, OperationalError
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from core.queue import make_publisher, publish_wakeups
+from core.queue import make_publisher, top_up
 from core.settings import Settings
 from core.storage import Storage
 
@@ -43,15 +44,15 @@ class Services:
         return self._publisher
 
     def wake(self, pairs: Iterable[tuple[str, str | None]]) -> None:
-        """Publish one wake-up per (task, bucket) after a commit; on a broker failure the jobs stay queued
-        and the sweeper re-publishes them, so the request still succeeds."""
-        pairs = list(pairs)
-        if not pairs:
+        """After a commit, top the queues of these (task, bucket) pairs up to a ticket per batch; on a
+        broker or database failure the jobs stay queued and the sweeper tops up, so the request succeeds."""
+        tasks = {task for task, _ in pairs}
+        if not tasks:
             return
         try:
-            publish_wakeups(self.publisher(), pairs)
-        except (OperationalError, KombuError, OSError, RuntimeError) as exc:
-            log.warning("wake-ups not sent (the sweeper re-publishes queued jobs): %s", exc)
+            top_up(self.engine, self.publisher(), self.settings.max_batch, tasks)
+        except (OperationalError, KombuError, SQLAlchemyError, OSError, RuntimeError) as exc:
+            log.warning("tickets not sent (the sweeper tops the queues up): %s", exc)
 
 
 def services() -> Services:

@@ -3,8 +3,8 @@
 The stack is built directly on the device (modules constructed under `torch.device(DEVICE)` in bf16; no
 weights are read): Qwen2.5-VL-7B (28 layers, hidden 3584, the 32-layer ViT) with `vision_head` and
 `image_prefill_embeds`, both FLUX.1-dev DiTs (19 double + 38 single blocks, 24 heads x 128), the adapter,
-the editing merger and the FLUX VAE. Tokenizers and processor come from the tiny checkpoint (ids only;
-the AR vocabulary is the tiny one, so the lm_head is small: the forced-prefix path never calls it). The
+the editing merger and the FLUX VAE (8.29 B + 2 x 11.90 B + 0.36 B + 0.08 B parameters, about 65 GB).
+Tokenizers and processor come from the tiny checkpoint (its ids are valid in the real vocabulary). The
 CFG negative branch uses cached T5("")/CLIP("") states of the real shapes ([1, 512, 4096], [1, 768]),
 as the service does after its first batch.
 
@@ -100,6 +100,7 @@ class Preset:
     joint_dim: int
     pooled_dim: int
     vae_channels: tuple[int, ...]
+    ar_vocab: int | None  # None: the tiny tokenizer's
     sizes: tuple[int, ...]
     batches: tuple[int, ...]
     probe_steps: int
@@ -108,12 +109,12 @@ class Preset:
 
 FULL = Preset(
     3584, 28, 28, 4, 18944, (16, 24, 24), 32, 1280, 16, 3420,
-    128, 24, 19, 38, 4096, 768, (128, 256, 512, 512),
+    128, 24, 19, 38, 4096, 768, (128, 256, 512, 512), ar_vocab=152064,
     sizes=(512, 1024), batches=(1, 4, 8), probe_steps=3, cache_steps=28,
 )  # fmt: skip
 SMALL = Preset(
     64, 2, 4, 2, 128, (2, 3, 3), 2, 32, 2, 64,
-    16, 2, 1, 1, 32, 32, (8, 16, 16, 16),
+    16, 2, 1, 1, 32, 32, (8, 16, 16, 16), ar_vocab=None,
     sizes=(64, 128), batches=(1, 2), probe_steps=2, cache_steps=8,
 )  # fmt: skip
 PRESETS = {"full": FULL, "small": SMALL}
@@ -124,6 +125,17 @@ def build_pipeline(
     preset: Preset, device: torch.device, dtype: torch.dtype, options: SpeedOptions
 ) -> NexusGen:
     """NexusGen over random weights of the preset's sizes, created on `device`; speed options applied."""
+    components = build_components(preset, device, dtype)
+    hooks = apply_speed_options(components, options, device)
+    pipe = NexusGen(components, device, prefix_mode="forced", options=options, offload_hooks=hooks)
+    gen = torch.Generator().manual_seed(1)  # cached T5("") / CLIP("") at the real shapes
+    pipe.text._t5[""] = torch.randn(1, T5_MAX_LENGTH, preset.joint_dim, generator=gen).to(device, dtype)
+    pipe.text._pooled[""] = torch.randn(1, preset.pooled_dim, generator=gen).to(device, dtype)
+    return pipe
+
+
+def build_components(preset: Preset, device: torch.device, dtype: torch.dtype) -> Any:
+    """The stack's modules at the preset's sizes with random weights, constructed on `device` in `dtype`."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -136,6 +148,7 @@ def build_pipeline(
     text.layer_types = ["full_attention"] * preset.ar_layers
     text.max_window_layers = preset.ar_layers
     text.rope_parameters["mrope_section"] = list(preset.mrope_section)
+    text.vocab_size = preset.ar_vocab or text.vocab_size
     vision.depth, vision.hidden_size, vision.num_heads = preset.vit_depth, preset.vit_hidden, preset.vit_heads
     vision.intermediate_size, vision.out_hidden_size = preset.vit_intermediate, preset.ar_hidden
     vision.fullatt_block_indexes = [i for i in (7, 15, 23, 31) if i < preset.vit_depth] or [
@@ -185,13 +198,7 @@ def build_pipeline(
         module.eval().requires_grad_(False)
     for module in (components.vision_head, components.image_prefill_embeds, components.adapter):
         module.requires_grad_(False)
-    components = dataclasses.replace(components, clip=base.clip.to(device), t5=base.t5.to(device))
-    hooks = apply_speed_options(components, options, device)
-    pipe = NexusGen(components, device, prefix_mode="forced", options=options, offload_hooks=hooks)
-    gen = torch.Generator().manual_seed(1)  # cached T5("") / CLIP("") at the real shapes
-    pipe.text._t5[""] = torch.randn(1, T5_MAX_LENGTH, j, generator=gen).to(device, dtype)
-    pipe.text._pooled[""] = torch.randn(1, preset.pooled_dim, generator=gen).to(device, dtype)
-    return pipe
+    return dataclasses.replace(components, clip=base.clip.to(device), t5=base.t5.to(device))
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ Starts embedded Postgres, Redis and S3 and the real API under gunicorn, makes 50
 queue through the bulk path (10,000-line JSONL POSTs to /v1/batches, each from one tenant, lines spread
 over 20 buckets and 3 priorities). At each depth it times: a claim of 8 jobs of a known bucket
 (core.jobs.claim_batch, committed; the claimed jobs are put back afterwards, untimed), the worker's
-head-of-queue peek across buckets (core.fair_share.queue_head), one sweep (worker.sweeper.sweep), one
-GET /metrics, and reports the ingestion rate of the fill POSTs that reached the depth.
+head-of-queue peek across buckets (core.fair_share.queue_head), the sweep's queries
+(worker.sweeper.sweep_database) and a whole sweep with its wake-ups to the broker (worker.sweeper.sweep), one
+GET /metrics, and reports the ingestion rate of the fill POSTs that reached the depth. Before timing, it
+runs ANALYZE (what autovacuum does within a minute of a bulk load) and one sweep (which folds the
+counters' delta rows, as beat does every 15 s).
 Run: `python -m bench.bench_queue [--depths 10000,100000,1000000]`; writes bench/results/queue.json.
 """
 
@@ -70,14 +73,71 @@ def timings(fn: Callable[[], Any], n: int) -> dict[str, float]:
     return {"median_ms": round(statistics.median(ms), 2), "p99_ms": round(percentile(ms, 0.99), 2)}
 
 
+def plans(engine: Any) -> dict[str, dict[str, float]]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the queries behind claim, peek, sweep and /metrics: server time and
+    pages touched, which do not move with the machine's load as wall times do."""
+    from sqlalchemy import text
+    from sqlalchemy.dialects import postgresql
+
+    from core.fair_share import oldest_ids, queue_head, queued_groups
+    from core.jobs import find_unclaimed_query
+
+    def inline(stmt: Any) -> str:
+        return str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+
+    out = {}
+    with engine.begin() as conn:
+        head = queue_head(conn, ["generate"])
+        assert head is not None
+        heads = (
+            "SELECT b.bucket, h.created_at FROM unnest(ARRAY[:buckets]::varchar[]) AS b(bucket)"
+            " CROSS JOIN LATERAL (SELECT created_at, id FROM jobs WHERE status = 'queued'"
+            " AND cancel_requested IS false AND task = 'generate' AND bucket = b.bucket"
+            f" AND priority = {head.priority} AND tenant_id = '{head.tenant_id}'"
+            " ORDER BY created_at, id LIMIT 1) AS h ORDER BY h.created_at, h.id"
+        )
+        buckets = ",".join(
+            f"'{g.bucket}'" for g in queued_groups(conn, ["generate"]) if g.tenant_id == head.tenant_id
+        )
+        queries = {
+            "claim pick (8 of one group)": inline(oldest_ids(head, 8)),
+            "peek heads (one tenant's buckets)": heads.replace(":buckets", buckets),
+            "counters (groups of a task)": inline(_groups_query()),
+            "sweep search": inline(find_unclaimed_query("generate", 30, 100)),
+        }
+        for name, sql in queries.items():
+            plan = conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}")).scalar_one()[0]
+            top = plan["Plan"]
+            out[name] = {
+                "server_ms": round(plan["Execution Time"], 3),
+                "pages": top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0),
+            }
+        conn.rollback()
+    return out
+
+
+def _groups_query() -> Any:
+    from sqlalchemy import func, select
+
+    from core.schema import job_counts
+
+    c = job_counts.c
+    return (
+        select(c.task, c.bucket, c.priority, c.tenant_id, func.sum(c.n))
+        .where(c.status == "queued", c.task == "generate")
+        .group_by(c.task, c.bucket, c.priority, c.tenant_id)
+        .having(func.sum(c.n) > 0)
+    )
+
+
 def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: int) -> dict[str, Any]:
-    from sqlalchemy import update
+    from sqlalchemy import text, update
 
     from core.fair_share import queue_head
     from core.jobs import bucket_key, claim_batch
     from core.queue import make_publisher
     from core.schema import jobs
-    from worker.sweeper import sweep
+    from worker.sweeper import sweep, sweep_database
 
     buckets = [
         bucket_key("generate", {"width": w, "height": h, "steps": s, "cfg_scale": 3.0, "guidance": 3.5})
@@ -104,11 +164,15 @@ def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: in
     def scrape() -> None:
         metrics.get("/metrics").raise_for_status()
 
+    with engine.begin() as conn:  # fresh statistics after the bulk load, as autovacuum's analyze gives
+        conn.execute(text("ANALYZE jobs"))
     sweep(engine, publisher, settings)  # fold the fill's counter rows, as beat does every 15 s
-    result = {
+    result: dict[str, Any] = {
+        "plans": plans(engine),
         "claim": timings(claim, samples),
         "peek": timings(peek, samples),
-        "sweep": timings(lambda: sweep(engine, publisher, settings), scrapes),
+        "sweep": timings(lambda: sweep_database(engine, settings), scrapes),
+        "sweep_with_wakeups": timings(lambda: sweep(engine, publisher, settings), scrapes),
         "metrics": timings(scrape, scrapes),
     }
     with engine.begin() as conn:  # put the claimed jobs back (untimed), so every depth is what it says
@@ -167,17 +231,28 @@ def main() -> int:
             print(json.dumps(row), flush=True)
         client.close()
         header = ["queued", "claim med/p99 ms", "peek med/p99 ms", "sweep med/p99 ms",
-                  "/metrics med/p99 ms", "ingest jobs/s", "load 1m"]  # fmt: skip
+                  "sweep+wakeups med/p99 ms", "/metrics med/p99 ms", "ingest jobs/s", "load 1m"]  # fmt: skip
         rows = [
             [
                 r["depth"],
-                *(f"{r[k]['median_ms']}/{r[k]['p99_ms']}" for k in ("claim", "peek", "sweep", "metrics")),
+                *(
+                    f"{r[k]['median_ms']}/{r[k]['p99_ms']}"
+                    for k in ("claim", "peek", "sweep", "sweep_with_wakeups", "metrics")
+                ),
                 r["ingest_jobs_per_s"],
                 r["loadavg"][0],
             ]
             for r in results
         ]
         print(table(rows, header))
+        cells = [
+            [
+                name,
+                *(f"{r['plans'][name]['server_ms']} ms, {r['plans'][name]['pages']} pages" for r in results),
+            ]
+            for name in results[0]["plans"]
+        ]
+        print(table(cells, ["EXPLAIN (ANALYZE, BUFFERS)", *(str(r["depth"]) for r in results)]))
         write_result(
             "queue",
             {

@@ -10,6 +10,7 @@ depth: the counters of core.counts and index probes of ix_jobs_queue (one group'
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -87,6 +88,32 @@ _HEADS = text(
 )
 
 
+# The groups at the most urgent priority with queued jobs, in turn order (`turn` 1 = the tenant served
+# longest ago or never), with what their bucket offers a batch; `turn` between :first and :last only, so a
+# peek reads a few tenants' groups however many tenants wait.
+_URGENT = text(
+    """
+    WITH g AS (
+        SELECT task, bucket, priority, tenant_id, sum(n) AS queued FROM job_counts
+        WHERE status = 'queued' AND task = ANY(CAST(:tasks AS varchar[]))
+          AND (CAST(:bucket AS varchar) IS NULL OR bucket = :bucket)
+        GROUP BY 1, 2, 3, 4 HAVING sum(n) > 0
+    ), available AS (
+        SELECT task, bucket, sum(queued) AS available FROM g GROUP BY 1, 2
+    ), urgent AS (
+        SELECT g.*, a.available, t.served_at,
+               dense_rank() OVER (ORDER BY t.served_at NULLS FIRST, g.tenant_id, g.task) AS turn
+        FROM g JOIN available AS a USING (task, bucket)
+        LEFT JOIN tenant_turns AS t USING (task, tenant_id)
+        WHERE g.priority = (SELECT max(priority) FROM g)
+    )
+    SELECT task, bucket, priority, tenant_id, queued, served_at, available, turn FROM urgent
+    WHERE turn BETWEEN :first AND :last ORDER BY turn, bucket
+    """
+)
+TURNS_PER_READ = 4
+
+
 def queue_head(
     conn: Connection,
     tasks: Sequence[str],
@@ -102,31 +129,37 @@ def queue_head(
     waited `window_s`; tenants with no ready group are passed over (they wait for batch mates), and if
     no group is ready the one that waited longest comes back, for the caller to wait on.
     """
-    groups = queued_groups(conn, tasks, bucket)
-    if not groups:
-        return None
-    available: dict[tuple[str, str], int] = {}
-    for g in groups:
-        available[(g.task, g.bucket)] = available.get((g.task, g.bucket), 0) + g.queued
-    urgent = [g for g in groups if g.priority == groups[0].priority]
     fallback: Head | None = None
-    for task, tenant_id in dict.fromkeys((g.task, g.tenant_id) for g in urgent):  # turn order
-        mine = {g.bucket: g for g in urgent if (g.task, g.tenant_id) == (task, tenant_id)}
-        heads = conn.execute(
-            _HEADS,
-            {"buckets": list(mine), "task": task, "priority": urgent[0].priority, "tenant_id": tenant_id},
+    first = 1
+    while True:
+        rows = conn.execute(
+            _URGENT,
+            {"tasks": list(tasks), "bucket": bucket, "first": first, "last": first + TURNS_PER_READ - 1},
         ).all()
-        for head_bucket, age_s in heads:
-            g = mine[head_bucket]
-            head = Head(
-                g.task, g.bucket, g.priority, g.tenant_id, g.queued, g.served_at,
-                available=available[(task, head_bucket)], age_s=max(0.0, float(age_s)),
-            )  # fmt: skip
-            if full_at is None or head.available >= full_at or head.age_s >= window_s:
-                return head
-            if fallback is None or head.age_s > fallback.age_s:
-                fallback = head
-    return fallback
+        if not rows:
+            return fallback
+        by_turn: dict[int, list[Head]] = {}
+        for task, b, priority, tenant_id, queued, served_at, available, turn in rows:
+            group = Head(task, b, int(priority), tenant_id, int(queued), served_at, int(available))
+            by_turn.setdefault(int(turn), []).append(group)
+        for groups in by_turn.values():
+            mine = {g.bucket: g for g in groups}
+            heads = conn.execute(
+                _HEADS,
+                {
+                    "buckets": list(mine),
+                    "task": groups[0].task,
+                    "priority": groups[0].priority,
+                    "tenant_id": groups[0].tenant_id,
+                },
+            ).all()
+            for head_bucket, age_s in heads:
+                head = dataclasses.replace(mine[head_bucket], age_s=max(0.0, float(age_s)))
+                if full_at is None or head.available >= full_at or head.age_s >= window_s:
+                    return head
+                if fallback is None or head.age_s > fallback.age_s:
+                    fallback = head
+        first += TURNS_PER_READ
 
 
 def fill_order(conn: Connection, head: Group) -> list[Group]:

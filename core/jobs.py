@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, exists, func, select, update
+from sqlalchemy import Connection, RowMapping, Select, and_, exists, func, select, update
 
 from core.counts import queued_tasks
 from core.fair_share import Group, Head, fill_order, oldest_ids, queue_head, turn_taken
@@ -45,6 +45,18 @@ def bucket_key(task: str, params: dict[str, Any]) -> str:
     )
     threshold = float(params.get("cache_threshold") or 0.0)
     return f"{key}|cache{threshold:g}" if threshold else key
+
+
+def describe_bucket(bucket: str) -> str:
+    """A bucket key in words, for admins: 'generate 512x512, 50 steps, cfg 3, guidance 3.5'."""
+    parts = bucket.split("|")
+    if parts[0] == "understand" and len(parts) == 2:
+        return f"understand, up to {parts[1]} tokens"
+    if len(parts) != 6:
+        return bucket
+    task, decoder, size, steps, cfg, guidance = parts
+    kind = task if task == "generate" else f"{task} ({decoder} decoder)"
+    return f"{kind} {size}, {steps} steps, cfg {cfg}, guidance {guidance}"
 
 
 def _announce(conn: Connection, job: Job, event_type: EventType, *, complete_batch: bool = True) -> None:
@@ -374,6 +386,29 @@ def cancel_batch(conn: Connection, tenant_id: str, batch_id: str) -> int | None:
     return len(canceled)
 
 
+def request_cancel_of_owner(conn: Connection, lease_owner: str) -> list[str]:
+    """Ask every running job held under `lease_owner` (one batch task) to stop; returns their ids."""
+    return list(
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.status == JobStatus.RUNNING, jobs.c.lease_owner == lease_owner)
+            .values(cancel_requested=True, updated_at=func.now())
+            .returning(jobs.c.id)
+        ).scalars()
+    )
+
+
+def end_leases(conn: Connection, claims: Sequence[tuple[str, int]]) -> int:
+    """Let the leases of (job id, attempt) claims run out now: the next sweep requeues (or poisons) them.
+
+    For a batch that crashed: its jobs go through the same attempt accounting as a lost worker's.
+    """
+    ended = 0
+    for job_id, attempt in claims:
+        ended += len(_transition(conn, _owned(job_id, attempt), {"lease_expires_at": func.now()}))
+    return ended
+
+
 def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[Job], list[Job]]:
     """Requeue running jobs whose lease ran out; fail those whose worker was now lost `max_attempts` times.
 
@@ -396,6 +431,20 @@ def expire_leases(conn: Connection, *, max_attempts: int) -> tuple[list[Job], li
     return requeued, failed
 
 
+def find_unclaimed_query(task: str, older_than_s: float, limit: int) -> Select[tuple[str, str, str]]:
+    """The `limit` longest-waiting queued jobs of `task` past `older_than_s`: ix_jobs_queued_since order."""
+    return (
+        select(jobs.c.id, jobs.c.task, jobs.c.bucket)
+        .where(
+            jobs.c.status == JobStatus.QUEUED,
+            jobs.c.task == task,
+            jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s),
+        )
+        .order_by(jobs.c.enqueued_at)
+        .limit(limit)
+    )
+
+
 def find_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 100) -> list[RowMapping]:
     """Queued jobs nobody claimed for `older_than_s` (a lost wake-up?): their ids, tasks and buckets.
 
@@ -405,20 +454,8 @@ def find_unclaimed(conn: Connection, *, older_than_s: float, limit: int = 100) -
     """
     found: list[RowMapping] = []
     for task in queued_tasks(conn):
-        found += (
-            conn.execute(
-                select(jobs.c.id, jobs.c.task, jobs.c.bucket)
-                .where(
-                    jobs.c.status == JobStatus.QUEUED,
-                    jobs.c.task == task,
-                    jobs.c.enqueued_at < func.now() - timedelta(seconds=older_than_s),
-                )
-                .order_by(jobs.c.enqueued_at)
-                .limit(limit - len(found))
-            )
-            .mappings()
-            .all()
-        )
+        query = find_unclaimed_query(task, older_than_s, limit - len(found))
+        found += conn.execute(query).mappings().all()
         if len(found) >= limit:
             break
     return found

@@ -1,11 +1,19 @@
-"""Queue and task names shared by the API and the workers, and the wake-up publisher."""
+"""Queue and task names shared by the API and the workers, and the batch-ticket top-up.
+
+A model queue holds one `nexusgen.run_batch` message ("ticket") per batch its queued jobs make; the jobs
+themselves stay in Postgres and are claimed by the task that runs a ticket. So the broker's depth of a
+model queue is its backlog in batches (what Flower's broker view shows), and a lost or duplicated ticket
+loses or duplicates nothing: the next top-up re-publishes a missing one, a spare one claims nothing.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from celery import Celery
+from sqlalchemy import Connection, Engine
 
+from core.counts import tally
 from core.settings import Settings
 
 # One queue per task family so that generation, editing and understanding workers scale apart.
@@ -14,9 +22,15 @@ WEBHOOK_QUEUE = "nexusgen.webhooks"
 MAINTENANCE_QUEUE = "nexusgen.maintenance"
 
 # Celery task names (explicit strings; tasks take ids, never objects).
-TASK_PROCESS = "nexusgen.process_queue"  # args: (task kind, bucket or None)
+TASK_RUN_BATCH = "nexusgen.run_batch"  # args: (task kind, preferred bucket or None); claims when it starts
 TASK_SWEEP = "nexusgen.sweep"
 TASK_DELIVER = "nexusgen.deliver_webhooks"
+
+# A request's top-up publishes at most this many tickets, so its cost does not grow with the backlog (a
+# ticket costs about 1 ms to publish, 6 ms on a loaded machine); each finished batch and each sweep
+# (every sweep_interval_s) top up the rest.
+TOP_UP_MAX_PUBLISH = 64
+SWEEP_MAX_PUBLISH = 2_000
 
 
 def make_publisher(settings: Settings) -> Celery:
@@ -24,13 +38,53 @@ def make_publisher(settings: Settings) -> Celery:
     settings.require("broker_url")
     app = Celery("nexusgen-publisher", broker=settings.broker_url)
     app.conf.broker_connection_retry_on_startup = True
+    app.conf.task_send_sent_event = True  # Flower shows when a ticket was published
     return app
 
 
-def publish_wakeups(app: Celery, tasks: Iterable[tuple[str, str | None]]) -> int:
-    """Send one wake-up per distinct (task kind, bucket); call only after the jobs are committed."""
+def claimable_batches(conn: Connection, task: str, max_batch: int) -> int:
+    """How many model batches the queued jobs of `task` make: ceil(queued / max_batch) per bucket.
+
+    Read from the job counters (core.counts), so it costs the same at any depth.
+    """
+    per_bucket: dict[str, int] = {}
+    for (kind, bucket, _priority), queued in tally(conn)[1].items():
+        if kind == task:
+            per_bucket[bucket] = per_bucket.get(bucket, 0) + queued
+    return sum(-(-n // max_batch) for n in per_bucket.values() if n > 0)
+
+
+def queue_depth(app: Celery, queue: str) -> int:
+    """Messages waiting in a broker queue (not those a worker holds); 0 for a queue not declared yet."""
+    with app.connection_for_write() as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+        except conn.channel_errors:  # RabbitMQ: NOT_FOUND until the first publish declares it
+            return 0
+
+
+def top_up(
+    engine: Engine,
+    app: Celery,
+    max_batch: int,
+    tasks: Iterable[str],
+    max_publish: int = TOP_UP_MAX_PUBLISH,
+) -> int:
+    """Publish `run_batch` tickets until each task's queue holds one per claimable batch; returns how many.
+
+    Call only after the jobs are committed. Two top-ups racing may publish a spare ticket; it claims
+    nothing (or the next batch) when it runs, so the depth drifts by at most a batch and never loses one.
+    """
     sent = 0
-    for task, bucket in sorted(set(tasks), key=lambda x: (x[0], x[1] or "")):
-        app.send_task(TASK_PROCESS, args=[task, bucket], queue=MODEL_QUEUES[task])
-        sent += 1
+    for task in sorted(set(tasks)):
+        with engine.connect() as conn:
+            needed = claimable_batches(conn, task, max_batch)
+        queue = MODEL_QUEUES[task]
+        missing = min(needed - queue_depth(app, queue), max_publish - sent) if needed else 0
+        if missing <= 0:
+            continue
+        with app.producer_or_acquire() as producer:
+            for _ in range(missing):
+                app.send_task(TASK_RUN_BATCH, args=[task, None], queue=queue, producer=producer)
+        sent += missing
     return sent

@@ -36,6 +36,17 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
 
 
+def _basic_auth(value: str | None) -> str | None:
+    """FLOWER_BASIC_AUTH: comma-separated user:password pairs (checked here, not at Flower's first login)."""
+    if not value:
+        return None
+    for pair in value.split(","):
+        user, sep, password = pair.partition(":")
+        if not (sep and user and password):
+            raise ValueError("FLOWER_BASIC_AUTH must be user:password[,user2:password2]")
+    return value
+
+
 def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
     """One of `allowed` (the first is the default when unset)."""
     value = env.get(name) or allowed[0]
@@ -76,6 +87,13 @@ ENV_NAMES = {
     "api_port": "NEXUSGEN_API_PORT",
     "public_base_url": "NEXUSGEN_PUBLIC_URL",
     "flower_port": "NEXUSGEN_FLOWER_PORT",
+    "flower_basic_auth": "FLOWER_BASIC_AUTH",
+    "flower_url_prefix": "FLOWER_URL_PREFIX",
+    "flower_auth": "FLOWER_AUTH",
+    "flower_auth_provider": "FLOWER_AUTH_PROVIDER",
+    "flower_oauth2_key": "FLOWER_OAUTH2_KEY",
+    "flower_oauth2_secret": "FLOWER_OAUTH2_SECRET",
+    "flower_oauth2_redirect_uri": "FLOWER_OAUTH2_REDIRECT_URI",
     "log_level": "NEXUSGEN_LOG_LEVEL",
     "max_body_bytes": "NEXUSGEN_MAX_BODY_BYTES",
     "max_upload_bytes": "NEXUSGEN_MAX_UPLOAD_BYTES",
@@ -128,6 +146,14 @@ class Settings:
     api_port: int = 8080
     public_base_url: str = "http://127.0.0.1:8080"
     flower_port: int = 5555  # `nexusgen up` runs Flower on 127.0.0.1 at this port
+    # Flower reads these FLOWER_* variables itself; unset means no login (bind Flower to loopback then)
+    flower_basic_auth: str | None = None  # user:password[,user2:password2]
+    flower_url_prefix: str | None = None  # e.g. flower, behind a reverse proxy at /flower/
+    flower_auth: str | None = None  # OAuth: a regex of the e-mail addresses allowed in
+    flower_auth_provider: str | None = None  # e.g. flower.views.auth.GithubLoginHandler
+    flower_oauth2_key: str | None = None
+    flower_oauth2_secret: str | None = None
+    flower_oauth2_redirect_uri: str | None = None
     log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024 * 1024
     max_upload_bytes: int = 20 * 1024 * 1024
@@ -218,6 +244,13 @@ class Settings:
             api_port=api_port,
             public_base_url=env.get("NEXUSGEN_PUBLIC_URL", f"http://{api_host}:{api_port}"),
             flower_port=_int(env, "NEXUSGEN_FLOWER_PORT", 5555),
+            flower_basic_auth=_basic_auth(env.get("FLOWER_BASIC_AUTH")),
+            flower_url_prefix=env.get("FLOWER_URL_PREFIX", "").strip("/") or None,
+            flower_auth=env.get("FLOWER_AUTH") or None,
+            flower_auth_provider=env.get("FLOWER_AUTH_PROVIDER") or None,
+            flower_oauth2_key=env.get("FLOWER_OAUTH2_KEY") or None,
+            flower_oauth2_secret=env.get("FLOWER_OAUTH2_SECRET") or None,
+            flower_oauth2_redirect_uri=env.get("FLOWER_OAUTH2_REDIRECT_URI") or None,
             log_level=env.get("NEXUSGEN_LOG_LEVEL", "INFO").upper(),
             max_body_bytes=_int(env, "NEXUSGEN_MAX_BODY_BYTES", 64 * 1024 * 1024),
             max_upload_bytes=_int(env, "NEXUSGEN_MAX_UPLOAD_BYTES", 20 * 1024 * 1024),

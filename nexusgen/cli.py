@@ -149,7 +149,13 @@ def worker(webhooks: bool, concurrency: int | None, hostname: str | None) -> Non
             raise click.ClickException(str(exc)) from exc
     from worker.app import run_worker
 
-    run_worker(settings, queues=queues, concurrency=concurrency or (4 if webhooks else 1), hostname=hostname)
+    run_worker(
+        settings,
+        queues=queues,
+        concurrency=concurrency or (4 if webhooks else 1),
+        hostname=hostname,
+        preload_model=not webhooks,
+    )
 
 
 @main.command()

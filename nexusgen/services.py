@@ -116,13 +116,27 @@ def serve_api(settings: Settings, *, workers: int, threads: int) -> None:
     _Gunicorn().run()
 
 
+# The tasks page shows what each batch is and what became of its jobs (name, args, kwargs, result).
+FLOWER_TASK_COLUMNS = "name,uuid,state,args,kwargs,result,received,started,runtime,worker"
+
+
+def flower_env(settings: Settings) -> dict[str, str]:
+    """The FLOWER_* variables (login, URL prefix) that Flower reads itself, from the Settings."""
+    return {k: v for k, v in settings.to_env().items() if k.startswith("FLOWER_")}
+
+
 def run_flower(settings: Settings, *, address: str, port: int, db_path: Path) -> None:
-    """Replace this process with Flower on the broker, keeping its state in `db_path` across restarts."""
+    """Replace this process with Flower on the broker, keeping its state in `db_path` across restarts.
+
+    Login and URL prefix travel as FLOWER_* environment variables (Flower's own), not on the command
+    line where `ps` would show a password.
+    """
     assert settings.broker_url is not None
     db_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [
         sys.executable, "-m", "celery", f"--broker={settings.broker_url}", "flower",
         f"--address={address}", f"--port={port}", "--persistent=True", f"--db={db_path}",
-        "--purge_offline_workers=60",
+        "--state_save_interval=30000", "--purge_offline_workers=60",
+        f"--tasks_columns={FLOWER_TASK_COLUMNS}",
     ]  # fmt: skip
-    os.execv(sys.executable, argv)
+    os.execve(sys.executable, argv, {**os.environ, **flower_env(settings)})

@@ -247,12 +247,18 @@ def write_state_files(settings: Settings, env: dict[str, str], flower_port: int)
     info = {
         "pid": os.getpid(),
         "api_url": api_url,
-        "flower_url": f"http://127.0.0.1:{flower_port}",
+        "flower_url": flower_url(settings, flower_port),
         "env": exports,
     }
     path = settings.state_dir / "up.json"
     _write_private(path, json.dumps(info, indent=2))
     return path
+
+
+def flower_url(settings: Settings, flower_port: int) -> str:
+    """Where `up` serves Flower (with FLOWER_URL_PREFIX when one is set)."""
+    prefix = f"/{settings.flower_url_prefix}" if settings.flower_url_prefix else ""
+    return f"http://127.0.0.1:{flower_port}{prefix}"
 
 
 def check_not_running(state_dir: Path) -> None:
@@ -420,7 +426,7 @@ def run_up(settings: Settings) -> int:
         if not stop.is_set():
             state_file = write_state_files(settings, supervisor.env, flower_port)
             print(
-                f"nexusgen is up: API {api_url}  Flower http://127.0.0.1:{flower_port}\n"
+                f"nexusgen is up: API {api_url}  Flower {flower_url(settings, flower_port)}\n"
                 f"  logs in {supervisor.log_dir}; admin environment: source {settings.state_dir / 'env'}\n"
                 "  Ctrl-C stops everything.",
                 flush=True,

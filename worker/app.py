@@ -21,8 +21,9 @@ from core.queue import MAINTENANCE_QUEUE, MODEL_QUEUES, TASK_DELIVER, TASK_SWEEP
 from core.settings import Settings
 from core.storage import Storage
 
-TASK_MODULES = ("worker.tasks", "worker.sweeper", "worker.delivery")
+TASK_MODULES = ("worker.tasks", "worker.sweeper", "worker.delivery", "worker.revoke")
 WEBHOOK_POLL_S = 5.0  # beat asks a webhook worker to look at the outbox this often (commits also kick it)
+PRELOAD_KEY = "nexusgen_preload_model"  # app.conf flag: pool processes load the model as they start
 
 
 class NexusGenCelery(Celery):
@@ -107,7 +108,7 @@ def make_celery(settings: Settings) -> NexusGenCelery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,  # Postgres leases decide
-        worker_send_task_events=True,  # for Flower
+        worker_send_task_events=True,  # Flower lists every task with no -E flag anywhere
         task_send_sent_event=True,
         beat_schedule=beat_schedule(settings),
         timezone="UTC",
@@ -121,9 +122,14 @@ def run_worker(
     concurrency: int = 1,
     hostname: str | None = None,
     pool: str = "prefork",
+    preload_model: bool = False,
 ) -> None:
-    """Run a worker in the foreground on `queues` (default: the model queues of settings.tasks)."""
+    """Run a worker in the foreground on `queues` (default: the model queues of settings.tasks).
+
+    With `preload_model`, each pool process loads the model as it starts (worker.tasks.preload_model).
+    """
     app = make_celery(settings)
+    app.conf[PRELOAD_KEY] = preload_model
     argv = [
         "worker",
         "--queues",

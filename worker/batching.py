@@ -1,14 +1,14 @@
-"""Cross-job batching: pick the head bucket, wait briefly for batch mates, claim, and drain the queue.
+"""Cross-job batching: pick the head bucket, wait briefly for batch mates, and claim one batch.
 
-One wake-up drains every queued job of its task family, batch after batch; duplicate wake-ups are
-harmless because `core.jobs.claim_batch` claims exclusively (FOR UPDATE SKIP LOCKED).
+Each batch task claims one batch; spare tickets are harmless because `core.jobs.claim_batch` claims
+exclusively (FOR UPDATE SKIP LOCKED).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from sqlalchemy import Engine
 
@@ -21,7 +21,6 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
-DRAIN_BUDGET_S = 30.0  # one task drains for at most this long, then hands over to a fresh wake-up
 
 
 def gather_and_claim(
@@ -65,38 +64,3 @@ def release_claims(engine: Engine, rows: Sequence[Job], reason: str) -> int:
         for job in rows:
             released += jobstate.requeue_job(conn, job.id, job.attempt, reason=reason)
     return released
-
-
-RunBatch = Callable[[Sequence[Job]], object]
-
-
-def drain(
-    engine: Engine,
-    settings: Settings,
-    worker_id: str,
-    task: str,
-    bucket: str | None,
-    run_batch: RunBatch,
-    budget_s: float = DRAIN_BUDGET_S,
-    on_budget_spent: Callable[[], object] | None = None,
-) -> int:
-    """Claim and run batches of `task` until none is queued (named bucket first); returns jobs claimed.
-
-    After `budget_s` the drain stops and calls `on_budget_spent` (which re-publishes a wake-up), so one
-    task never runs for hours: a worker asked to shut down waits for one batch, not for a whole queue.
-    """
-    claimed = 0
-    deadline = time.monotonic() + budget_s
-    while True:
-        if time.monotonic() > deadline and on_budget_spent is not None:
-            on_budget_spent()
-            return claimed
-        rows = gather_and_claim(engine, settings, worker_id, task, bucket)
-        if not rows:
-            if bucket is None:
-                return claimed
-            bucket = None  # the named bucket is empty: go on with the rest of this task's queue
-            continue
-        claimed += len(rows)
-        log.info("claimed %d %s job(s) of bucket %s", len(rows), task, rows[0].bucket)
-        run_batch(rows)

@@ -12,6 +12,7 @@ import dataclasses
 import io
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ TEXT_FIELD: dict[str, str] = {
 OUT_OF_MEMORY = (torch.OutOfMemoryError,)  # torch.cuda.OutOfMemoryError is the same class
 
 _model: tuple[int, NexusGen] | None = None
+_load_lock = threading.Lock()  # a preload thread and the first task may ask at once
 
 
 def worker_device(settings: Settings) -> str:
@@ -81,27 +83,28 @@ def check_speed_options(settings: Settings) -> None:
 def load_model(settings: Settings) -> NexusGen:
     """The model of this process, loaded on first use (after the prefork fork, never before)."""
     global _model
-    if _model is None or _model[0] != os.getpid():
-        if not settings.model_dir:
-            raise RuntimeError("not configured: NEXUSGEN_MODEL_DIR")
-        started = time.monotonic()
-        model = NexusGen.from_pretrained(
-            settings.model_dir,
-            device=worker_device(settings),
-            dtype=settings.dtype,
-            engine=settings.engine,
-            prefix_mode=settings.prefix_mode,
-            compile=settings.compile,
-            dit_precision=settings.dit_precision,
-            offload=settings.offload,
-        )
-        log.info(
-            "model loaded from %s on %s in %.1fs",
-            settings.model_dir,
-            model.device,
-            time.monotonic() - started,
-        )
-        _model = (os.getpid(), model)
+    with _load_lock:
+        if _model is None or _model[0] != os.getpid():
+            if not settings.model_dir:
+                raise RuntimeError("not configured: NEXUSGEN_MODEL_DIR")
+            started = time.monotonic()
+            model = NexusGen.from_pretrained(
+                settings.model_dir,
+                device=worker_device(settings),
+                dtype=settings.dtype,
+                engine=settings.engine,
+                prefix_mode=settings.prefix_mode,
+                compile=settings.compile,
+                dit_precision=settings.dit_precision,
+                offload=settings.offload,
+            )
+            log.info(
+                "model loaded from %s on %s in %.1fs",
+                settings.model_dir,
+                model.device,
+                time.monotonic() - started,
+            )
+            _model = (os.getpid(), model)
     return _model[1]
 
 
@@ -252,7 +255,10 @@ def encode_result(outcome: Outcome) -> tuple[str, bytes, str, dict[str, Any]]:
 def store_outcome(
     engine: Engine, storage: Storage, keeper: LeaseKeeper, outcome: Outcome, worker_id: str
 ) -> str:
-    """Write one job's final state (and its result object); returns what happened to it."""
+    """Write one job's final state (and its result object); returns what happened to it.
+
+    One of `succeeded`, `canceled`, `lost` (no longer ours: nothing written) or `failed: <error code>`.
+    """
     item, res = outcome.item, outcome.result
     job_id, attempt = item.job_id, item.attempt
     if keeper.is_lost(job_id):
@@ -267,8 +273,11 @@ def store_outcome(
                 done = jobstate.fail_job(
                     conn, job_id, attempt, code=res.error.code, message=res.error.message, provenance=prov
                 )
-        ended = JobStatus.CANCELED if res.error.code == "canceled" else JobStatus.FAILED
-        return ended.value if done else "lost"
+        if not done:
+            return "lost"
+        if res.error.code == "canceled":
+            return JobStatus.CANCELED.value
+        return f"{JobStatus.FAILED.value}: {res.error.code}"
     if keeper.confirm(job_id, "uploading") is Ack.LOST:
         return "lost"
     started = time.monotonic()
@@ -318,13 +327,13 @@ class ComputedBatch:
     size: int
     keeper: LeaseKeeper
     outcomes: list[Outcome]
-    counts: dict[str, int]
+    ended: dict[str, str]  # job id -> what happened, for jobs that ended before the model call
 
 
 def compute_batch(settings: Settings, engine: Engine, storage: Storage, rows: Sequence[Job]) -> ComputedBatch:
     """Load the inputs (failing bad ones) and run the model call; the leases stay held until stored."""
     task = rows[0].task
-    counts: dict[str, int] = {}
+    ended: dict[str, str] = {}
     claims = {job.id: job.attempt for job in rows}
     keeper = LeaseKeeper(
         engine,
@@ -345,7 +354,7 @@ def compute_batch(settings: Settings, engine: Engine, storage: Storage, rows: Se
                 with transaction(engine) as conn:
                     jobstate.fail_job(conn, item.job_id, item.attempt, code="invalid_input", message=str(exc))
                 keeper.release([item.job_id])
-                counts[JobStatus.FAILED.value] = counts.get(JobStatus.FAILED.value, 0) + 1
+                ended[item.job_id] = f"{JobStatus.FAILED.value}: invalid_input"
                 continue
             item.input_s = time.monotonic() - started
             items.append(item)
@@ -353,12 +362,12 @@ def compute_batch(settings: Settings, engine: Engine, storage: Storage, rows: Se
     except BaseException:
         keeper.stop()
         raise
-    return ComputedBatch(task, len(rows), keeper, outcomes, counts)
+    return ComputedBatch(task, len(rows), keeper, outcomes, ended)
 
 
-def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: ComputedBatch) -> dict[str, int]:
-    """Store every outcome of a computed batch and end its jobs; returns counts by outcome."""
-    counts = batch.counts
+def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: ComputedBatch) -> dict[str, str]:
+    """Store every outcome of a computed batch and end its jobs; returns job id -> what happened."""
+    ended = dict(batch.ended)
     try:
         for outcome in batch.outcomes:
             what = store_outcome(engine, storage, batch.keeper, outcome, worker_id)
@@ -370,8 +379,8 @@ def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: Compute
                 what,
                 extra={"job_id": job.id, "batch_id": job.batch_id, "attempt": job.attempt},
             )
-            counts[what] = counts.get(what, 0) + 1
+            ended[outcome.item.job_id] = what
     finally:
         batch.keeper.stop()
-    log.info("batch of %d %s job(s) done: %s", batch.size, batch.task, counts)
-    return counts
+    log.info("batch of %d %s job(s) done: %s", batch.size, batch.task, ended)
+    return ended

@@ -1,9 +1,11 @@
-"""The sweeper (beat, every sweep_interval_s): recover jobs of lost workers and lost wake-ups.
+"""The sweeper (beat, every sweep_interval_s): recover jobs of lost workers and lost batch tickets.
 
 Requeues running jobs whose lease expired (failing poison jobs after max_attempts worker losses; transient
-put-backs do not count), then re-publishes one wake-up per (task, bucket) for those and for queued jobs
-nobody claimed for requeue_after_s; also drops Idempotency-Key records past their retention and folds
-the job counters' delta rows.
+put-backs do not count); then, if it requeued any or a job has waited longer than requeue_after_s (its
+ticket may be lost), tops every model queue up to one ticket per claimable batch (core.queue.top_up).
+Otherwise it leaves the queues alone: a worker between taking a ticket and claiming its batch would make
+a top-up publish a spare. Also drops Idempotency-Key records past their retention and folds the job
+counters' delta rows.
 """
 
 from __future__ import annotations
@@ -11,37 +13,46 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, shared_task
-from sqlalchemy import Engine
+from sqlalchemy import Engine, RowMapping
 
 from core.counts import compact_counts
 from core.db import transaction
 from core.idempotency import purge_expired
 from core.jobs import expire_leases, find_unclaimed
-from core.queue import TASK_SWEEP, publish_wakeups
+from core.queue import SWEEP_MAX_PUBLISH, TASK_SWEEP, top_up
+from core.records import TASKS, Job
 from core.settings import Settings
 from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
 
 log = logging.getLogger(__name__)
 
 
-def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, int]:
-    """One sweep; returns counts (requeued, poisoned, unclaimed, wakeups)."""
+def sweep_database(engine: Engine, settings: Settings) -> tuple[list[Job], list[Job], list[RowMapping], int]:
+    """The sweep's one transaction: (requeued jobs, poisoned jobs, forgotten queued jobs, keys purged).
+
+    Every query in it reads a bounded number of rows (partial indexes, the counters), whatever the depth.
+    """
     with transaction(engine) as conn:
         requeued, poisoned = expire_leases(conn, max_attempts=settings.max_attempts)
         unclaimed = find_unclaimed(conn, older_than_s=settings.requeue_after_s)
         purged = purge_expired(conn, settings.idempotency_ttl_s)
         folded = compact_counts(conn)
-    # After the commit: a worker woken now must see the jobs queued.
-    pairs = [(job.task.value, job.bucket) for job in requeued] + [(r["task"], r["bucket"]) for r in unclaimed]
-    wakeups = publish_wakeups(publisher, pairs)
+    log.debug("sweep folded %d counter rows", folded)
+    return requeued, poisoned, unclaimed, purged
+
+
+def sweep(engine: Engine, publisher: Celery, settings: Settings) -> dict[str, int]:
+    """One sweep; returns counts (requeued, poisoned, tickets published, idempotency keys purged)."""
+    requeued, poisoned, unclaimed, purged = sweep_database(engine, settings)
+    tickets = 0
+    if requeued or unclaimed:  # after the commit: a worker that takes a ticket now must see them queued
+        tickets = top_up(engine, publisher, settings.max_batch, TASKS, max_publish=SWEEP_MAX_PUBLISH)
     counts = {
         "requeued": len(requeued),
         "poisoned": len(poisoned),
-        "unclaimed": len(unclaimed),
-        "wakeups": wakeups,
+        "tickets": tickets,
         "idempotency_keys_purged": purged,
     }
-    log.debug("sweep folded %d counter rows", folded)
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts

@@ -1,29 +1,35 @@
-"""The model task: a wake-up for (task kind, bucket) drains that task family's queue in batches.
+"""The model task: each `nexusgen.run_batch` execution claims ONE batch from Postgres and runs it.
 
-The message carries no job data; the jobs live in Postgres and are claimed exclusively, so a duplicated
-wake-up finds nothing to do and a lost one is re-sent by the sweeper. The model stack (torch) is imported
-and loaded only when the first wake-up runs, inside the worker child process.
+A message is a ticket for one batch of a task family (core.queue.top_up keeps one per claimable batch in
+the broker). The jobs live in Postgres and are claimed exclusively when the task starts, so a duplicated
+ticket claims nothing and a lost one is re-published by the next top-up. Flower lists every batch: once
+claimed, the task announces its bucket, job ids, tenants and size, and its result names each job's
+outcome. A transient infrastructure error puts the jobs back and retries the task (RETRY in Flower); any
+other exception ends the batch's leases for the sweeper and fails the task (FAILURE, with the error).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from celery import shared_task
+from celery import Celery, Task, current_app, shared_task
+from celery.signals import worker_process_init
+from celery.utils.saferepr import saferepr
 from sqlalchemy import Engine
 
-from core.queue import TASK_PROCESS, publish_wakeups
+from core import jobs as jobstate
+from core.db import transaction
+from core.queue import TASK_RUN_BATCH, top_up
 from core.records import Job
+from core.settings import Settings
 from core.webhooks import publish_delivery_kick
-from worker.app import NexusGenCelery
-from worker.batching import drain, release_claims
+from worker.app import PRELOAD_KEY, NexusGenCelery
+from worker.batching import gather_and_claim, release_claims
 from worker.runtime import TRANSIENT_ERRORS, NexusGenTask
-
-if TYPE_CHECKING:
-    from worker.execute import ComputedBatch
 
 log = logging.getLogger(__name__)
 
@@ -37,84 +43,133 @@ def put_back(engine: Engine, rows: Sequence[Job], exc: BaseException) -> None:
         log.warning("could not put the jobs back; their leases will expire and the sweeper requeues them")
 
 
-class StoreBehind:
-    """Stores one batch's results on a thread while the next batch is claimed and computed.
+def end_leases(engine: Engine, rows: Sequence[Job]) -> None:
+    """After a crash: let the batch's leases run out now, so the next sweep requeues (or poisons) them."""
+    try:
+        with transaction(engine) as conn:
+            jobstate.end_leases(conn, [(job.id, job.attempt) for job in rows])
+    except TRANSIENT_ERRORS:
+        log.warning("could not end the leases; they run out on their own")
 
-    At most one batch is in flight; a transient error while storing puts that batch's jobs back and is
-    raised on the next `submit` or `close`.
+
+def lease_owner(task: Task) -> str:
+    """Who holds the batch's leases: the worker node, the pool process and the task id.
+
+    worker.revoke rebuilds it from a revoke request to cancel exactly this batch's jobs.
+    """
+    return f"{task.request.hostname}/{os.getpid()}/{task.request.id}"
+
+
+def announce(task: Task, rows: Sequence[Job]) -> None:
+    """Tell Flower what this batch is: a name with its bucket in words; its job ids, tenants and size.
+
+    A second task-started event: Flower merges its fields into the task it already lists.
+    """
+    bucket = rows[0].bucket
+    details = {
+        "size": len(rows),
+        "jobs": [job.id for job in rows],
+        "tenants": sorted({job.tenant_id for job in rows}),
+    }
+    try:
+        task.send_event(
+            "task-started",
+            retry=False,
+            name=f"{TASK_RUN_BATCH} {jobstate.describe_bucket(bucket)}",
+            args=saferepr([rows[0].task.value, bucket], maxlen=1024),
+            kwargs=saferepr(details, maxlen=BatchTask.resultrepr_maxsize),
+        )
+    except TRANSIENT_ERRORS as exc:  # monitoring only: the batch runs regardless
+        log.warning("batch not announced to Flower (%s)", exc.__class__.__name__)
+
+
+def after_batch(app: Celery, settings: Settings, engine: Engine, task: str) -> None:
+    """Deliver the batch's webhooks now and keep a ticket per remaining batch in the queue."""
+    try:
+        publish_delivery_kick(app)  # the events are committed: deliver now, not at the next beat poll
+        top_up(engine, app, settings.max_batch, [task])
+    except TRANSIENT_ERRORS as exc:
+        log.warning("kick or top-up not sent (%s); beat's poll and sweep send them", exc.__class__.__name__)
+
+
+class BatchTask(NexusGenTask):
+    """The batch task's options: a result long enough for every job, no redelivery after a lost worker.
+
+    NexusGenTask retries transient errors (RETRY in Flower) after claim_and_run put the jobs back.
     """
 
-    def __init__(self, engine: Engine, store: Callable[[ComputedBatch], dict[str, int]]) -> None:
-        self.engine, self.store = engine, store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexusgen-store")
-        self._pending: tuple[Future[dict[str, int]], Sequence[Job]] | None = None
-
-    def submit(self, rows: Sequence[Job], batch: ComputedBatch) -> None:
-        try:
-            self.wait()
-        except TRANSIENT_ERRORS as exc:  # the batch before failed: this one goes back too
-            batch.keeper.stop()
-            put_back(self.engine, rows, exc)
-            raise
-        future = self._pool.submit(self.store, batch)
-        self._pending = (future, rows)
-
-    def wait(self) -> None:
-        if self._pending is None:
-            return
-        (future, rows), self._pending = self._pending, None
-        try:
-            future.result()
-        except TRANSIENT_ERRORS as exc:
-            put_back(self.engine, rows, exc)
-            raise
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
+    resultrepr_maxsize = 16384
+    # A killed pool process fails the task (FAILURE, WorkerLostError) and acks its ticket; its jobs come
+    # back through their leases and run as a new task, never under this task id again.
+    reject_on_worker_lost = False
 
 
-def process(app: NexusGenCelery, task: str, bucket: str | None) -> int:
-    """Drain the queue of `task` (starting with `bucket`); returns how many jobs this call claimed."""
+def claim_and_run(
+    app: NexusGenCelery,
+    task: str,
+    bucket: str | None,
+    owner: str,
+    on_claimed: Callable[[Sequence[Job]], object] = lambda rows: None,
+) -> dict[str, Any]:
+    """Claim the next batch of `task` (from `bucket` while it has queued jobs), run it, store its results.
+
+    Returns what Flower shows as the task's result: the bucket, size, each job's outcome, worker, device.
+    A transient error puts the jobs back and propagates; any other error ends their leases and propagates.
+    """
     settings = app.settings
     if task not in settings.tasks:
-        log.warning("wake-up for %s ignored: this worker serves %s", task, ",".join(settings.tasks))
-        return 0
+        log.warning("ticket for %s ignored: this worker serves %s", task, ",".join(settings.tasks))
+        return {"task": task, "size": 0, "jobs": {}, "note": f"this worker does not serve {task}"}
     from worker import execute  # imports torch: only in processes that run the model
 
-    execute.load_model(settings)
-    engine, storage, worker_id = app.engine, app.storage, app.worker_id
-
-    def store_and_announce(batch: Any) -> dict[str, int]:
-        counts = execute.store_batch(engine, storage, worker_id, batch)
-        try:  # the events are committed: deliver now rather than at the next beat poll of the outbox
-            publish_delivery_kick(app)
-        except TRANSIENT_ERRORS as exc:
-            log.warning("webhook kick not sent (%s); beat's poll delivers them", exc.__class__.__name__)
-        return counts
-
-    behind = StoreBehind(engine, store_and_announce)
-
-    def run_batch(rows: Sequence[Job]) -> None:
-        try:
-            computed = execute.compute_batch(settings, engine, storage, rows)
-        except TRANSIENT_ERRORS as exc:
-            put_back(engine, rows, exc)
-            raise
-        behind.submit(rows, computed)
-
-    def hand_over() -> None:
-        publish_wakeups(app, [(task, None)])
-
+    engine, storage = app.engine, app.storage
+    model = execute.load_model(settings)
+    rows = gather_and_claim(engine, settings, owner, task, bucket)
+    if not rows and bucket is not None:
+        rows = gather_and_claim(engine, settings, owner, task, None)
+    if not rows:
+        return {"task": task, "size": 0, "jobs": {}, "note": "nothing to claim: a spare ticket"}
+    on_claimed(rows)
     try:
-        return drain(engine, settings, worker_id, task, bucket, run_batch, on_budget_spent=hand_over)
-    finally:
-        behind.close()
+        computed = execute.compute_batch(settings, engine, storage, rows)
+        outcomes = execute.store_batch(engine, storage, app.worker_id, computed)
+    except TRANSIENT_ERRORS as exc:
+        put_back(engine, rows, exc)
+        raise
+    except BaseException:
+        end_leases(engine, rows)
+        raise
+    after_batch(app, settings, engine, task)
+    return {
+        "task": task,
+        "bucket": rows[0].bucket,
+        "size": len(rows),
+        "jobs": outcomes,
+        "worker": app.worker_id,
+        "device": str(model.device),
+    }
 
 
-@shared_task(base=NexusGenTask, name=TASK_PROCESS, bind=True, ignore_result=True)
-def process_queue(self: NexusGenTask, task: str, bucket: str | None = None) -> int:
-    """Celery entry point of TASK_PROCESS(task, bucket); NexusGenTask retries transient errors."""
-    return process(self.runtime, task, bucket)
+@shared_task(base=BatchTask, name=TASK_RUN_BATCH, bind=True)
+def run_batch(self: BatchTask, task: str, bucket: str | None = None) -> dict[str, Any]:
+    """Celery entry point of TASK_RUN_BATCH(task, bucket); BatchTask retries transient errors."""
+    return claim_and_run(self.runtime, task, bucket, lease_owner(self), lambda rows: announce(self, rows))
+
+
+@worker_process_init.connect(weak=False)
+def preload_model(**_: Any) -> None:
+    """In a model worker's pool process, load the model now on a thread (a batch that comes first waits
+    for it), so that a batch's runtime in Flower is its own and its ticket is claimed without delay."""
+    if not isinstance(current_app, NexusGenCelery) or not current_app.conf.get(PRELOAD_KEY):
+        return
+    settings = current_app.settings
+
+    def load() -> None:
+        from worker import execute
+
+        try:
+            execute.load_model(settings)
+        except Exception:  # the first batch loads it again and fails visibly (FAILURE in Flower)
+            log.exception("model preload failed")
+
+    threading.Thread(target=load, name="nexusgen-preload", daemon=True).start()

@@ -45,3 +45,22 @@ def test_small_preset_reports_every_configuration(tmp_path: Path) -> None:
         if entry["status"] == "measured" and entry["cache_threshold"] > 0:
             assert 0 <= entry["cache_blocks_skipped_fraction"] < 1
     assert {c["status"] for c in result["configurations"]} == {"measured", "not_run"}
+
+
+def test_full_preset_builds_the_real_architecture_on_meta() -> None:
+    """What a GPU session will build: Nexus-GenV2's parameter counts (no memory: the meta device)."""
+    import torch
+
+    from bench.bench_gpu import FULL, build_components, dit_flops
+
+    components = build_components(FULL, torch.device("meta"), torch.bfloat16)
+    billions = {
+        name: round(sum(p.numel() for p in getattr(components, name).parameters()) / 1e9, 2)
+        for name in ("ar", "gen_dit", "edit_dit", "merger")
+    }
+    assert billions == {"ar": 8.29, "gen_dit": 11.9, "edit_dit": 11.9, "merger": 0.36}
+    assert (
+        len(components.gen_dit.transformer_blocks) == 19
+        and len(components.gen_dit.single_transformer_blocks) == 38
+    )
+    assert round(dit_flops(FULL, 1024, 81) / 1e12, 1) == 66.2  # the figure the module docstring documents

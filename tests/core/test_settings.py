@@ -43,3 +43,11 @@ def test_to_env_round_trips_through_from_env(settings: Settings) -> None:
 def test_require_names_the_variable() -> None:
     with pytest.raises(RuntimeError, match="CELERY_BROKER_URL"):
         Settings().require("broker_url")
+
+
+def test_flower_login_and_prefix_are_read_and_checked() -> None:
+    settings = Settings.from_env({"FLOWER_BASIC_AUTH": "admin:pw,ops:pw2", "FLOWER_URL_PREFIX": "/flower/"})
+    assert (settings.flower_basic_auth, settings.flower_url_prefix) == ("admin:pw,ops:pw2", "flower")
+    assert Settings.from_env(settings.to_env()).flower_basic_auth == "admin:pw,ops:pw2"
+    with pytest.raises(ValueError, match="FLOWER_BASIC_AUTH"):
+        Settings.from_env({"FLOWER_BASIC_AUTH": "admin"})

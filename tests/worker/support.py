@@ -15,10 +15,10 @@ from typing import Any
 from PIL import Image
 from sqlalchemy import Engine, RowMapping, select
 
-from core.db import transaction
+from core.db import make_engine, transaction
 from core.ids import new_id
 from core.jobs import bucket_key
-from core.queue import MODEL_QUEUES, TASK_PROCESS, make_publisher, publish_wakeups
+from core.queue import MODEL_QUEUES, TASK_RUN_BATCH, make_publisher, top_up
 from core.schema import jobs, results, tenants, uploads
 from core.settings import Settings
 from core.storage import Storage, upload_key
@@ -95,9 +95,17 @@ class WorkerProcess:
 
 
 def warm(settings: Settings, worker: WorkerProcess, task: str = "generate") -> None:
-    """Send one wake-up to this worker only, so it loads the model before the test needs it."""
+    """Send one ticket to this worker only, so it loads the model before the test needs it."""
+    send_tickets(settings, task, 1, queue=worker.private_queue)
+
+
+def send_tickets(settings: Settings, task: str, n: int, queue: str | None = None) -> list[str]:
+    """Publish `n` run_batch tickets for `task` as they are (tests duplicate or lose them at will)."""
     app = make_publisher(settings)
-    app.send_task(TASK_PROCESS, args=[task, None], queue=worker.private_queue)
+    return [
+        app.send_task(TASK_RUN_BATCH, args=[task, None], queue=queue or MODEL_QUEUES[task]).id
+        for _ in range(n)
+    ]
 
 
 def make_tenant(engine: Engine) -> str:
@@ -174,7 +182,12 @@ def insert_job(
 
 
 def publish(settings: Settings, wakeups: Iterable[tuple[str, str | None]]) -> int:
-    return publish_wakeups(make_publisher(settings), wakeups)
+    """Top the queues of these (task, bucket) pairs up, as the API does after a commit."""
+    engine = make_engine(settings, pool_size=1)
+    try:
+        return top_up(engine, make_publisher(settings), settings.max_batch, {t for t, _ in wakeups})
+    finally:
+        engine.dispose()
 
 
 def job_rows(engine: Engine, ids: Iterable[str]) -> dict[str, RowMapping]:

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from core.queue import MAINTENANCE_QUEUE, TASK_DELIVER, TASK_PROCESS, TASK_SWEEP, WEBHOOK_QUEUE
+from core.queue import MAINTENANCE_QUEUE, TASK_DELIVER, TASK_RUN_BATCH, TASK_SWEEP, WEBHOOK_QUEUE
 from core.settings import Settings
 from tests.worker.support import REPO
 from worker.app import make_celery, model_queues
@@ -26,6 +26,8 @@ def test_app_is_configured_from_settings() -> None:
         1,
     )
     assert (conf.worker_pool, conf.worker_concurrency) == ("prefork", 1)
+    # Flower sees every task with no -E flag in up, compose or Kubernetes
+    assert conf.worker_send_task_events is True and conf.task_send_sent_event is True
     assert conf.task_routes[TASK_SWEEP] == {"queue": MAINTENANCE_QUEUE}
     assert conf.task_routes[TASK_DELIVER] == {"queue": WEBHOOK_QUEUE}
     sweep = conf.beat_schedule["nexusgen-sweep"]
@@ -56,14 +58,12 @@ def test_every_task_runs_on_the_one_runtime_with_one_retry_policy() -> None:
     app = make_celery(Settings(broker_url="redis://127.0.0.1:1/0"))
     app.loader.import_default_modules()
     tasks = {name: task for name, task in app.tasks.items() if name.startswith("nexusgen.")}
-    assert set(tasks) == {TASK_PROCESS, TASK_SWEEP, TASK_DELIVER}
+    assert set(tasks) == {TASK_RUN_BATCH, TASK_SWEEP, TASK_DELIVER}
     assert all(isinstance(task, NexusGenTask) for task in tasks.values())
     assert all(task.runtime is app and task.settings is app.settings for task in tasks.values())
-    process = tasks[TASK_PROCESS]
-    assert (process.autoretry_for, process.max_retries, process.retry_backoff_max) == (
-        TRANSIENT_ERRORS,
-        20,
-        60,
-    )
+    batch = tasks[TASK_RUN_BATCH]
+    assert (batch.autoretry_for, batch.max_retries, batch.retry_backoff_max) == (TRANSIENT_ERRORS, 20, 60)
+    # a killed pool process fails its batch task instead of redelivering the ticket (README, Flower)
+    assert batch.reject_on_worker_lost is False
     # the sweep and the webhook poll are redone by the next beat: no retries of their own
     assert tasks[TASK_SWEEP].autoretry_for == () and tasks[TASK_DELIVER].autoretry_for == ()

@@ -11,12 +11,12 @@ from sqlalchemy import Engine, update
 
 from core.db import transaction
 from core.jobs import cancel_job, claim_batch, expire_leases
-from core.queue import MODEL_QUEUES, make_publisher
+from core.queue import MODEL_QUEUES, claimable_batches, make_publisher, top_up
 from core.schema import jobs
 from core.settings import Settings
 from core.storage import Storage
 from tests.worker.support import insert_job, job_rows, make_tenant
-from worker.batching import drain, gather_and_claim
+from worker.batching import gather_and_claim
 from worker.sweeper import sweep
 
 
@@ -63,21 +63,35 @@ def test_gathering_window_waits_for_batch_mates(engine: Engine, tenant: str, set
     assert time.monotonic() - started < 1.0  # a full bucket is claimed at once
 
 
-def test_drain_runs_every_bucket_of_its_task_only(engine: Engine, tenant: str, settings: Settings) -> None:
-    cfg = settings.with_overrides(max_batch=2, batch_window_s=0.0)
-    gen = [insert_job(engine, tenant, "generate", steps=s)[0] for s in (2, 2, 2, 3)]
-    other = insert_job(engine, tenant, "understand")[0]
-    batches: list[list[str]] = []
-    claimed = drain(engine, cfg, "w", "generate", None, lambda rows: batches.append([r.id for r in rows]))
-    assert claimed == 4
-    assert batches == [gen[:2], [gen[2]], [gen[3]]]
-    assert job_rows(engine, [other])[other]["status"] == "queued"
+def test_top_up_keeps_one_ticket_per_claimable_batch(
+    engine: Engine, tenant: str, settings: Settings, broker: redis.Redis
+) -> None:
+    gen, und = MODEL_QUEUES["generate"], MODEL_QUEUES["understand"]
+    broker.delete(gen, und)
+    publisher = make_publisher(settings)
+    for steps in (2, 2, 2, 2, 2, 3):  # buckets of 5 and 1 jobs: 3 + 1 batches of at most 2
+        insert_job(engine, tenant, "generate", steps=steps)
+    insert_job(engine, tenant, "understand")
+    canceled, _ = insert_job(engine, tenant, "understand")
+    with transaction(engine) as conn:
+        cancel_job(conn, tenant, canceled)
+    assert top_up(engine, publisher, 2, ["generate", "understand"]) == 5
+    assert (broker.llen(gen), broker.llen(und)) == (4, 1)
+    assert top_up(engine, publisher, 2, ["generate", "understand"]) == 0  # no duplicates
+    broker.rpop(gen)  # a lost ticket
+    assert top_up(engine, publisher, 2, ["generate"]) == 1
+    assert broker.llen(gen) == 4
+    assert len(claim(engine, max_batch=2)) == 2  # a batch claimed without its ticket leaves a spare
+    assert top_up(engine, publisher, 2, ["generate"]) == 0
+    with engine.connect() as conn:
+        assert claimable_batches(conn, "generate", 2) == 3
+    broker.delete(gen, und)
 
 
 def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
     engine: Engine, tenant: str, settings: Settings, broker: redis.Redis
 ) -> None:
-    cfg = settings.with_overrides(max_attempts=2, requeue_after_s=1.5)
+    cfg = settings.with_overrides(max_attempts=2, requeue_after_s=0)
     queue = MODEL_QUEUES["generate"]
     broker.delete(queue)
     lost, _ = insert_job(engine, tenant, "generate")
@@ -87,28 +101,16 @@ def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
     assert sorted(claim(engine, max_batch=2, lease_s=0.2)) == sorted([lost, poison])
     time.sleep(0.4)
     counts = sweep(engine, make_publisher(cfg), cfg)
-    assert counts == {
-        "requeued": 1,
-        "poisoned": 1,
-        "unclaimed": 0,
-        "wakeups": 1,
-        "idempotency_keys_purged": 0,
-    }
+    assert counts == {"requeued": 1, "poisoned": 1, "tickets": 1, "idempotency_keys_purged": 0}
     rows = job_rows(engine, [lost, poison])
     assert rows[lost]["status"] == "queued" and rows[lost]["lease_owner"] is None
     assert (rows[poison]["status"], rows[poison]["error_code"]) == ("failed", "poison_job")
     assert broker.llen(queue) == 1
 
-    assert sweep(engine, make_publisher(cfg), cfg)["unclaimed"] == 0  # just requeued: not stale yet
-    time.sleep(1.7)
-    assert sweep(engine, make_publisher(cfg), cfg) == {
-        "requeued": 0,
-        "poisoned": 0,
-        "unclaimed": 1,
-        "wakeups": 1,
-        "idempotency_keys_purged": 0,
-    }
-    assert broker.llen(queue) == 2
+    assert sweep(engine, make_publisher(cfg), cfg)["tickets"] == 0  # its ticket is still there
+    broker.delete(queue)  # the broker loses it
+    assert sweep(engine, make_publisher(cfg), cfg)["tickets"] == 1
+    assert broker.llen(queue) == 1
     broker.delete(queue)
 
 

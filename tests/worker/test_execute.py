@@ -20,7 +20,7 @@ from worker.app import make_celery
 from worker.execute import Item, run_model
 from worker.heartbeat import LeaseKeeper
 from worker.runtime import TRANSIENT_ERRORS
-from worker.tasks import process
+from worker.tasks import claim_and_run
 
 
 class PickyModel:
@@ -84,7 +84,7 @@ def test_storage_outage_puts_the_batch_back_for_a_retry(
     )
     ids = [insert_job(engine, tenant, "generate", f"p{i}")[0] for i in range(2)]
     with pytest.raises(TRANSIENT_ERRORS):
-        process(make_celery(down), "generate", None)
+        claim_and_run(make_celery(down), "generate", None, "w/1/task")
     rows = job_rows(engine, ids)
     assert {(r["status"], r["attempt"]) for r in rows.values()} == {("queued", 1)}
     assert all("transient error" in r["error_message"] for r in rows.values())
@@ -96,5 +96,5 @@ def test_storage_outage_puts_the_batch_back_for_a_retry(
 def test_worker_serves_only_its_task_families(engine: Engine, tenant: str, settings: Settings) -> None:
     only_understand = settings.with_overrides(tasks=("understand",), batch_window_s=0.0)
     job, _ = insert_job(engine, tenant, "generate")
-    assert process(make_celery(only_understand), "generate", None) == 0
+    assert claim_and_run(make_celery(only_understand), "generate", None, "w/1/task")["size"] == 0
     assert job_rows(engine, [job])[job]["status"] == "queued"

@@ -14,7 +14,7 @@ import pytest
 import redis
 from sqlalchemy import Engine, func, select
 
-from core.queue import MAINTENANCE_QUEUE, MODEL_QUEUES, TASK_PROCESS, TASK_SWEEP, make_publisher
+from core.queue import MAINTENANCE_QUEUE, MODEL_QUEUES, TASK_SWEEP, make_publisher
 from core.schema import jobs
 from core.settings import Settings
 from core.storage import Storage
@@ -25,6 +25,7 @@ from tests.worker.support import (
     make_upload,
     publish,
     result_rows,
+    send_tickets,
     wait_for,
     warm,
 )
@@ -70,7 +71,7 @@ def assert_done_once(engine: Engine, storage: Storage, tenant: str, ids: Iterabl
     return rows
 
 
-def test_lost_and_duplicated_wakeups_end_with_each_job_done_once(
+def test_lost_and_duplicated_tickets_end_with_each_job_done_once(
     engine: Engine,
     tenant: str,
     storage: Storage,
@@ -87,17 +88,16 @@ def test_lost_and_duplicated_wakeups_end_with_each_job_done_once(
     worker = survivor()
 
     dup = [insert_job(engine, tenant, "generate", f"twice {i}", seed=i) for i in range(3)]
-    for _ in range(3):  # the same wake-up, delivered three times
-        publish(cfg, [("generate", dup[0][1])])
+    send_tickets(cfg, "generate", 3)  # three tickets for one batch: two spares claim nothing
     rows = wait_for(engine, [j for j, _ in dup], timeout_s=90)
     assert {r["attempt"] for r in rows.values()} == {1}, worker.tail()
     assert_done_once(engine, storage, tenant, [j for j, _ in dup])
     assert {r["status"] for r in job_rows(engine, [j for j, _ in lost]).values()} == {"queued"}
 
-    # What beat sends every sweep_interval_s; the survivor's sweeper task re-publishes the wake-ups.
+    # What beat sends every sweep_interval_s; the survivor's sweeper task re-publishes the tickets.
     make_publisher(cfg).send_task(TASK_SWEEP, queue=MAINTENANCE_QUEUE)
     wait_for(engine, [j for j, _ in lost], timeout_s=60)
-    assert b"'unclaimed': 3, 'wakeups': 2" in worker.log_path.read_bytes()
+    assert b"'tickets': 2" in worker.log_path.read_bytes()
     rows = assert_done_once(engine, storage, tenant, [j for j, _ in lost])
     assert {r["attempt"] for r in rows.values()} == {1}
 
@@ -118,7 +118,7 @@ def test_kill_9_mid_batch_every_job_completes_once_elsewhere(
         time.sleep(0.2)
 
     ids = [insert_job(engine, tenant, "generate", f"long {i}", seed=i, steps=60)[0] for i in range(4)]
-    make_publisher(cfg).send_task(TASK_PROCESS, args=["generate", None], queue=doomed.private_queue)
+    send_tickets(cfg, "generate", 1, queue=doomed.private_queue)
     deadline = time.monotonic() + 60
     victim: dict[str, Any] = {}
     while time.monotonic() < deadline:

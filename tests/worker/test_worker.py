@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from celery import Celery
 from PIL import Image
 from sqlalchemy import Engine
 
@@ -22,6 +23,7 @@ from tests.worker.support import (
     make_upload,
     publish,
     result_rows,
+    send_tickets,
     wait_for,
     warm,
 )
@@ -32,7 +34,12 @@ PROVENANCE_KEYS = {"params", "checkpoint_hash", "batch_size", "timings", "worker
 @pytest.fixture(scope="module")
 def cfg(settings: Settings) -> Settings:
     return settings.with_overrides(
-        max_batch=4, batch_window_s=0.3, lease_s=30, heartbeat_s=0.5, progress_interval_s=0.1
+        max_batch=4,
+        batch_window_s=0.3,
+        lease_s=30,
+        heartbeat_s=0.5,
+        progress_interval_s=0.1,
+        result_backend=settings.broker_url,  # the tests read each batch task's result
     )
 
 
@@ -155,3 +162,49 @@ def test_cancel_while_running_stops_at_a_step_and_mates_finish(
     for job in (ids[0], ids[2]):
         assert rows[job]["status"] == "succeeded"
         assert rows[job]["provenance"]["batch_size"] == 3
+
+
+def results_app(cfg: Settings) -> Celery:
+    """A client that reads task results and sends control commands, as Flower does."""
+    return Celery("test-client", broker=cfg.broker_url, backend=cfg.result_backend)
+
+
+def test_each_batch_is_one_task_whose_result_names_its_jobs(
+    engine: Engine, tenant: str, cfg: Settings, worker: WorkerProcess
+) -> None:
+    good = [insert_job(engine, tenant, "generate", f"a kite {i}", seed=i)[0] for i in range(2)]
+    blank, bucket = insert_job(engine, tenant, "generate", "   ")  # fails alone, as invalid input
+    first, spare = send_tickets(cfg, "generate", 2)  # the second ticket finds nothing left
+    client = results_app(cfg)
+    result = client.AsyncResult(first).get(timeout=90)
+    assert result["size"] == 3 and result["bucket"] == bucket
+    assert result["jobs"] == {good[0]: "succeeded", good[1]: "succeeded", blank: "failed: invalid_input"}
+    assert result["device"] == "cpu"
+    assert client.AsyncResult(spare).get(timeout=30)["size"] == 0
+    rows = job_rows(engine, [*good, blank])
+    assert [rows[j]["status"] for j in [*good, blank]] == ["succeeded", "succeeded", "failed"]
+    owner = rows[good[0]]["provenance"]["worker"]
+    assert owner == result["worker"]
+
+
+def test_revoking_a_running_batch_cancels_its_jobs_at_a_step(
+    engine: Engine, tenant: str, cfg: Settings, worker: WorkerProcess
+) -> None:
+    steps = 100
+    ids = [insert_job(engine, tenant, "generate", f"slow {i}", seed=i, steps=steps)[0] for i in range(2)]
+    (ticket,) = send_tickets(cfg, "generate", 1)
+    deadline = time.monotonic() + 60
+    seen: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        seen = dict(job_rows(engine, ids[:1])[ids[0]])
+        if seen["stage"] == "denoising" and (seen["step"] or 0) >= 2:
+            break
+        time.sleep(0.05)
+    assert seen["stage"] == "denoising", worker.tail()
+    client = results_app(cfg)
+    replies = client.control.revoke(ticket, reply=True, timeout=5)
+    assert any("cancel requested for 2 job(s)" in str(r) for r in replies), replies
+    result = client.AsyncResult(ticket).get(timeout=90)
+    assert result["jobs"] == {ids[0]: "canceled", ids[1]: "canceled"}
+    rows = job_rows(engine, ids)
+    assert all(rows[j]["status"] == "canceled" and rows[j]["step"] < steps for j in ids)
