@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> APIFlask:
 
     docs.configure_docs(app)
 
-    app.extensions["nexusgen_metrics"] = ops.make_registry(services.engine)
+    app.extensions["nexusgen_metrics"] = ops.make_registry(services.engine, settings)
     for module in (uploads, jobs, batches, ops, webhooks):
         app.register_blueprint(module.bp)
     register_error_handlers(app)

@@ -17,8 +17,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from api.context import services
 from api.metrics import RecentJobsCollector
 from core.counts import tally
+from core.device_memory import FIELDS as DEVICE_MEMORY_FIELDS
+from core.device_memory import read_device_memory
 from core.records import TASKS, DeliveryStatus, JobStatus
 from core.schema import webhook_deliveries
+from core.settings import Settings
 
 bp = APIBlueprint("ops", __name__, tag="Operations")
 
@@ -89,10 +92,37 @@ class DatabaseCollector:
         yield from (up, by_status, depth, oldest, deliveries)
 
 
-def make_registry(engine: Engine) -> CollectorRegistry:
+class DeviceMemoryCollector:
+    """Allocated, peak and total accelerator memory per worker device, as the workers last published it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            name: GaugeMetricFamily(
+                f"nexusgen_worker_device_memory_{name}",
+                f"Accelerator memory {name.replace('_', ' ')} per worker device.",
+                labels=["worker", "device", "rank"],
+            )  # fmt: skip
+            for name in DEVICE_MEMORY_FIELDS
+        }
+        for worker, devices in read_device_memory(self.settings).items():
+            for dev in devices:
+                for name, family in families.items():
+                    family.add_metric([worker, str(dev["device"]), str(dev.get("rank", 0))], float(dev[name]))
+        yield from families.values()
+
+
+def make_registry(engine: Engine, settings: Settings | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(engine))  # type: ignore[arg-type]
     registry.register(RecentJobsCollector(engine))  # type: ignore[arg-type]
+    if settings is not None:
+        registry.register(DeviceMemoryCollector(settings))  # type: ignore[arg-type]
     return registry
 
 

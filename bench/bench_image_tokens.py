@@ -1,4 +1,5 @@
-"""Image-token stage: reference-style 81 KV-cache decode steps at batch 1 vs one forward (§2.3, §2.5).
+"""Image-token stage: reference-style 81 KV-cache decode steps at batch 1 vs one forward.
+See docs/model.md#reference-decoding, #one-pass-image-embeddings.
 
 A "small" random Qwen2.5-VL (default hidden 256, 4 layers) with the tiny checkpoint's tokenizer. The
 step-by-step baseline is timed next to transformers `generate` (greedy, KV cache, 81 tokens) to show it
@@ -69,14 +70,15 @@ def small_stage(device: torch.device, dtype: torch.dtype, args: Any) -> ARStage:
 
 @torch.no_grad()
 def stepwise_image_embeddings(stage: ARStage, enc: Encoded, prefix: list[int]) -> torch.Tensor:
-    """Reference-style (§2.3) at batch 1: prefill up to BOI, then 81 decode steps with a KV cache.
+    """Reference-style at batch 1: prefill up to BOI, then 81 decode steps with a KV cache.
+    See docs/model.md#reference-decoding.
 
     Step k feeds BOI (k = 0) or image_prefill_embeds[k-1] at its M-RoPE position, appends
     vision_head(h) and computes the logits like the reference does (their argmax is forced anyway).
     The reference runs one more step for IMG_80, whose output it drops; it is not counted here.
     """
     if len(enc.ids) != 1:
-        raise ValueError("the reference path runs at batch size 1 only (§7 #1)")
+        raise ValueError("the reference path runs at batch size 1 only (docs/model.md#reference-limits)")
     seq = enc.ids[0] + prefix + [stage.ids["image_pad"]] * NUM_IMAGE_TOKENS
     embeds, mask, positions, _ = stage._batch(enc, [seq], generated_image=True)  # [1,L,D], [1,L], [3,1,L]
     boi = len(seq) - NUM_IMAGE_TOKENS - 1

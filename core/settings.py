@@ -72,6 +72,10 @@ ENV_NAMES = {
     "dtype": "NEXUSGEN_DTYPE",
     "max_batch": "NEXUSGEN_MAX_BATCH",
     "tasks": "NEXUSGEN_TASKS",
+    "tp_size": "NEXUSGEN_TP_SIZE",
+    "tp_timeout_s": "NEXUSGEN_TP_TIMEOUT_S",
+    "edit_decoders": "NEXUSGEN_EDIT_DECODERS",
+    "resident_text_encoders": "NEXUSGEN_RESIDENT_TEXT_ENCODERS",
     "prefix_mode": "NEXUSGEN_PREFIX_MODE",
     "compile": "NEXUSGEN_COMPILE",
     "dit_precision": "NEXUSGEN_DIT_PRECISION",
@@ -130,6 +134,10 @@ class Settings:
     dtype: str | None = None  # None: bf16 on cuda, fp32 on cpu
     max_batch: int = 8
     tasks: tuple[str, ...] = TASKS
+    tp_size: int | None = None  # tensor-parallel ranks; None: one per device listed in `device`
+    tp_timeout_s: float = 120.0  # a collective that waits longer than this for a rank fails the worker
+    edit_decoders: tuple[str, ...] = ("edit", "generation")  # decoders edit jobs may ask this worker for
+    resident_text_encoders: bool = False  # keep CLIP and T5 on the accelerator between calls
     prefix_mode: str = "natural"  # natural | forced (forced for the tiny random checkpoint)
     compile: str = "off"  # off | regional: torch.compile of the repeated DiT and AR blocks
     dit_precision: str = "bf16"  # bf16 | fp8 (torchao float8 DiT blocks; CUDA sm 8.9+ only)
@@ -208,6 +216,19 @@ class Settings:
         prefix_mode = env.get("NEXUSGEN_PREFIX_MODE", "natural")
         if prefix_mode not in ("natural", "forced"):
             raise ValueError(f"NEXUSGEN_PREFIX_MODE must be natural or forced, got {prefix_mode!r}")
+        tp_size = _int(env, "NEXUSGEN_TP_SIZE", 0) or None
+        devices = [d.strip() for d in env.get("NEXUSGEN_DEVICE", "cpu").split(",") if d.strip()]
+        if tp_size is not None and len(devices) > 1 and tp_size != len(devices):
+            raise ValueError(f"NEXUSGEN_TP_SIZE={tp_size} but NEXUSGEN_DEVICE lists {len(devices)} devices")
+        if (tp_size or len(devices)) > 1 and engine != "deepspeed":
+            raise ValueError(
+                "tensor parallelism (several devices or NEXUSGEN_TP_SIZE > 1) needs NEXUSGEN_ENGINE=deepspeed"
+            )
+        edit_decoders = tuple(
+            d.strip() for d in env.get("NEXUSGEN_EDIT_DECODERS", "edit,generation").split(",") if d.strip()
+        )
+        if not edit_decoders or set(edit_decoders) - {"edit", "generation"}:
+            raise ValueError(f"NEXUSGEN_EDIT_DECODERS must list edit and/or generation, got {edit_decoders}")
         speed = {
             "compile": _choice(env, "NEXUSGEN_COMPILE", ("off", "regional")),
             "dit_precision": _choice(env, "NEXUSGEN_DIT_PRECISION", ("bf16", "fp8")),
@@ -231,6 +252,10 @@ class Settings:
             dtype=env.get("NEXUSGEN_DTYPE") or None,
             max_batch=_int(env, "NEXUSGEN_MAX_BATCH", 8),
             tasks=tasks,
+            tp_size=tp_size,
+            tp_timeout_s=_float(env, "NEXUSGEN_TP_TIMEOUT_S", 120.0),
+            edit_decoders=edit_decoders,
+            resident_text_encoders=_bool(env.get("NEXUSGEN_RESIDENT_TEXT_ENCODERS")),
             prefix_mode=prefix_mode,
             **speed,
             batch_window_s=_float(env, "NEXUSGEN_BATCH_WINDOW_S", 0.2),
@@ -268,6 +293,16 @@ class Settings:
             ),
             state_dir=Path(env.get("NEXUSGEN_STATE_DIR", ".nexusgen")),
         )
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices NEXUSGEN_DEVICE lists (`cuda:0,cuda:1`), one per tensor-parallel rank."""
+        return tuple(d.strip() for d in self.device.split(",") if d.strip())
+
+    @property
+    def tp_world(self) -> int:
+        """How many tensor-parallel ranks this worker runs (1: a plain single-process worker)."""
+        return self.tp_size or len(self.devices)
 
     def with_overrides(self, **changes: object) -> Settings:
         """Return a copy with some fields changed (used by `nexusgen up` after starting embedded servers)."""

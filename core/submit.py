@@ -242,7 +242,7 @@ def validate_job(
     draft.priority = priority
     draft.metadata = check_metadata(spec.get("metadata"))
     draft.webhook_url, draft.webhook_events = parse_webhook(
-        spec.get("webhook"), settings, webhook_cache or {}
+        spec.get("webhook"), settings, webhook_cache if webhook_cache is not None else {}
     )
     custom_id = spec.get("custom_id")
     if custom_id is None and require_custom_id:

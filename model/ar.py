@@ -1,4 +1,7 @@
-"""The AR stage, batched: prompts, text prefix up to BOI, the one-pass 81 image embeddings (§2)."""
+"""The AR stage, batched: prompts, text prefix up to BOI, the one-pass 81 image embeddings.
+
+See docs/model.md#ar-stage.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ MIN_PIXELS = 3136
 MAX_ASPECT_RATIO = 200
 
 
-# ---- input images (§3.1) -----------------------------------------------------------------------------
+# ---- input images (docs/model.md#input-images) -------------------------------------------------------------
 def smart_resize(
     height: int,
     width: int,
@@ -64,13 +67,13 @@ def num_image_pad_tokens(bounded: Image.Image) -> int:
     return (bounded.height // IMAGE_FACTOR) * (bounded.width // IMAGE_FACTOR)
 
 
-# ---- prompts (§2.2) ----------------------------------------------------------------------------------
+# ---- prompts (docs/model.md#prompts) -----------------------------------------------------------------------
 @dataclass
 class ARPrompt:
     """One templated AR prompt (ends with `<|im_start|>assistant\\n`) and its bounded input image, if any."""
 
     text: str
-    image: Image.Image | None = None  # already bounded (§3.1)
+    image: Image.Image | None = None  # already bounded (docs/model.md#input-images)
 
 
 def chat(user_text: str) -> str:
@@ -141,7 +144,7 @@ class ARStage:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.c.image_prefill_embeds.weight.dtype
+        return self.c.dtype
 
     # -- inputs
     def vit_inputs(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +240,8 @@ class ARStage:
     def greedy(
         self, enc: Encoded, max_new_tokens: list[int], success_ids: set[int], stop_ids: set[int]
     ) -> list[Decoded]:
-        """Batched greedy decoding with a KV cache; vision_end is masked at every step (§2.3 step 4).
+        """Batched greedy decoding with a KV cache; vision_end is masked at every step.
+        See docs/model.md#reference-decoding.
 
         A sample stops on a success token (kept, ok=True), on a stop token (dropped, ok=False if success_ids
         is non-empty) or at its token limit (ok=False if success_ids is non-empty).
@@ -282,7 +286,7 @@ class ARStage:
             hidden, cache = self._forward(self.lm.embed_tokens(tokens[:, None]), mask, step_pos, cache)
         return [Decoded(t, k) for t, k in zip(out, ok, strict=True)]
 
-    # -- phase B: the one-pass image block (§2.5, §2.6)
+    # -- phase B: the one-pass image block (docs/model.md#one-pass-image-embeddings, #batching)
     @torch.no_grad()
     def image_embeddings(
         self, enc: Encoded, prefixes: list[list[int]], reuse_head: bool = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from model.config import (
 )
 from model.merger import ImageEmbeddingMerger
 
-# ---- DiffSynth FluxDiT -> diffusers FluxTransformer2DModel (§6.1) --------------------------------------
+# ---- DiffSynth FluxDiT -> diffusers FluxTransformer2DModel (docs/model.md#dit-key-names) -------------------
 DIT_GLOBAL = {
     "time_embedder.timestep_embedder.0": "time_text_embed.timestep_embedder.linear_1",
     "time_embedder.timestep_embedder.2": "time_text_embed.timestep_embedder.linear_2",
@@ -179,7 +179,10 @@ def _split_prefixes(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...], file
 
 
 def ds_dit_to_diffusers(sd: dict[str, torch.Tensor], file: str) -> dict[str, torch.Tensor]:
-    """DiffSynth FluxDiT names (no `pipe.dit.`) -> diffusers names; fused qkv tensors are split (§6.1)."""
+    """DiffSynth FluxDiT names (no `pipe.dit.`) -> diffusers names; fused qkv tensors are split.
+
+    See docs/model.md#dit-key-names.
+    """
     inner = _require(sd, "x_embedder.weight", file, DIT_PREFIX).shape[0]
     out: dict[str, torch.Tensor] = {}
     unexpected = []
@@ -274,7 +277,10 @@ def build_dit(ds_sd: dict[str, torch.Tensor], file: str) -> nn.Module:
 
 
 def build_adapter(sd: dict[str, torch.Tensor], file: str) -> nn.Sequential:
-    """Generation adapter: Linear(D, J) LayerNorm ReLU Linear(J, J) LayerNorm (§4.1)."""
+    """Generation adapter: Linear(D, J) LayerNorm ReLU Linear(J, J) LayerNorm.
+
+    See docs/model.md#generation-decoder.
+    """
     w0 = _require(sd, "0.weight", file, ADAPTER_PREFIX)
     w3 = _require(sd, "3.weight", file, ADAPTER_PREFIX)
     with init_empty_weights():  # parameters on meta: the real adapter is ~31M, the merger ~0.36B
@@ -347,7 +353,10 @@ def infer_vae_config(sd: dict[str, torch.Tensor], file: str) -> dict[str, Any]:
 
 
 def build_vae(flux_dir: Path) -> nn.Module:
-    """diffusers AutoencoderKL from `ae.safetensors` via diffusers' LDM converter (§6.3)."""
+    """diffusers AutoencoderKL from `ae.safetensors` via diffusers' LDM converter.
+
+    See docs/model.md#vae-clip-t5.
+    """
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -487,15 +496,27 @@ def _load_decoder_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_components(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    parts: Iterable[str] | None = None,
 ) -> Components:
-    """Load every module of the stack from DIR (Nexus-GenV2/ + FLUX/FLUX.1-dev/), strict, onto `device`."""
+    """Load the modules of the stack from DIR (Nexus-GenV2/ + FLUX/FLUX.1-dev/), strict, onto `device`.
+
+    `parts` names the components to load (model.plan.COMPONENTS; default all); the AR and its ViT are
+    always loaded, the others not named stay None and their files are not read.
+    """
+    from model.plan import COMPONENTS
+
     root = resolve_checkpoint_dir(path)
+    wanted = set(COMPONENTS if parts is None else parts) | {"ar", "vit"}
+    if unknown := wanted - set(COMPONENTS):
+        raise ValueError(f"unknown components {sorted(unknown)}; expected some of {COMPONENTS}")
     with _quiet_libraries():
-        return _load(root, device, dtype)
+        return _load(root, device, dtype, wanted)
 
 
-def _load(root: Path, device: str | torch.device, dtype: torch.dtype) -> Components:
+def _load(root: Path, device: str | torch.device, dtype: torch.dtype, parts: set[str]) -> Components:
     from transformers import (
         CLIPTextModel,
         CLIPTokenizer,
@@ -526,41 +547,46 @@ def _load(root: Path, device: str | torch.device, dtype: torch.dtype) -> Compone
             f"{AR_SUBDIR}: vision_head {tuple(head.shape)} / image_prefill_embeds "
             f"{tuple(prefill.shape)} do not match hidden_size {d}"
         )
-    vision_head = nn.Linear(d, d, bias=False)
-    vision_head.weight = nn.Parameter(head, requires_grad=False)
-    image_prefill_embeds = nn.Embedding(prefill.shape[0], d)
-    image_prefill_embeds.weight = nn.Parameter(prefill, requires_grad=False)
+    vision_head = image_prefill_embeds = None
+    if "ar_heads" in parts:  # the image-token heads: generation and editing only
+        vision_head = nn.Linear(d, d, bias=False, device="meta")
+        vision_head.weight = nn.Parameter(head, requires_grad=False)
+        image_prefill_embeds = nn.Embedding(prefill.shape[0], d, device="meta")
+        image_prefill_embeds.weight = nn.Parameter(prefill, requires_grad=False)
 
-    gen_file = f"{AR_SUBDIR}/{GENERATION_DECODER_FILE}"
-    dit_sd, adapter_sd = _split_prefixes(
-        _load_decoder_file(ar_dir / GENERATION_DECODER_FILE), (DIT_PREFIX, ADAPTER_PREFIX), gen_file
-    )
-    gen_dit, adapter = build_dit(dit_sd, gen_file), build_adapter(adapter_sd, gen_file)
-    edit_file = f"{AR_SUBDIR}/{EDIT_DECODER_FILE}"
-    dit_sd, merger_sd = _split_prefixes(
-        _load_decoder_file(ar_dir / EDIT_DECODER_FILE), (DIT_PREFIX, MERGER_PREFIX), edit_file
-    )
-    edit_dit, merger = build_dit(dit_sd, edit_file), build_merger(merger_sd, ar.config.text_config, edit_file)
+    gen_dit = adapter = edit_dit = merger = None
+    if {"gen_dit", "adapter"} & parts:
+        gen_file = f"{AR_SUBDIR}/{GENERATION_DECODER_FILE}"
+        dit_sd, adapter_sd = _split_prefixes(
+            _load_decoder_file(ar_dir / GENERATION_DECODER_FILE), (DIT_PREFIX, ADAPTER_PREFIX), gen_file
+        )
+        gen_dit, adapter = build_dit(dit_sd, gen_file), build_adapter(adapter_sd, gen_file)
+    if {"edit_dit", "merger"} & parts:
+        edit_file = f"{AR_SUBDIR}/{EDIT_DECODER_FILE}"
+        dit_sd, merger_sd = _split_prefixes(
+            _load_decoder_file(ar_dir / EDIT_DECODER_FILE), (DIT_PREFIX, MERGER_PREFIX), edit_file
+        )
+        edit_dit = build_dit(dit_sd, edit_file)
+        merger = build_merger(merger_sd, ar.config.text_config, edit_file)
 
-    _require_files(flux_dir, ("tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json"))
-    clip_tokenizer = CLIPTokenizer.from_pretrained(str(flux_dir / "tokenizer"))
-    clip = _load_pretrained(CLIPTextModel, flux_dir / "text_encoder", f"{FLUX_SUBDIR}/text_encoder", dtype)
-    t5_tokenizer = T5Tokenizer.from_pretrained(str(flux_dir / "tokenizer_2"))
-    t5 = _load_pretrained(T5EncoderModel, flux_dir / "text_encoder_2", f"{FLUX_SUBDIR}/text_encoder_2", dtype)
-    vae = build_vae(flux_dir)
+    clip_tokenizer = clip = t5_tokenizer = t5 = vae = None
+    tokenizers = {"clip": "tokenizer/tokenizer_config.json", "t5": "tokenizer_2/tokenizer_config.json"}
+    _require_files(flux_dir, tuple(f for part, f in tokenizers.items() if part in parts))
+    if "clip" in parts:
+        clip_tokenizer = CLIPTokenizer.from_pretrained(str(flux_dir / "tokenizer"))
+        clip = _load_pretrained(
+            CLIPTextModel, flux_dir / "text_encoder", f"{FLUX_SUBDIR}/text_encoder", dtype
+        )
+    if "t5" in parts:
+        t5_tokenizer = T5Tokenizer.from_pretrained(str(flux_dir / "tokenizer_2"))
+        t5 = _load_pretrained(
+            T5EncoderModel, flux_dir / "text_encoder_2", f"{FLUX_SUBDIR}/text_encoder_2", dtype
+        )
+    if "vae" in parts:
+        vae = build_vae(flux_dir)
 
-    modules: list[nn.Module] = [
-        ar,
-        vision_head,
-        image_prefill_embeds,
-        gen_dit,
-        adapter,
-        edit_dit,
-        merger,
-        clip,
-        t5,
-        vae,
-    ]
+    loaded = (ar, vision_head, image_prefill_embeds, gen_dit, adapter, edit_dit, merger, clip, t5, vae)
+    modules: list[nn.Module] = [m for m in loaded if m is not None]
     # The reference loads the AR with from_pretrained(torch_dtype=bf16), which leaves the rotary
     # inv_freq buffers in fp32; a plain .to(bf16) would round them and blur positions far into a sequence.
     rotary_fp32 = {name: buf.clone() for name, buf in ar.named_buffers() if name.endswith("inv_freq")}

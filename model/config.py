@@ -47,7 +47,7 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|video_pad|>",
 )
 
-# ---- prompts (§2.2) -----------------------------------------------------------------------------------
+# ---- prompts (docs/model.md#prompts) -----------------------------------------------------------------------
 SYSTEM_PROMPT = "You are a helpful assistant."
 IMAGE_PLACEHOLDER = "<image>"  # literal marker in user text, replaced by VISION_PLACEHOLDER
 VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -66,20 +66,20 @@ EDIT_PREFIXES: dict[str, str] = {
     "zh": "以下为编辑后的图像：",
 }
 
-# ---- image tokens and grids (§2.1, §3, §5) -----------------------------------------------------------
+# ---- image tokens and grids (docs/model.md#ar-stage, #input-images, #editing-merger) -----------------------
 NUM_IMAGE_TOKENS = 81  # 9x9 merged ViT tokens of a 252x252 image
 TARGET_GRID_THW = (1, 18, 18)  # ViT patch grid of the generated image (LLM grid 1x9x9)
 REF_GRID_THW = (1, 36, 36)  # ViT patch grid of the editing reference (504x504 -> 324 tokens)
 NUM_REF_TOKENS = 324
 TARGET_IMAGE_SIZE = 252
 REF_IMAGE_SIZE = 504
-TARGET_EMBED_SIZE = 18  # constants of the editing txt_ids (§5.3)
+TARGET_EMBED_SIZE = 18  # constants of the editing txt_ids (docs/model.md#editing-text-ids)
 REF_EMBED_SIZE = 36
-MERGER_BASE_GRID = 72  # the merger's mrope positions live on a 72x72 grid (§5.2)
-UNDERSTAND_MAX_PIXELS = 262640  # AR input images are bounded to this many pixels (§3.1)
+MERGER_BASE_GRID = 72  # the merger's mrope positions live on a 72x72 grid (docs/model.md#editing-merger)
+UNDERSTAND_MAX_PIXELS = 262640  # AR input images are bounded to this many pixels (docs/model.md#input-images)
 IMAGE_FACTOR = 28  # patch 14 x merge 2
 
-# ---- FLUX decoders (§4) --------------------------------------------------------------------------------
+# ---- FLUX decoders (docs/model.md#generation-decoder) ------------------------------------------------------
 VAE_LATENT_CHANNELS = 16  # packing (C 2 2 -> 64) depends on it
 VAE_SCALING_FACTOR = 0.3611
 VAE_SHIFT_FACTOR = 0.1159
@@ -139,7 +139,10 @@ def vae_norm_groups(block_out_channels: list[int] | tuple[int, ...]) -> int:
 
 @dataclass(frozen=True)
 class MergerConfig:
-    """Hyper-parameters of the editing ImageEmbeddingMerger (the Nexus-GenV2 text config, §5.2)."""
+    """Hyper-parameters of the editing ImageEmbeddingMerger (the Nexus-GenV2 text config).
+
+    See docs/model.md#editing-merger.
+    """
 
     hidden_size: int = 3584
     num_attention_heads: int = 28

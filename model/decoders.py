@@ -1,8 +1,12 @@
-"""FLUX decoders: AR image embeddings -> DiT conditioning -> batched flow loop -> VAE -> images (§4, §5)."""
+"""FLUX decoders: AR image embeddings -> DiT conditioning -> batched flow loop -> VAE -> images.
+
+See docs/model.md#generation-decoder, #editing-merger.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +30,10 @@ from model.step_cache import StepCache, cached_blocks
 
 # ---- schedule, latents, ids ------------------------------------------------------------------------------
 def flow_sigmas(steps: int) -> torch.Tensor:
-    """[steps + 1] static shift-3 sigmas of DS `FlowMatchScheduler` (§4.3), with sigma_N = 0 appended."""
+    """[steps + 1] static shift-3 sigmas of DS `FlowMatchScheduler`, with sigma_N = 0 appended.
+
+    See docs/model.md#scheduler.
+    """
     s = torch.linspace(1.0, SIGMA_MIN, steps, dtype=torch.float32)
     sigmas = SCHEDULER_SHIFT * s / (1 + (SCHEDULER_SHIFT - 1) * s)
     return torch.cat([sigmas, torch.zeros(1)])
@@ -201,7 +208,8 @@ def dit_dtype(dit: torch.nn.Module) -> torch.dtype:
 
 
 def dit_velocity(dit, packed, cond: Conditioning, sigma, guidance, img_ids, cache=None):  # type: ignore[no-untyped-def]
-    """One DiT call -> packed velocity. t = 1000·σ reaches the sinusoid in fp32, as in DS (§8.1).
+    """One DiT call -> packed velocity. t = 1000·σ reaches the sinusoid in fp32, as in DS.
+    See docs/model.md#numerics.
 
     With a `StepCache`, the blocks run only for the rows whose input changed enough (model.step_cache).
     """
@@ -230,7 +238,10 @@ def dit_velocity(dit, packed, cond: Conditioning, sigma, guidance, img_ids, cach
 
 @torch.no_grad()
 def vae_decode(vae: torch.nn.Module, latents: torch.Tensor, device: torch.device) -> list[Image.Image]:
-    """Decode one sample at a time (batch-independent, bounded memory); uint8 by truncation (§4.4)."""
+    """Decode one sample at a time (batch-independent, bounded memory); uint8 by truncation.
+
+    See docs/model.md#latents-and-decode.
+    """
     images = []
     scaling, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     for sample in latents:
@@ -247,23 +258,50 @@ def vae_scale_factor(vae: torch.nn.Module) -> int:
 
 # ---- text encoders and conditioning ---------------------------------------------------------------------
 class TextEncoders:
-    """CLIP pooled and T5 states of fixed strings, computed once and cached (§4.2: "" for every request)."""
+    """CLIP pooled and T5 states: "" (every request's) encoded once at load, others on demand.
 
-    def __init__(self, components: Components, device: torch.device) -> None:
-        self.c, self.device = components, device
+    Unless `resident`, the encoders then leave the accelerator for host memory and come back only for
+    the call of a request with a non-empty negative prompt: the same modules on the same device in the
+    same precision, so outputs do not change, while T5-XXL's 9.5 GB stay off the device between calls.
+    See docs/model.md#conditioning.
+    """
+
+    def __init__(self, components: Components, device: torch.device, resident: bool = False) -> None:
+        self.c, self.device, self.resident = components, device, resident
         self._pooled: dict[str, torch.Tensor] = {}
         self._t5: dict[str, torch.Tensor] = {}
+        if components.clip is not None:
+            self.pooled("")
+        if components.t5 is not None:
+            self.t5("")
+        if not resident and device.type != "cpu":
+            for module in (components.clip, components.t5):
+                if module is not None:
+                    module.to("cpu")
+
+    @contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if self.resident or self.device.type == "cpu" or next(module.parameters()).device == self.device:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def pooled(self, text: str) -> torch.Tensor:
         """[1, 768] CLIP-L pooled output (padding max_length 77, truncation, no attention mask)."""
         if text not in self._pooled:
-            clip = self.c.clip
-            max_length = min(CLIP_MAX_LENGTH, clip.config.max_position_embeddings)
-            tokens = self.c.clip_tokenizer(
-                [text], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(self.device)
-            pooled = clip(tokens, output_hidden_states=False).pooler_output
+            with self._on_device(self.c.clip) as clip:
+                max_length = min(CLIP_MAX_LENGTH, clip.config.max_position_embeddings)
+                tokens = self.c.clip_tokenizer(
+                    [text], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+                ).input_ids.to(self.device)
+                pooled = clip(tokens, output_hidden_states=False).pooler_output
             if text != "":
                 return pooled
             self._pooled[text] = pooled
@@ -279,11 +317,15 @@ class TextEncoders:
     def t5(self, text: str) -> torch.Tensor:
         """[1, 512, J] T5 encoder states (padding max_length 512, truncation, no attention mask)."""
         if text not in self._t5:
-            t5 = self.c.t5
-            tokens = self.c.t5_tokenizer(
-                [text], padding="max_length", max_length=T5_MAX_LENGTH, truncation=True, return_tensors="pt"
-            ).input_ids.to(self.device)
-            states = t5(tokens).last_hidden_state
+            with self._on_device(self.c.t5) as t5:
+                tokens = self.c.t5_tokenizer(
+                    [text],
+                    padding="max_length",
+                    max_length=T5_MAX_LENGTH,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(self.device)
+                states = t5(tokens).last_hidden_state
             if text != "":
                 return states
             self._t5[text] = states
@@ -310,14 +352,20 @@ class GenerationDecoder:
 
 
 class EditingDecoder:
-    """merger(AR embeddings, reference ViT features of the original image at 504²) -> [B, 405, J] (§5)."""
+    """merger(AR embeddings, reference ViT features of the original image at 504²) -> [B, 405, J].
+
+    See docs/model.md#editing-merger.
+    """
 
     def __init__(self, components: Components, text: TextEncoders, vit_features) -> None:  # type: ignore[no-untyped-def]
         self.c, self.text, self.vit_features = components, text, vit_features
 
     @torch.no_grad()
     def reference_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
-        """[B, 324, D]: the un-bounded original squashed to 504² with BILINEAR, one ViT call (§3.2)."""
+        """[B, 324, D]: the un-bounded original squashed to 504² with BILINEAR, one ViT call.
+
+        See docs/model.md#reference-features.
+        """
         squashed = [
             im.convert("RGB").resize((REF_IMAGE_SIZE, REF_IMAGE_SIZE), Image.BILINEAR) for im in images
         ]

@@ -124,8 +124,8 @@ def apply_deepspeed(components: Components, device: str) -> Components:
     return dataclasses.replace(
         components,
         ar=shard_ar(components.ar),
-        gen_dit=shard_dit(components.gen_dit),
-        edit_dit=shard_dit(components.edit_dit),
+        gen_dit=None if components.gen_dit is None else shard_dit(components.gen_dit),
+        edit_dit=None if components.edit_dit is None else shard_dit(components.edit_dit),
     )
 
 
@@ -135,6 +135,8 @@ def check_tensor_parallel_size(components: Components, world: int) -> None:
     if kv_heads % world:
         raise ValueError(f"tensor parallel size {world} must divide the AR's {kv_heads} key/value heads")
     for name in ("gen_dit", "edit_dit"):
+        if getattr(components, name) is None:
+            continue
         heads = getattr(components, name).config.num_attention_heads
         if heads % world:
             raise ValueError(f"tensor parallel size {world} must divide the {name}'s {heads} attention heads")

@@ -1,4 +1,7 @@
-"""ImageEmbeddingMerger of the editing decoder: one bidirectional Qwen2.5-VL layer + projector (§5.1-5.2)."""
+"""ImageEmbeddingMerger of the editing decoder: one bidirectional Qwen2.5-VL layer + projector.
+
+See docs/model.md#editing-merger.
+"""
 
 from __future__ import annotations
 
@@ -90,7 +93,10 @@ class MergerDecoderLayer(nn.Module):
 
 
 def grid_position_ids(num_tokens: int, base_grid: int) -> torch.Tensor:
-    """(t, h, w) positions [3, N] of a square merged-token grid spread over a base_grid² grid (§5.2)."""
+    """(t, h, w) positions [3, N] of a square merged-token grid spread over a base_grid² grid.
+
+    See docs/model.md#editing-merger.
+    """
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
         raise ValueError(f"merger input has {num_tokens} tokens, not a square grid")

@@ -61,6 +61,12 @@ LANGUAGES = ("en", "zh")
 DECODERS = ("edit", "generation")
 PREFIX_MODES = ("natural", "forced")
 ENGINES = ("torch", "deepspeed")
+TASKS = ("generate", "edit", "understand")
+# what each decoder path needs beyond the AR and its ViT (model.plan component names)
+DECODER_NEEDS = {
+    "generation": ("ar_heads", "gen_dit", "adapter", "vae", "clip", "t5"),
+    "edit": ("ar_heads", "edit_dit", "merger", "vae", "clip", "t5"),
+}
 SPECIAL_TOKEN_TEXT = re.compile(r"<\|[A-Za-z_]+\|>")
 
 
@@ -179,19 +185,28 @@ class NexusGen:
         max_prefix_tokens: int = 1024,
         options: SpeedOptions | None = None,
         offload_hooks: list[Any] | None = None,
+        resident_text_encoders: bool = False,
     ) -> None:
         if prefix_mode not in PREFIX_MODES:
             raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
         self.components = components
         self.device = torch.device(device)
-        self.dtype = components.image_prefill_embeds.weight.dtype
+        self.dtype = components.dtype
         self.prefix_mode, self.engine = prefix_mode, engine
         self.options = options or SpeedOptions()
         self.offload_hooks = offload_hooks
         self.max_prefix_tokens = max_prefix_tokens
         self.checkpoint_hash = components.checkpoint_hash
+        self.loaded = components.loaded()
+        self.tp_size = 1
+        if engine == "deepspeed":
+            from model.engine import tensor_parallel_world
+
+            self.tp_size = tensor_parallel_world()[1]
         self.ar = ARStage(components, self.device)
-        self.text = TextEncoders(components, self.device)
+        # module offloading moves the encoders itself; otherwise "" is encoded now and they leave the device
+        offloaded = self.options.offload != "none"
+        self.text = TextEncoders(components, self.device, resident=resident_text_encoders or offloaded)
         self.gen_decoder = GenerationDecoder(components, self.text)
         self.edit_decoder = EditingDecoder(components, self.text, self.ar.vit_features)
         self._compiled_buckets: set[tuple[Any, ...]] = set()
@@ -208,13 +223,20 @@ class NexusGen:
         compile: str = "off",
         dit_precision: str = "bf16",
         offload: str = "none",
+        tasks: Sequence[str] = TASKS,
+        edit_decoders: Sequence[str] = DECODERS,
+        resident_text_encoders: bool = False,
     ) -> NexusGen:
         """Load a checkpoint in the official layout (bf16 on cuda, fp32 on cpu unless dtype is given).
 
         `compile`, `dit_precision` and `offload` are the speed options (`model.speed`); an option the
-        device cannot serve (fp8 on CPU) is refused here, before any weight is read.
+        device cannot serve (fp8 on CPU) is refused here, before any weight is read. Only what `tasks`
+        need is loaded (model.plan.components_for); the generation DiT serves edits only when
+        `edit_decoders` includes "generation". CLIP and T5 encode "" once at load and then wait in host
+        memory for a non-empty negative prompt, unless `resident_text_encoders`.
         """
         from model.checkpoint import load_components
+        from model.plan import components_for
         from model.speed import apply_speed_options, check_options
 
         if engine not in ENGINES:
@@ -224,18 +246,23 @@ class NexusGen:
         options = SpeedOptions(compile=compile, dit_precision=dit_precision, offload=offload)
         check_options(options, device, engine)
         dtype = parse_dtype(dtype, device)
+        parts = components_for(tasks, edit_decoders)
         offloaded = options.offload != "none"
-        components = load_components(path, "cpu" if offloaded else device, dtype)
+        components = load_components(path, "cpu" if offloaded else device, dtype, parts)
         if offloaded:  # the small heads live on the device; the offload hooks move the big modules
-            for head in (components.vision_head, components.image_prefill_embeds, components.adapter):
-                head.to(device)
-            components.merger.to(device)
+            heads = (components.vision_head, components.image_prefill_embeds, components.adapter)
+            for head in (*heads, components.merger):
+                if head is not None:
+                    head.to(device)
         if engine != "torch":
             from model.engine import apply_engine
 
             components = apply_engine(components, engine, device)
         hooks = apply_speed_options(components, options, device)
-        return cls(components, device, prefix_mode, engine, max_prefix_tokens, options, hooks)
+        return cls(
+            components, device, prefix_mode, engine, max_prefix_tokens, options, hooks,
+            resident_text_encoders=resident_text_encoders,
+        )  # fmt: skip
 
     # ---- public calls ----------------------------------------------------------------------------------
     def generate(
@@ -331,6 +358,12 @@ class NexusGen:
     ) -> list[Result]:
         first = requests[0]
         decoder = first.decoder if isinstance(first, EditRequest) else "generation"
+        if missing := [c for c in DECODER_NEEDS[decoder] if c not in self.loaded]:
+            message = (
+                f"this worker did not load the {decoder} decoder ({', '.join(missing)} missing); "
+                "send the job to a worker whose NEXUSGEN_TASKS include it"
+            )
+            return [Result(error=RequestError("task_not_loaded", message)) for _ in requests]
         seeds = [r.seed if r.seed is not None else secrets.randbelow(2**32) for r in requests]
         results = [Result() for _ in requests]
         timings: dict[str, float] = {}
@@ -446,6 +479,7 @@ class NexusGen:
             "checkpoint_hash": self.checkpoint_hash,
             "batch_size": batch_size,
             "engine": self.engine,
+            "tp_size": self.tp_size,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "speed_options": self.options.describe(),

@@ -81,7 +81,8 @@ def apply_speed_options(components: Components, options: SpeedOptions, device: s
     hooks = None
     if options.dit_precision == "fp8":
         for dit in (components.gen_dit, components.edit_dit):
-            quantize_dit_fp8(dit)
+            if dit is not None:  # a worker loads only the DiTs its tasks need
+                quantize_dit_fp8(dit)
     if options.offload == "model":
         hooks = model_offload(components, device)
     elif options.offload == "group":
@@ -112,7 +113,8 @@ def quantize_dit_fp8(dit: nn.Module) -> None:
 # ---- offload ---------------------------------------------------------------------------------------------
 def _offloaded(components: Components) -> Iterator[tuple[str, nn.Module]]:
     for name in OFFLOAD_ORDER:
-        yield name, getattr(components, name)
+        if getattr(components, name) is not None:
+            yield name, getattr(components, name)
 
 
 def model_offload(components: Components, device: str | torch.device) -> list[Any]:
@@ -171,6 +173,7 @@ def compile_regional(components: Components) -> None:
         torch._dynamo.config.accumulated_recompile_limit, 16 * RECOMPILE_LIMIT
     )
     for dit in (components.gen_dit, components.edit_dit):
-        dit.compile_repeated_blocks(fullgraph=True)
+        if dit is not None:
+            dit.compile_repeated_blocks(fullgraph=True)
     for layer in components.ar.model.language_model.layers:
         layer.compile()

@@ -307,6 +307,46 @@ def make_tiny_checkpoint(directory: Path, seed: int) -> None:
     click.echo(f"tiny checkpoint written to {directory}")
 
 
+@main.command()
+@click.option("--tasks", default="generate,edit,understand", show_default=True, help="comma list")
+@click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel size (devices)")
+@click.option("--dtype", default="bf16", show_default=True, help="bf16, fp16 or fp32")
+@click.option("--fp8-dit", is_flag=True, help="DiT block weights in float8")
+@click.option("--resident-text-encoders", is_flag=True, help="keep CLIP and T5 on the device")
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--reference-sizes", is_flag=True, help="the published Nexus-GenV2 + FLUX.1-dev shapes")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def plan(
+    tasks: str,
+    tp: int,
+    dtype: str,
+    fp8_dit: bool,
+    resident_text_encoders: bool,
+    model_dir: Path | None,
+    reference_sizes: bool,
+    as_json: bool,
+) -> None:
+    """Print the bytes each component keeps on each device, from shapes only (no weight is loaded)."""
+    from model.plan import checkpoint_tensors, format_plan, make_plan, reference_tensors
+
+    if (model_dir is None) == (not reference_sizes):
+        raise click.UsageError("give exactly one of --model-dir DIR and --reference-sizes")
+    try:
+        tensors = reference_tensors() if reference_sizes else checkpoint_tensors(model_dir)  # type: ignore[arg-type]
+        result = make_plan(
+            tensors,
+            [t.strip() for t in tasks.split(",") if t.strip()],
+            tp=tp,
+            dtype=dtype,
+            fp8_dit=fp8_dit,
+            resident_text_encoders=resident_text_encoders,
+            source="reference" if reference_sizes else str(model_dir),
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_plan(result))
+
+
 # --- client -------------------------------------------------------------------------------------------
 
 

@@ -134,7 +134,8 @@ def run_flower(settings: Settings, *, address: str, port: int, db_path: Path) ->
     assert settings.broker_url is not None
     db_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [
-        sys.executable, "-m", "celery", f"--broker={settings.broker_url}", "flower",
+        sys.executable, "-m", "celery", f"--broker={settings.broker_url}", "--config=nexusgen.flower_config",
+        "flower",
         f"--address={address}", f"--port={port}", "--persistent=True", f"--db={db_path}",
         "--state_save_interval=30000", "--purge_offline_workers=60",
         f"--tasks_columns={FLOWER_TASK_COLUMNS}",

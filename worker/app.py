@@ -13,7 +13,7 @@ import socket
 from datetime import timedelta
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from sqlalchemy import Engine
 
 from core.db import make_engine
@@ -84,6 +84,19 @@ def model_queues(settings: Settings) -> list[str]:
     return [MODEL_QUEUES[task] for task in settings.tasks]
 
 
+def _fail_on_cold_shutdown(sender: Any = None, **_: Any) -> None:
+    """Make a cold shutdown (SIGQUIT) exit non-zero: celery means EX_FAILURE but its terminate() drops it.
+
+    worker.ranks sends SIGQUIT when a tensor-parallel rank fails, and supervisors must see a failure.
+    """
+
+    def on_shutting_down(how: str = "", exitcode: int | None = None, **_: Any) -> None:
+        if how == "Cold" and exitcode:
+            sender.exitcode = exitcode
+
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False, dispatch_uid="nexusgen-cold-exit")
+
+
 def make_celery(settings: Settings) -> NexusGenCelery:
     """Build the app: explicit task routes, late acks, one message at a time, prefork with one child."""
     settings.require("broker_url")
@@ -92,6 +105,7 @@ def make_celery(settings: Settings) -> NexusGenCelery:
             f"NEXUSGEN_HEARTBEAT_S ({settings.heartbeat_s}) must be positive and below NEXUSGEN_LEASE_S "
             f"({settings.lease_s}), or leases run out between heartbeats"
         )
+    signals.worker_init.connect(_fail_on_cold_shutdown, weak=False, dispatch_uid="nexusgen-worker-init")
     app = NexusGenCelery(
         settings, broker=settings.broker_url, backend=settings.result_backend, include=list(TASK_MODULES)
     )

@@ -81,27 +81,24 @@ def check_speed_options(settings: Settings) -> None:
 
 
 def load_model(settings: Settings) -> NexusGen:
-    """The model of this process, loaded on first use (after the prefork fork, never before)."""
+    """The model of this process, loaded on first use (after the prefork fork, never before).
+
+    With NEXUSGEN_TP_SIZE > 1 this process is rank 0 and the model drives every rank (worker.ranks).
+    """
     global _model
     with _load_lock:
         if _model is None or _model[0] != os.getpid():
-            if not settings.model_dir:
-                raise RuntimeError("not configured: NEXUSGEN_MODEL_DIR")
+            from worker.ranks import open_model
+
             started = time.monotonic()
-            model = NexusGen.from_pretrained(
-                settings.model_dir,
-                device=worker_device(settings),
-                dtype=settings.dtype,
-                engine=settings.engine,
-                prefix_mode=settings.prefix_mode,
-                compile=settings.compile,
-                dit_precision=settings.dit_precision,
-                offload=settings.offload,
-            )
+            model = open_model(settings, worker_device(settings))
             log.info(
-                "model loaded from %s on %s in %.1fs",
+                "model loaded from %s on %s (%s, tp %d, tasks %s) in %.1fs",
                 settings.model_dir,
                 model.device,
+                settings.engine,
+                settings.tp_world,
+                ",".join(sorted(model.loaded)),
                 time.monotonic() - started,
             )
             _model = (os.getpid(), model)

@@ -34,7 +34,7 @@ def forced_prefix(stage: ARStage, text: str) -> list[int]:
     return stage.c.tokenizer(text + SPECIAL_TOKENS["boi"], add_special_tokens=False)["input_ids"]
 
 
-# ---- §3.1 bounded input size ------------------------------------------------------------------------------
+# ---- bounded input size (docs/model.md#input-images) -------------------------------------------------------
 @pytest.mark.parametrize(
     ("width", "height", "expected"),
     [(512, 512, (504, 504)), (1024, 1024, (504, 504)), (768, 1024, (420, 588)), (1920, 1080, (672, 364))],
@@ -52,7 +52,7 @@ def test_smart_resize_small_and_extreme_images() -> None:
         smart_resize(1, 300)
 
 
-# ---- §2.2 prompts ---------------------------------------------------------------------------------------
+# ---- prompts (docs/model.md#prompts) -----------------------------------------------------------------------
 def test_prompts_follow_the_templates(stage: ARStage) -> None:
     en = generation_prompt("a cat", "en").text
     assert en.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
@@ -74,9 +74,12 @@ def test_prompts_follow_the_templates(stage: ARStage) -> None:
     assert enc.grids[1].tolist() == [[1, 308 // 14, 196 // 14]]
 
 
-# ---- §2.5 one pass == step by step ----------------------------------------------------------------------
+# ---- one pass == step by step (docs/model.md#one-pass-image-embeddings) ------------------------------------
 def hand_positions(ids: list[int], image_pad: int, grid: torch.Tensor | None) -> list[tuple[int, int, int]]:
-    """§2.4 by hand: text 1-D; an input image at s gets (s, s+row, s+col); the next text at s+max(gh, gw)."""
+    """By hand: text 1-D; an input image at s gets (s, s+row, s+col); the next text at s+max(gh, gw).
+
+    See docs/model.md#image-positions.
+    """
     positions, current, k = [], 0, 0
     while k < len(ids):
         if ids[k] == image_pad and grid is not None:
@@ -91,7 +94,10 @@ def hand_positions(ids: list[int], image_pad: int, grid: torch.Tensor | None) ->
 
 @torch.no_grad()
 def stepwise_embeddings(stage: ARStage, enc: Encoded, i: int, prefix: list[int]) -> torch.Tensor:
-    """The reference `_sample` loop at batch 1 (§2.3): prefill, then BOI and IMG_0..79 with a KV cache."""
+    """The reference `_sample` loop at batch 1: prefill, then BOI and IMG_0..79 with a KV cache.
+
+    See docs/model.md#reference-decoding.
+    """
     c, lm, ids = stage.c, stage.lm, stage.ids
     seq = enc.ids[i] + prefix  # ends with BOI
     positions = hand_positions(seq, ids["image_pad"], enc.grids[i])

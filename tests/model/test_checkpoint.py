@@ -336,7 +336,7 @@ def test_configs_inferred_from_real_flux_shapes() -> None:
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
     )
-    shapes = {k: tuple(v.shape) for k, v in merger.state_dict().items()}  # §5.1 table
+    shapes = {k: tuple(v.shape) for k, v in merger.state_dict().items()}  # docs/model.md#editing-merger table
     assert shapes["layers.0.self_attn.k_proj.weight"] == (512, 3584)
     assert shapes["layers.0.mlp.down_proj.weight"] == (3584, 18944)
     assert shapes["projector.1.weight"] == (16384, 3584) and shapes["projector.2.weight"] == (16384,)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from model import engine as engine_mod
+from model.plan import checkpoint_tensors, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red cube on a table", "a small boat at sea"]
@@ -93,6 +94,14 @@ def child_main(rank: int, world: int, port: int, checkpoint: str, out: str, devi
         report["fp32_buffer_kept"] = kept
     if rank == 0:
         Path(out).write_text(json.dumps(report))
+    from model.plan import checkpoint_tensors, make_plan, resident_bytes
+
+    plan = make_plan(
+        checkpoint_tensors(checkpoint), ("generate", "edit", "understand"), tp=world, dtype="fp32",
+        resident_text_encoders=True, devices=[device] * world,
+    )  # fmt: skip
+    held = {"held": resident_bytes(pipe.components), "plan": plan.devices[rank].components}
+    Path(f"{out}.rank{rank}").write_text(json.dumps(held))
 
 
 TP_LAYERS = {
@@ -138,10 +147,12 @@ def _launch(world: int, checkpoint: Path, tmp_path: Path, device: str = "cpu") -
         )  # fmt: skip
         for r in range(world)
     ]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
     for rank, (proc, log) in enumerate(zip(procs, logs, strict=True)):
         assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{log[-4000:]}"
-    return json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    report["memory"] = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +180,18 @@ def test_deepspeed_two_cpu_ranks_tensor_parallel_matches_one_rank(checkpoint: Pa
     assert report["embed_max_abs"] <= 1e-5 * max(1.0, report["embed_scale"])
     assert report["pixel_max_abs"] <= 1, report
     assert report["same_text"]
+    # each rank holds exactly what the memory plan predicts for it (its shard, not the whole model)
+    for rank in report["memory"]:
+        assert rank["held"] == rank["plan"]
+    first, second = (m["held"] for m in report["memory"])
+    assert (
+        first["gen_dit"]
+        == second["gen_dit"]
+        < 0.8
+        * make_plan(checkpoint_tensors(checkpoint), ("generate",), dtype="fp32")
+        .devices[0]
+        .components["gen_dit"]
+    )
 
 
 @pytest.mark.gpu

@@ -1,4 +1,7 @@
-"""ImageEmbeddingMerger: shapes, §5.2 positions, key names, equality with transformers Qwen2.5-VL layer."""
+"""ImageEmbeddingMerger: shapes, positions, key names, equality with transformers Qwen2.5-VL layer.
+
+See docs/model.md#editing-merger.
+"""
 
 from __future__ import annotations
 

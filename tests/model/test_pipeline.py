@@ -87,7 +87,10 @@ def test_fp32_editing_decoder_passes_the_unrounded_ids(forced: NexusGen) -> None
 
 
 def test_dit_sees_the_fp32_timestep_in_bf16(forced: NexusGen) -> None:
-    """§8.1: diffusers would round σ to bf16 before ×1000; the sinusoid must get 1000·σ in fp32."""
+    """Diffusers would round σ to bf16 before ×1000; the sinusoid must get 1000·σ in fp32.
+
+    See docs/model.md#numerics.
+    """
     dit = copy.deepcopy(forced.components.gen_dit).to(torch.bfloat16)
     seen: list[torch.Tensor] = []
     dit.time_text_embed.time_proj.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
