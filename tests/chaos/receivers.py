@@ -81,9 +81,10 @@ class ChaosReceiver:
                 status = 500 if first else 200
             try:
                 if self.mode == "slow":
-                    time.sleep(4.0)  # longer than the attempt deadline
-                    status = 200
-                if self.mode == "trickle":
+                    time.sleep(4.0)  # longer than the attempt deadline: the sender is gone by now,
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                    status = None  # so this late 200 is not a 2xx the sender saw
+                elif self.mode == "trickle":
                     for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + b"X-Pad: " + b"x" * 40:
                         conn.sendall(bytes([byte]))
                         time.sleep(0.5)
@@ -93,7 +94,7 @@ class ChaosReceiver:
                     head = f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n{extra}Connection: close\r\n\r\n"
                     conn.sendall(head.encode() + b"ok")
             except OSError:
-                status = None  # the sender gave up first
+                status = None  # the sender gave up first (slow, trickle)
             with self._lock:
                 self.hits.append(Hit(webhook_id, status, time.monotonic()))
 
