@@ -166,7 +166,7 @@ def start_postgres(data_dir: Path, port: int, log_path: Path, database: str = "n
         stale.exists()
     ):  # left by a killed server; postgres checks the pid itself, but a reused pid confuses it
         pid = int(stale.read_text().split()[0])
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             stale.unlink()
     log = _open_log(log_path)
     if user is not None:
@@ -200,7 +200,7 @@ def start_postgres(data_dir: Path, port: int, log_path: Path, database: str = "n
     return server
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

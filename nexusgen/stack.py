@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from nexusgen.embedded import pid_alive
+
 # service URL variables and what answers there
 SERVICE_NAMES = {
     "DATABASE_URL": "PostgreSQL",
@@ -42,16 +44,6 @@ def state_dir(environ: Mapping[str, str]) -> Path:
     from core.settings import Settings
 
     return Settings.from_env(environ).state_dir
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_running_up(directory: Path) -> dict[str, object] | None:

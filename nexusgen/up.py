@@ -14,7 +14,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,20 +31,14 @@ log = logging.getLogger("nexusgen.up")
 # --- ports ------------------------------------------------------------------------------------------------
 
 
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def check_ports(ports: dict[str, tuple[int, str]], host: str = "127.0.0.1") -> None:
     """Raise a clear error naming every port (and the variable that moves it) that is already taken."""
+    from nexusgen.embedded import port_bindable
+
     taken = [
-        f"{name} port {port} (set {env})" for name, (port, env) in ports.items() if not port_free(host, port)
+        f"{name} port {port} (set {env})"
+        for name, (port, env) in ports.items()
+        if not port_bindable(port, host)
     ]
     if taken:
         raise RuntimeError("ports already in use on " + host + ": " + "; ".join(taken))
