@@ -25,9 +25,13 @@ def settings_env_names() -> set[str]:
     tree = ast.parse((ROOT / "core" / "settings.py").read_text())
     names = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if re.fullmatch(r"[A-Z][A-Z0-9_]+", node.value) and "_" in node.value:
-                names.add(node.value)
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and re.fullmatch(r"[A-Z][A-Z0-9_]+", node.value)
+            and "_" in node.value
+        ):
+            names.add(node.value)
     return names
 
 
