@@ -20,6 +20,8 @@ from core.ssrf import (
     use_resolver,
 )
 
+pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
+
 
 def _to_loopback(host: str, port: int) -> list[str]:
     return ["127.0.0.1"]

@@ -14,7 +14,7 @@ import yaml
 from core.settings import Settings
 from nexusgen.cli import main as cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 APP_SERVICES = {name: s for name, s in SERVICES.items() if s.get("image", "").startswith("nexusgen-batch")}
