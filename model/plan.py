@@ -31,11 +31,11 @@ from model.config import (
     VAE_FILE,
     VISION_HEAD_KEY,
 )
+from model.requests import DECODERS
 
 COMPONENTS = ("ar", "vit", "ar_heads", "gen_dit", "adapter", "edit_dit", "merger", "clip", "t5", "vae")
 TEXT_ENCODERS = ("clip", "t5")
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
-DECODERS = ("edit", "generation")
 
 
 def components_for(tasks: Iterable[str], edit_decoders: Iterable[str] = DECODERS) -> tuple[str, ...]:

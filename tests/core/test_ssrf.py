@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from core.sender import post_to_checked_url
 from core.ssrf import (
     WebhookURLRefused,
     address_refusal,
     check_webhook_url,
-    post_to_checked_url,
     resolve_webhook_url,
     use_resolver,
 )
@@ -161,7 +161,7 @@ def test_https_goes_to_the_checked_address_with_the_original_sni(make_receiver: 
 
     client_tls = ssl.create_default_context(cafile=str(cert))  # now trust it: the name must match too
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("core.ssrf._ssl_context", client_tls)
+        mp.setattr("core.sender._ssl_context", client_tls)
         trusted = post_to_checked_url(checked, b"{}", {}, timeout_s=5)
     assert trusted.status_code == 200, trusted.error
     assert server_names == [name, name]

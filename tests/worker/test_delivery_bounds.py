@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from core.deliveries import claim_due
 from core.ids import new_id
 from core.schema import tenants, webhook_attempts, webhook_deliveries
 from core.settings import Settings
 from core.webhooks import enqueue_event, new_secret
-from worker.delivery import claim_due, deliver_due, deliver_one
+from worker.delivery import deliver_due, deliver_one
 
 pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
 
