@@ -86,7 +86,7 @@ def _resolve_by(resolver: Resolver, host: str, port: int, deadline: float | None
     def lookup() -> None:
         try:
             answer.append(resolver(host, port))
-        except Exception as exc:  # handed to the caller below
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             answer.append(exc)
 
     thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)

@@ -152,7 +152,7 @@ def test_a_tenant_with_slow_receivers_behind_several_urls_leaves_slots_for_other
 
 
 def test_a_stalling_name_lookup_counts_against_the_attempt_deadline(
-    engine: Any, fast: Any, tenant: Any
+    engine: Any, fast: Any, webhook_tenant: Any
 ) -> None:
     release = threading.Event()
 
@@ -160,7 +160,7 @@ def test_a_stalling_name_lookup_counts_against_the_attempt_deadline(
         release.wait(20)  # like a resolver whose server never answers
         return ["127.0.0.1"]
 
-    _event(engine, tenant["id"], "http://hooks.stalling-dns.example/in")
+    _event(engine, webhook_tenant["id"], "http://hooks.stalling-dns.example/in")
     t0 = time.monotonic()
     try:
         with use_resolver(stall):
@@ -177,12 +177,12 @@ def test_a_stalling_name_lookup_counts_against_the_attempt_deadline(
 
 
 def test_the_tenant_cap_holds_across_two_delivery_tasks(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     patient = fast.with_overrides(webhook_timeout_s=3.0)
     slow = [make_receiver(delay_s=1.0) for _ in range(3)]
     for i in range(12):  # twelve endpoints of one tenant: only the tenant cap binds
-        _event(engine, tenant["id"], slow[i % 3].url + f"/u{i}", i)
+        _event(engine, webhook_tenant["id"], slow[i % 3].url + f"/u{i}", i)
     counts: list[dict[str, int]] = []
     tasks = [threading.Thread(target=lambda: counts.append(deliver_due(engine, patient))) for _ in range(2)]
     for task in tasks:  # two webhook workers, each with 8 slots
