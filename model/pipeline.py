@@ -218,7 +218,7 @@ class NexusGen:
         engine: str = "torch",
         prefix_mode: str = "natural",
         max_prefix_tokens: int = 1024,
-        compile: str = "off",
+        compile: str = "off",  # noqa: A002 - the public option name (NEXUSGEN_COMPILE)
         dit_precision: str = "bf16",
         offload: str = "none",
         tasks: Sequence[str] = TASKS,

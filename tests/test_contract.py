@@ -54,7 +54,7 @@ def test_every_service_bound_lies_inside_the_model_bound() -> None:
     assert service.SIDE.multiple % SIZE_MULTIPLE == 0
     assert 1 <= service.STEPS.low <= service.STEPS.high <= capability.MAX_STEPS
     assert 0 <= service.SEED.low <= service.SEED.high <= capability.MAX_SEED
-    assert service.DRAWN_SEEDS - 1 <= service.SEED.high
+    assert service.SEED.high >= service.DRAWN_SEEDS - 1
     assert 1 <= service.MAX_NEW_TOKENS.low <= service.MAX_NEW_TOKENS.high <= capability.MAX_UNDERSTAND_TOKENS
     assert service.SCALES["cfg_scale"].high <= capability.MAX_SCALE
     assert service.SCALES["guidance"].high <= capability.MAX_SCALE

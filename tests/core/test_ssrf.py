@@ -20,6 +20,8 @@ from core.ssrf import (
     use_resolver,
 )
 
+pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
+
 
 def _to_loopback(host: str, port: int) -> list[str]:
     return ["127.0.0.1"]
@@ -139,8 +141,10 @@ def test_https_goes_to_the_checked_address_with_the_original_sni(make_receiver: 
     name = "hooks.customer.example"
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key)]
-        + ["-out", str(cert), "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+        [
+            *["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key)],
+            *["-out", str(cert), "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+        ],
         check=True,
         capture_output=True,
     )
