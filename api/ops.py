@@ -95,7 +95,7 @@ class DeviceMemoryCollector:
                 f"nexusgen_worker_device_memory_{name}",
                 f"Accelerator memory {name.replace('_', ' ')} per worker device.",
                 labels=["worker", "device", "rank"],
-            )  # fmt: skip
+            )
             for name in DEVICE_MEMORY_FIELDS
         }
         for worker, devices in read_device_memory(self.settings).items():
@@ -127,7 +127,7 @@ def _check(probe: Any) -> dict[str, Any]:
     try:
         ok = bool(probe())
         error = None if ok else "not ready"
-    except Exception as exc:  # any failure of a dependency means "not ready"; it is reported, not hidden
+    except Exception as exc:  # noqa: BLE001 - any failure of a dependency means "not ready"; reported
         ok, error = False, f"{type(exc).__name__}: {exc}"
     return {"ok": ok, "error": error, "latency_ms": round((time.monotonic() - started) * 1000, 1)}
 

@@ -15,9 +15,10 @@ from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
+from core.deliveries import redeliver
 from core.records import DeliveryStatus
 from core.schema import webhook_attempts, webhook_deliveries, webhook_endpoints, webhook_events
-from core.webhooks import publish_delivery_kick, redeliver
+from core.webhooks import publish_delivery_kick
 
 log = logging.getLogger("nexusgen.api")
 

@@ -48,10 +48,17 @@ def bucket_key(task: str, params: dict[str, Any]) -> str:
     decoder = params.get("decoder", "generation") if task == Task.EDIT else "generation"
     key = (
         f"{task}|{decoder}|{params['width']}x{params['height']}|{params['steps']}"
-        f"|{float(params['cfg_scale']):g}|{float(params['guidance']):g}"
+        f"|{_number(params['cfg_scale'])}|{_number(params['guidance'])}"
     )
     threshold = float(params.get("cache_threshold") or 0.0)
-    return f"{key}|cache{threshold:g}" if threshold else key
+    return f"{key}|cache{_number(threshold)}" if threshold else key
+
+
+def _number(value: float) -> str:
+    """`3`, `3.5`: short like `:g`, but exact, so two different values never share a key (and a model
+    call), as 3.0 and 3.0000001 did under `:g`; tests/test_contract.py holds keys to the model's."""
+    short = f"{float(value):g}"
+    return short if float(short) == float(value) else repr(float(value))
 
 
 def describe_bucket(bucket: str) -> str:

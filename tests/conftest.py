@@ -13,6 +13,9 @@ from sqlalchemy import Engine, text
 
 from core.settings import Settings
 
+# Webhook receivers, the loopback guard and job helpers, shared by the tests of core, api and worker.
+pytest_plugins = ["tests.support.webhooks"]
+
 
 @pytest.fixture(scope="session")
 def service_dir() -> Iterator[Path]:

@@ -26,12 +26,12 @@ from sqlalchemy import Engine, select
 from core import jobs as jobstate
 from core.db import transaction
 from core.jobs import Ack
+from core.params import SIDE
 from core.records import Job, JobStatus, Task
 from core.schema import jobs as jobs_table
 from core.schema import results, uploads
 from core.settings import Settings
 from core.storage import Storage, result_key
-from core.submit import MAX_SIDE
 from core.usage import Usage
 from model import (
     EditRequest,
@@ -166,17 +166,19 @@ def load_image(engine: Engine, storage: Storage, upload_id: str | None) -> Image
 
 
 def decode_input(data: bytes, upload_id: str) -> Image.Image:
-    """Decode a stored input for the model: EXIF orientation applied, sides bounded to MAX_SIDE.
+    """Decode a stored input for the model: EXIF orientation applied, sides bounded to SIDE.high.
 
-    No stage uses more than MAX_SIDE pixels a side of an input (the AR encoder and the edit decoder's
+    No stage uses more than that many pixels a side of an input (the AR encoder and the edit decoder's
     reference are smaller still), so a 40 MP photo is decoded at a reduced JPEG scale and shrunk before
     it is held; the stored original is kept as it is.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that suffices
+            img.draft(
+                "RGB", (SIDE.high, SIDE.high)
+            )  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that suffices
             upright = ImageOps.exif_transpose(img)
-            upright.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+            upright.thumbnail((SIDE.high, SIDE.high), Image.Resampling.LANCZOS)
             return upright.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"upload {upload_id} is not a readable image: {exc}") from exc

@@ -21,7 +21,7 @@ from core.schema import uploads
 from core.settings import Settings
 from core.storage import Storage
 from tests.api.conftest import png_bytes
-from tests.webhooks.receiver import Receiver
+from tests.support.receiver import Receiver
 from tests.worker.support import WorkerProcess, wait_for, warm
 from worker.delivery import deliver_due
 

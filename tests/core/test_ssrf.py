@@ -11,14 +11,16 @@ from typing import Any
 
 import pytest
 
+from core.sender import post_to_checked_url
 from core.ssrf import (
     WebhookURLRefused,
     address_refusal,
     check_webhook_url,
-    post_to_checked_url,
     resolve_webhook_url,
     use_resolver,
 )
+
+pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
 
 
 def _to_loopback(host: str, port: int) -> list[str]:
@@ -139,8 +141,10 @@ def test_https_goes_to_the_checked_address_with_the_original_sni(make_receiver: 
     name = "hooks.customer.example"
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key)]
-        + ["-out", str(cert), "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+        [
+            *["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key)],
+            *["-out", str(cert), "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+        ],
         check=True,
         capture_output=True,
     )
@@ -157,7 +161,7 @@ def test_https_goes_to_the_checked_address_with_the_original_sni(make_receiver: 
 
     client_tls = ssl.create_default_context(cafile=str(cert))  # now trust it: the name must match too
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("core.ssrf._ssl_context", client_tls)
+        mp.setattr("core.sender._ssl_context", client_tls)
         trusted = post_to_checked_url(checked, b"{}", {}, timeout_s=5)
     assert trusted.status_code == 200, trusted.error
     assert server_names == [name, name]

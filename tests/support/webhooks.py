@@ -1,4 +1,9 @@
-"""Fixtures for webhook tests: loopback receivers, a guard against any non-loopback connection, a tenant."""
+"""Fixtures for webhook tests in every package: loopback receivers, a guard against any non-loopback
+connection, a tenant with a signing secret, and helpers that start and finish a job.
+
+A pytest plugin (tests/conftest.py names it); a test module that wants the guard says
+`pytestmark = pytest.mark.usefixtures("outside_connections")`.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,10 @@ from core.jobs import bucket_key, claim_batch, complete_job
 from core.schema import jobs, tenants
 from core.storage import result_key
 from core.webhooks import new_secret
-from tests.webhooks.receiver import Behaviour, Receiver
+from tests.support.receiver import Behaviour, Receiver
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def outside_connections(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Fail any Python-level connect() to a non-loopback address (tests must never leave the machine)."""
     attempts: list[Any] = []
@@ -55,7 +60,7 @@ def make_receiver() -> Iterator[Callable[..., Receiver]]:
 
 
 @pytest.fixture
-def tenant(engine: Any, clean_db: Any) -> dict[str, str]:
+def webhook_tenant(engine: Any, clean_db: Any) -> dict[str, str]:
     """A tenant with a fresh signing secret, in an emptied database."""
     row = {"id": new_id("ten"), "name": f"acme-{new_id('n')}", "webhook_secret": new_secret()}
     with engine.begin() as conn:

@@ -11,11 +11,14 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from core.deliveries import claim_due
 from core.ids import new_id
 from core.schema import tenants, webhook_attempts, webhook_deliveries
 from core.settings import Settings
 from core.webhooks import enqueue_event, new_secret
-from worker.delivery import claim_due, deliver_due, deliver_one
+from worker.delivery import deliver_due, deliver_one
+
+pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
 
 
 @pytest.fixture
@@ -82,9 +85,9 @@ def _tenant(engine: Any) -> str:
 
 
 def test_a_trickling_receiver_is_cut_off_at_the_attempt_deadline(
-    engine: Any, fast: Any, tenant: Any, trickler: Trickler
+    engine: Any, fast: Any, webhook_tenant: Any, trickler: Trickler
 ) -> None:
-    _event(engine, tenant["id"], trickler.url)
+    _event(engine, webhook_tenant["id"], trickler.url)
     t0 = time.monotonic()
     counts = deliver_due(engine, fast)
     elapsed = time.monotonic() - t0
@@ -107,10 +110,10 @@ def test_the_claim_lock_outlasts_a_whole_attempt() -> None:
 
 
 def test_a_2xx_that_arrives_after_the_lease_was_lost_is_kept(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver(statuses=[200, 500])
-    _event(engine, tenant["id"], receiver.url)
+    _event(engine, webhook_tenant["id"], receiver.url)
     with engine.begin() as conn:
         (claimed,) = claim_due(conn, limit=1, lock_s=60)
     with engine.begin() as conn:  # the lease ran out and another worker claimed the delivery
@@ -131,12 +134,12 @@ def test_a_2xx_that_arrives_after_the_lease_was_lost_is_kept(
 
 
 def test_a_tenant_with_slow_receivers_behind_several_urls_leaves_slots_for_others(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     patient = fast.with_overrides(webhook_timeout_s=3.0)
     slow = [make_receiver(delay_s=2.0) for _ in range(3)]
     for i in range(12):  # older than the other tenant's event, so first in line by age
-        _event(engine, tenant["id"], slow[i % 3].url + f"/u{i % 3}", i)
+        _event(engine, webhook_tenant["id"], slow[i % 3].url + f"/u{i % 3}", i)
     other = _tenant(engine)
     quick = make_receiver()
     _event(engine, other, quick.url + "/quick", 99)
