@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from core.settings import Settings
+from tests.support.dirs import open_dir
 
 # Webhook receivers, the loopback guard and job helpers, shared by the tests of core, api and worker.
 pytest_plugins = ["tests.support.webhooks"]
@@ -19,12 +18,8 @@ pytest_plugins = ["tests.support.webhooks"]
 
 @pytest.fixture(scope="session")
 def service_dir() -> Iterator[Path]:
-    # Outside pytest's temp root: a concurrent pytest session resets that to mode 0700, and the
-    # embedded PostgreSQL, which runs as an unprivileged user, then loses access to its data.
-    path = Path(tempfile.mkdtemp(prefix="nexusgen-test-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with open_dir("nexusgen-test-") as path:  # outside pytest's temp root (tests/support/dirs.py)
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,15 @@ def test_upgrade_matches_metadata_and_downgrade_is_clean(empty_db: Any) -> None:
             text("SELECT tgname FROM pg_trigger WHERE tgrelid = 'jobs'::regclass AND NOT tgisinternal")
         ).scalars()
         assert sorted(triggers) == ["jobs_count_delete", "jobs_count_insert", "jobs_count_update"]
+        rollups = conn.execute(
+            text(
+                "SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE NOT tgisinternal"
+                " AND tgrelid IN ('job_counts'::regclass, 'webhook_deliveries'::regclass) ORDER BY 1, 2"
+            )
+        ).all()
+        assert [tuple(r) for r in rollups] == [
+            ("job_counts", f"job_counts_roll_up_{event}") for event in ("delete", "insert", "update")
+        ] + [("webhook_deliveries", f"deliveries_count_{event}") for event in ("delete", "insert", "update")]
 
     upgrade(settings)  # a second run is a no-op
     downgrade(settings, "base")
@@ -56,7 +65,8 @@ def test_upgrade_matches_metadata_and_downgrade_is_clean(empty_db: Any) -> None:
         assert current_revision(conn) is None
         assert inspect(conn).get_table_names() == ["alembic_version"]  # only Alembic's own bookkeeping
         assert conn.execute(text("SELECT count(*) FROM pg_type WHERE typtype = 'e'")).scalar() == 0
-        assert conn.execute(text("SELECT to_regproc('nexusgen_count_jobs')")).scalar() is None
+        for function in ("nexusgen_count_jobs", "nexusgen_roll_up_counts", "nexusgen_count_deliveries"):
+            assert conn.execute(text("SELECT to_regproc(:f)"), {"f": function}).scalar() is None
 
     upgrade(settings)  # and back up again from empty
     with engine.connect() as conn:

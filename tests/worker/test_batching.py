@@ -136,8 +136,9 @@ def test_stale_attempt_writes_nothing(
     engine: Engine, tenant: str, storage: Storage, settings: Settings
 ) -> None:
     from model.requests import Result
-    from worker.execute import Item, Outcome, store_outcome
+    from worker.execute import Item, Outcome
     from worker.heartbeat import LeaseKeeper
+    from worker.results import store_outcome
 
     job, _ = insert_job(engine, tenant, "understand")
     with transaction(engine) as conn:
@@ -157,7 +158,7 @@ def test_stale_attempt_writes_nothing(
 def test_rejected_completion_leaves_no_orphan_object(engine: Engine, tenant: str, storage: Storage) -> None:
     from core.jobs import fail_job
     from core.storage import result_key
-    from worker.execute import drop_stale_object
+    from worker.results import drop_stale_object
 
     job, _ = insert_job(engine, tenant, "generate")
     with transaction(engine) as conn:  # another attempt ended the job without a result
