@@ -47,9 +47,10 @@ def create_idempotently(
     key = request.headers.get("Idempotency-Key")
     if key is not None and not idempotency.valid_key(key):
         fail(400, "invalid_idempotency_key", "Idempotency-Key must have 1 to 255 printable characters")
-    req_hash = idempotency.request_hash(request.method, request.path, fingerprint)
     ttl_s = svc.settings.idempotency_ttl_s
+    req_hash = ""
     if key is not None:
+        req_hash = idempotency.request_hash(request.method, request.path, fingerprint)
         with svc.engine.connect() as conn:
             stored = idempotency.lookup(conn, tenant_id, key, req_hash, ttl_s)
         if stored is not None:
