@@ -18,20 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.bench_ingest import percentile, start_gunicorn
+from bench.bench_ingest import percentile
 from bench.common import table, write_result
-from bench.services import start_services
+from bench.services import bench_root, start_gunicorn, start_services, stop_all
 
 TENANTS = 50
 SIZES = ((256, 256), (512, 512), (768, 768), (1024, 1024))
@@ -189,8 +186,7 @@ def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: in
 def main() -> int:
     args = parse_args()
     depths = [int(d) for d in args.depths.split(",")]
-    root = Path(tempfile.mkdtemp(prefix="fair-bench-queue-"))
-    os.chmod(root, 0o755)  # the embedded Postgres runs as an unprivileged user
+    root = bench_root("nexusgen-bench-queue-")
     settings, servers = start_services(root)
     api = None
     results: list[dict[str, Any]] = []
@@ -263,12 +259,7 @@ def main() -> int:
             },
         )
     finally:
-        if api is not None:
-            api.terminate()
-            api.wait(15)
-        for server in servers:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        stop_all(root, servers, api)
     return 0
 
 

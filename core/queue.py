@@ -32,6 +32,10 @@ TASK_DELIVER = "nexusgen.deliver_webhooks"
 # depth catches up with a large backlog while the workers drain it.
 TOP_UP_MAX_PUBLISH = 64
 SWEEP_MAX_PUBLISH = TOP_UP_MAX_PUBLISH
+# A model queue holds at most this many tickets: far more than workers take at once, so none idles while
+# jobs wait, and a deep backlog (125,000 batches at 1M jobs) costs no publishing once the queue is full.
+# The backlog itself is counted in Postgres (/metrics, KEDA), not by the broker.
+MAX_TICKETS = 1_000
 
 
 def make_publisher(settings: Settings) -> Celery:
@@ -66,8 +70,10 @@ def top_up(
     max_batch: int,
     tasks: Iterable[str],
     max_publish: int = TOP_UP_MAX_PUBLISH,
+    max_tickets: int = MAX_TICKETS,
 ) -> int:
-    """Publish `run_batch` tickets until each task's queue holds one per claimable batch; returns how many.
+    """Publish `run_batch` tickets until each task's queue holds one per claimable batch (at most
+    `max_tickets`); returns how many.
 
     Call only after the jobs are committed. Two top-ups racing may publish a spare ticket; it claims
     nothing (or the next batch) when it runs, so the depth drifts by at most a batch and never loses one.
@@ -75,7 +81,7 @@ def top_up(
     sent = 0
     for task in sorted(set(tasks)):
         with engine.connect() as conn:
-            needed = claimable_batches(conn, task, max_batch)
+            needed = min(claimable_batches(conn, task, max_batch), max_tickets)
         queue = MODEL_QUEUES[task]
         missing = min(needed - queue_depth(app, queue), max_publish - sent) if needed else 0
         if missing <= 0:

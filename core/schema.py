@@ -100,8 +100,10 @@ jobs = Table(
     "jobs",
     metadata,
     Column("id", String(40), primary_key=True),  # "job_<hex>"
-    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
-    Column("batch_id", String(40), ForeignKey("batches.id", ondelete="CASCADE")),
+    # tenant_id and batch_id reference tenants and batches (ON DELETE CASCADE) through statement triggers,
+    # checked once per statement, not once per row as a foreign key does (migration 0009_job_references)
+    Column("tenant_id", String(40), nullable=False),
+    Column("batch_id", String(40)),
     Column("custom_id", String(200)),
     Column("task", String(20), nullable=False),  # generate | edit | understand
     Column("prompt", Text, nullable=False),  # the prompt (generate) or instruction (edit, understand)
