@@ -15,8 +15,9 @@ from apiflask.fields import Boolean, DateTime, Dict, File, Float, Integer, List,
 from apiflask.validators import Length, OneOf, Range
 from sqlalchemy import RowMapping
 
+from core.params import DECODERS, DEFAULTS, LANGUAGES, MAX_NEW_TOKENS, SCALES, SIDE, STEPS
 from core.records import TASKS, JobStatus
-from core.submit import PRIORITY_RANGE
+from core.submit import MAX_CUSTOM_ID_CHARS, MAX_METADATA_BYTES, PRIORITY_RANGE
 from core.webhooks import ALL_EVENTS
 
 
@@ -36,23 +37,38 @@ def describes_body(schema: type[Schema], content_type: str = "application/json")
 # --- requests ------------------------------------------------------------------------------------------
 
 
+_GENERATE, _EDIT, _UNDERSTAND = DEFAULTS["generate"], DEFAULTS["edit"], DEFAULTS["understand"]
+_SIZE = f"multiple of {SIDE.multiple}, {SIDE.low}..{SIDE.high}"
+_CACHE = SCALES["cache_threshold"]
+
+
 class ParamsIn(Schema):
-    width = Integer(metadata={"description": "multiple of 16, 256..2048 (default 512)"})
-    height = Integer(metadata={"description": "multiple of 16, 256..2048 (default 512)"})
-    steps = Integer(metadata={"description": "1..100 (default 50)"})
-    cfg_scale = Float(metadata={"description": "default 3.0 (generate), 1.0 (edit)"})
-    guidance = Float(metadata={"description": "default 3.5"})
+    """The params of a job, described from core.params (which core.submit validates with)."""
+
+    width = Integer(metadata={"description": f"{_SIZE} (default {_GENERATE['width']})"})
+    height = Integer(metadata={"description": f"{_SIZE} (default {_GENERATE['height']})"})
+    steps = Integer(metadata={"description": f"{STEPS.low}..{STEPS.high} (default {_GENERATE['steps']})"})
+    cfg_scale = Float(
+        metadata={"description": f"default {_GENERATE['cfg_scale']} (generate), {_EDIT['cfg_scale']} (edit)"}
+    )
+    guidance = Float(metadata={"description": f"default {_GENERATE['guidance']}"})
     seed = Integer(metadata={"description": "drawn at submission when absent, and recorded"})
-    decoder = String(validate=OneOf(["edit", "generation"]), metadata={"description": "edit jobs only"})
-    language = String(validate=OneOf(["en", "zh"]))
+    decoder = String(validate=OneOf(list(DECODERS)), metadata={"description": "edit jobs only"})
+    language = String(validate=OneOf(list(LANGUAGES)))
     negative_prompt = String()
     cache_threshold = Float(
         metadata={
-            "description": "step cache (TeaCache) threshold 0..1, generate and edit (default 0 = off); "
+            "description": f"step cache (TeaCache) threshold {_CACHE.low}..{_CACHE.high}, generate and edit "
+            f"(default {_GENERATE['cache_threshold']:g} = off); "
             "higher skips more DiT steps: faster, further from the uncached image"
         }
     )
-    max_new_tokens = Integer(metadata={"description": "understand jobs only, 1..4096 (default 1024)"})
+    max_new_tokens = Integer(
+        metadata={
+            "description": f"understand jobs only, {MAX_NEW_TOKENS.low}..{MAX_NEW_TOKENS.high} "
+            f"(default {_UNDERSTAND['max_new_tokens']})"
+        }
+    )
 
 
 class WebhookIn(Schema):
@@ -67,9 +83,11 @@ class JobIn(Schema):
     image = String(metadata={"description": "edit, understand: an upload id (upl_...) or a data URL"})
     params = Nested(ParamsIn)
     priority = Integer(validate=Range(*PRIORITY_RANGE), metadata={"description": "higher runs first"})
-    metadata = Dict(metadata={"description": "your own data, at most 16 KiB as JSON"})
+    metadata = Dict(
+        metadata={"description": f"your own data, at most {MAX_METADATA_BYTES // 1024} KiB as JSON"}
+    )
     webhook = Nested(WebhookIn)
-    custom_id = String(validate=Length(1, 200))
+    custom_id = String(validate=Length(1, MAX_CUSTOM_ID_CHARS))
 
 
 class BatchIn(Schema):

@@ -15,9 +15,10 @@ from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
+from core.deliveries import redeliver
 from core.records import DeliveryStatus
 from core.schema import webhook_attempts, webhook_deliveries, webhook_endpoints, webhook_events
-from core.webhooks import publish_delivery_kick, redeliver
+from core.webhooks import publish_delivery_kick
 
 log = logging.getLogger("nexusgen.api")
 
@@ -135,7 +136,7 @@ def list_deliveries() -> dict[str, Any]:
 def redeliver_delivery(delivery_id: str) -> Response:
     tenant_id = current_principal().tenant_id
 
-    def work(conn: Connection) -> Created:
+    def work(conn: Connection, _: None) -> Created:
         try:
             row = redeliver(conn, tenant_id, delivery_id)
         except ValueError as exc:
@@ -145,7 +146,7 @@ def redeliver_delivery(delivery_id: str) -> Response:
         rows = conn.execute(_delivery_query().where(webhook_deliveries.c.id == delivery_id)).mappings().all()
         return Created(200, _with_attempts(conn, rows)[0])
 
-    response = create_idempotently(tenant_id, b"", work)
+    response = create_idempotently(tenant_id, b"", lambda: None, work, lambda _: None)
     try:  # after the commit; beat's poll delivers it anyway if the broker is away
         publish_delivery_kick(services().publisher())
     except (OperationalError, KombuError, OSError, RuntimeError) as exc:

@@ -82,7 +82,7 @@ def start_worker(settings: Settings, threads: int, log_path: Path) -> subprocess
     argv = [sys.executable, "-m", "celery", "-A", "worker.app:celery_app", "worker", "-Q",
             "nexusgen.generate,nexusgen.edit,nexusgen.understand", "-c", "1", "--without-gossip",
             "--without-mingle", "--loglevel", "INFO"]  # fmt: skip
-    log = open(log_path, "wb")  # the child writes to it until it stops
+    log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it until it stops
     return subprocess.Popen(
         argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Insert,
     Integer,
     RowMapping,
     Select,
@@ -49,6 +50,17 @@ def log_states(conn: Connection, changed: Sequence[Job]) -> None:
                 for job in changed
             ],
         )
+
+
+def log_claimed(claimed: Any) -> Insert:
+    """The states of the rows a claiming statement returns (`claimed`, a CTE of it), appended by that same
+    statement in claim order: a claim costs no second round trip."""
+    return job_events.insert().from_select(
+        ["job_id", "batch_id", "tenant_id", *FIELDS],
+        select(
+            claimed.c.id, claimed.c.batch_id, claimed.c.tenant_id, *(claimed.c[f] for f in FIELDS)
+        ).order_by(claimed.c.created_at, claimed.c.id),
+    )
 
 
 def events_after(

@@ -6,7 +6,8 @@ from urllib.parse import urlsplit
 
 from core.settings import Settings
 
-# `.env.example` marks every secret to replace with these words (tests/test_compose.py holds them together).
+# `.env.example` marks every secret to replace with these words (tests/deploy/test_compose.py holds them
+# together).
 PLACEHOLDER_MARKERS = ("change-me", "changeme")
 
 

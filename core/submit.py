@@ -14,6 +14,19 @@ from typing import Any
 from core.ids import new_id
 from core.images import ImageError, ImageInfo, decode_data_url, inspect_image
 from core.jobs import bucket_key
+from core.params import (
+    DECODERS,
+    DEFAULTS,
+    DRAWN_SEEDS,
+    LANGUAGES,
+    MAX_NEGATIVE_PROMPT_CHARS,
+    MAX_NEW_TOKENS,
+    SCALES,
+    SEED,
+    SIDE,
+    SPECIAL_TOKEN_MARKUP,
+    STEPS,
+)
 from core.records import TASKS
 from core.settings import Settings
 from core.ssrf import WebhookURLRefused, check_webhook_url
@@ -21,30 +34,8 @@ from core.webhooks import ALL_EVENTS
 
 PRIORITY_RANGE = (-100, 100)
 MAX_METADATA_BYTES = 16 * 1024
-MIN_SIDE, MAX_SIDE = 256, 2048  # output width and height; no model stage uses more of an input image
 MAX_METADATA_DEPTH = 32  # levels of objects and arrays; deeper data cannot be echoed back safely
 MAX_CUSTOM_ID_CHARS = 200
-MAX_SEED = 2**63 - 1
-
-# Allowed params per task, with the defaults filled in at submission (seed: drawn at submission).
-_IMAGE_DEFAULTS: dict[str, Any] = {
-    "width": 512,
-    "height": 512,
-    "steps": 50,
-    "guidance": 3.5,
-    "language": "en",
-}
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "generate": {**_IMAGE_DEFAULTS, "cfg_scale": 3.0, "negative_prompt": "", "cache_threshold": 0.0},
-    "edit": {
-        **_IMAGE_DEFAULTS,
-        "cfg_scale": 1.0,
-        "decoder": "edit",
-        "negative_prompt": "",
-        "cache_threshold": 0.0,
-    },
-    "understand": {"max_new_tokens": 1024},
-}
 SPEC_KEYS = {
     "task",
     "prompt",
@@ -68,11 +59,14 @@ class SubmitError(ValueError):
 
 @dataclass
 class PendingUpload:
-    """An image that came inline (data URL) and is stored as an upload when the jobs are created."""
+    """An image that came inline (data URL): put into object storage before the jobs' transaction opens
+    (core.ingest.put_pending_uploads), its upload row inserted in it."""
 
     id: str
     data: bytes
     info: ImageInfo
+    object_key: str | None = None  # set once stored
+    sha256: str | None = None
 
 
 @dataclass
@@ -107,12 +101,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
-
-
 def normalize_params(task: str, raw: Any) -> dict[str, Any]:
-    """Fill the defaults, check each value, and draw a seed so a retry reproduces the same output."""
+    """Fill the defaults, check each value against core.params, and draw a seed so a retry reproduces
+    the same output."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -125,35 +116,42 @@ def normalize_params(task: str, raw: Any) -> dict[str, Any]:
         )
     params = {**DEFAULTS[task], **raw}
     if task == "understand":
-        if not _is_int(params["max_new_tokens"]) or not 1 <= params["max_new_tokens"] <= 4096:
-            raise SubmitError("invalid_params", "max_new_tokens must be an integer from 1 to 4096")
+        if not MAX_NEW_TOKENS.admits(params["max_new_tokens"]):
+            bounds = f"{MAX_NEW_TOKENS.low} to {MAX_NEW_TOKENS.high}"
+            raise SubmitError("invalid_params", f"max_new_tokens must be an integer from {bounds}")
         return params
     for name in ("width", "height"):
-        value = params[name]
-        if not _is_int(value) or value % 16 or not MIN_SIDE <= value <= MAX_SIDE:
+        if not SIDE.admits(params[name]):
             raise SubmitError(
                 "invalid_size",
-                f"{name} must be a multiple of 16 from {MIN_SIDE} to {MAX_SIDE}, got {value!r}",
+                f"{name} must be a multiple of {SIDE.multiple} from {SIDE.low} to {SIDE.high}, "
+                f"got {params[name]!r}",
             )
-    if not _is_int(params["steps"]) or not 1 <= params["steps"] <= 100:
-        raise SubmitError("invalid_steps", f"steps must be an integer from 1 to 100, got {params['steps']!r}")
-    # The same bounds as model.validate_request, so an accepted job never fails in the worker for them.
-    for name, low, high in (("cfg_scale", 1, 30), ("guidance", 0, 30), ("cache_threshold", 0, 1)):
-        if not _is_number(params[name]) or not low <= params[name] <= high:
-            raise SubmitError("invalid_params", f"{name} must be a number from {low} to {high}")
+    if not STEPS.admits(params["steps"]):
+        raise SubmitError(
+            "invalid_steps",
+            f"steps must be an integer from {STEPS.low} to {STEPS.high}, got {params['steps']!r}",
+        )
+    for name, bound in SCALES.items():
+        if not bound.admits(params[name]):
+            raise SubmitError("invalid_params", f"{name} must be a number from {bound.low} to {bound.high}")
         params[name] = float(params[name])
-    if params["language"] not in ("en", "zh"):
-        raise SubmitError("invalid_params", "language must be en or zh")
-    if task == "edit" and params["decoder"] not in ("edit", "generation"):
-        raise SubmitError("invalid_params", "decoder must be edit or generation")
+    if params["language"] not in LANGUAGES:
+        raise SubmitError("invalid_params", f"language must be {' or '.join(LANGUAGES)}")
+    if task == "edit" and params["decoder"] not in DECODERS:
+        raise SubmitError("invalid_params", f"decoder must be {' or '.join(DECODERS)}")
     negative = params["negative_prompt"]
-    if not isinstance(negative, str) or len(negative) > 4000 or not storable(negative):
-        raise SubmitError("invalid_params", "negative_prompt must be a string of at most 4000 characters")
-    seed = params.get("seed")
-    if seed is None:
-        params["seed"] = secrets.randbelow(2**32)
-    elif not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise SubmitError("invalid_params", f"seed must be an integer from 0 to {MAX_SEED}")
+    if not isinstance(negative, str) or len(negative) > MAX_NEGATIVE_PROMPT_CHARS or not storable(negative):
+        raise SubmitError(
+            "invalid_params",
+            f"negative_prompt must be a string of at most {MAX_NEGATIVE_PROMPT_CHARS} characters",
+        )
+    if SPECIAL_TOKEN_MARKUP.search(negative):
+        raise SubmitError("invalid_params", "negative_prompt must not contain special-token markup")
+    if params.get("seed") is None:
+        params["seed"] = secrets.randbelow(DRAWN_SEEDS)
+    elif not SEED.admits(params["seed"]):
+        raise SubmitError("invalid_params", f"seed must be an integer from {SEED.low} to {SEED.high}")
     return params
 
 
@@ -192,7 +190,43 @@ def validate_job(
     webhook_cache: dict[str, str | None] | None = None,
     require_custom_id: bool = False,
 ) -> JobDraft:
-    """Check one job spec and return it normalised; raise SubmitError with a machine-readable code."""
+    """Check one job spec and return it normalised; raise SubmitError with a machine-readable code.
+
+    The checks run in this order, so the first problem of a spec is the one reported:
+    1. the spec is an object of known fields with a known task;
+    2. its text (prompt or instruction) is a storable string of at most NEXUSGEN_MAX_PROMPT_CHARS, without
+       special-token markup;
+    3. its image: none for generate, else an upload id or a data URL (decoded and checked here);
+    4. its params (core.params: bounds and defaults; the seed drawn) and the bucket they batch in;
+    5. its priority, metadata, webhook (the URL's DNS check happens here, before any transaction opens)
+       and custom_id.
+    """
+    task = _task(spec)
+    text = _text(spec, task, settings.max_prompt_chars)
+    upload_id, pending = _image(spec.get("image"), task, settings)
+    params = normalize_params(task, spec.get("params"))
+    priority = _priority(spec.get("priority", 0))
+    metadata = check_metadata(spec.get("metadata"))
+    url, events = parse_webhook(
+        spec.get("webhook"), settings, webhook_cache if webhook_cache is not None else {}
+    )
+    return JobDraft(
+        task=task,
+        prompt=text,
+        params=params,
+        bucket=bucket_key(task, params),
+        priority=priority,
+        metadata=metadata,
+        upload_id=upload_id,
+        pending_upload=pending,
+        custom_id=_custom_id(spec.get("custom_id"), require_custom_id),
+        webhook_url=url,
+        webhook_events=events,
+    )
+
+
+def _task(spec: Any) -> str:
+    """Step 1: an object of known fields whose task is known."""
     if not isinstance(spec, dict):
         raise SubmitError("invalid_job", "a job must be a JSON object")
     unknown = sorted(set(spec) - SPEC_KEYS)
@@ -201,6 +235,11 @@ def validate_job(
     task = spec.get("task")
     if task not in TASKS:
         raise SubmitError("unknown_task", f"task must be one of {list(TASKS)}, got {task!r}")
+    return str(task)
+
+
+def _text(spec: dict[str, Any], task: str, max_chars: int) -> str:
+    """Step 2: the prompt (generate) or instruction (edit, understand)."""
     text_field = "prompt" if task == "generate" else "instruction"
     text = spec.get(text_field)
     if not isinstance(text, str) or not text.strip():
@@ -209,43 +248,45 @@ def validate_job(
         raise SubmitError(
             "invalid_prompt", f"{text_field} must not contain NUL characters or lone surrogates"
         )
-    if len(text) > settings.max_prompt_chars:
+    if len(text) > max_chars:
+        raise SubmitError("prompt_too_long", f"{text_field} has {len(text)} characters; at most {max_chars}")
+    if markup := SPECIAL_TOKEN_MARKUP.search(text):
         raise SubmitError(
-            "prompt_too_long", f"{text_field} has {len(text)} characters; at most {settings.max_prompt_chars}"
+            "invalid_prompt", f"{text_field} must not contain special-token markup like {markup[0]}"
         )
-    draft = JobDraft(task=task, prompt=text, params={}, bucket="")
-    image = spec.get("image")
+    return text
+
+
+def _image(image: Any, task: str, settings: Settings) -> tuple[str | None, PendingUpload | None]:
+    """Step 3: (upload id, inline image to store) of the job's input image."""
     if task == "generate":
         if image is not None:
             raise SubmitError("invalid_image", "a generate job takes no image")
-    elif not isinstance(image, str) or not image:
+        return None, None
+    if not isinstance(image, str) or not image:
         raise SubmitError("invalid_image", f"a {task} job needs an image: an upload id or a data URL")
-    elif image.startswith("data:"):
+    if image.startswith("data:"):
         try:
             data = decode_data_url(image, settings.max_upload_bytes)
             info = inspect_image(data, settings)
         except ImageError as exc:
             raise SubmitError(exc.code, exc.message) from exc
-        draft.pending_upload = PendingUpload(id=new_id("upl"), data=data, info=info)
-        draft.upload_id = draft.pending_upload.id
-    elif image.startswith("upl_") and len(image) <= 40:
-        draft.upload_id = image
-    else:
-        raise SubmitError("invalid_image", "image must be an upload id (upl_...) or a data URL")
-    draft.params = normalize_params(task, spec.get("params"))
-    draft.bucket = bucket_key(task, draft.params)
-    priority = spec.get("priority", 0)
-    if not _is_int(priority) or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
-        raise SubmitError(
-            "invalid_priority", f"priority must be an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}"
-        )
-    draft.priority = priority
-    draft.metadata = check_metadata(spec.get("metadata"))
-    draft.webhook_url, draft.webhook_events = parse_webhook(
-        spec.get("webhook"), settings, webhook_cache if webhook_cache is not None else {}
-    )
-    custom_id = spec.get("custom_id")
-    if custom_id is None and require_custom_id:
+        pending = PendingUpload(id=new_id("upl"), data=data, info=info)
+        return pending.id, pending
+    if image.startswith("upl_") and len(image) <= 40:
+        return image, None
+    raise SubmitError("invalid_image", "image must be an upload id (upl_...) or a data URL")
+
+
+def _priority(priority: Any) -> int:
+    low, high = PRIORITY_RANGE
+    if not _is_int(priority) or not low <= priority <= high:
+        raise SubmitError("invalid_priority", f"priority must be an integer from {low} to {high}")
+    return int(priority)
+
+
+def _custom_id(custom_id: Any, required: bool) -> str | None:
+    if custom_id is None and required:
         raise SubmitError("missing_custom_id", "every line of a JSONL batch needs a custom_id")
     if custom_id is not None and (
         not isinstance(custom_id, str)
@@ -255,8 +296,7 @@ def validate_job(
         raise SubmitError(
             "invalid_custom_id", f"custom_id must be a string of 1 to {MAX_CUSTOM_ID_CHARS} characters"
         )
-    draft.custom_id = custom_id
-    return draft
+    return custom_id
 
 
 def parse_json(raw: bytes | str) -> Any:

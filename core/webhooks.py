@@ -1,7 +1,7 @@
 """Webhook outbox and signing: event rows in the caller's transaction, secrets, Standard Webhooks headers.
 
-The delivery side (worker/delivery.py) reads the rows this module writes; the API and the CLI use the
-secret and redelivery helpers. Signing goes through the `standardwebhooks` package.
+The delivery state machine (core/deliveries.py) moves the rows this module writes; the API and the CLI
+use the secret helpers. Signing goes through the `standardwebhooks` package.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Connection, RowMapping, func, select, update
+from sqlalchemy import Connection, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from standardwebhooks import Webhook
 
@@ -189,49 +189,3 @@ def sign_headers(
         "webhook-timestamp": str(int(when.timestamp())),
         "webhook-signature": " ".join(signatures),
     }
-
-
-# --- redelivery (API) ----------------------------------------------------------------------------------
-
-
-def redeliver(conn: Connection, tenant_id: str, delivery_id: str) -> RowMapping | None:
-    """Reset a delivery to pending with a fresh retry schedule (same event, same webhook-id).
-
-    Re-enables its endpoint if a 410 had disabled it (the tenant asked explicitly). Returns the delivery
-    row, or None if the tenant has no such delivery. Raises ValueError while an attempt is in flight.
-    """
-    current = (
-        conn.execute(
-            select(webhook_deliveries, (webhook_deliveries.c.locked_until > func.now()).label("in_flight"))
-            .where(webhook_deliveries.c.id == delivery_id, webhook_deliveries.c.tenant_id == tenant_id)
-            .with_for_update()
-        )
-        .mappings()
-        .first()
-    )
-    if current is None:
-        return None
-    if current["status"] == DeliveryStatus.PENDING and current["in_flight"]:
-        raise ValueError("an attempt of this delivery is in flight; try again later")
-    conn.execute(
-        update(webhook_endpoints)
-        .where(webhook_endpoints.c.id == current["endpoint_id"], webhook_endpoints.c.disabled_at.is_not(None))
-        .values(disabled_at=None, disabled_reason=None)
-    )
-    return (
-        conn.execute(
-            update(webhook_deliveries)
-            .where(webhook_deliveries.c.id == delivery_id)
-            .values(
-                status=DeliveryStatus.PENDING,
-                attempts=0,
-                next_attempt_at=func.now(),
-                locked_until=None,
-                last_error=None,
-                updated_at=func.now(),
-            )
-            .returning(*webhook_deliveries.c)
-        )
-        .mappings()
-        .one()
-    )

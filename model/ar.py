@@ -189,7 +189,7 @@ class ARStage:
         Image spans are marked from the known layout (input-image slots of the prompt, the last 81 slots),
         never from the ids, so an image_pad the model wrote itself stays a text token.
         """
-        B, L = len(seqs), max(len(s) for s in seqs)
+        B, L = len(seqs), max(len(s) for s in seqs)  # noqa: N806 - tensor shape names
         ids = torch.full((B, L), self.ids["pad"], dtype=torch.long)
         mask = torch.zeros(B, L, dtype=torch.long)
         mm_types = torch.zeros(B, L, dtype=torch.int)  # 1 = image token (input image or generated image)
@@ -246,7 +246,7 @@ class ARStage:
         A sample stops on a success token (kept, ok=True), on a stop token (dropped, ok=False if success_ids
         is non-empty) or at its token limit (ok=False if success_ids is non-empty).
         """
-        B = len(enc.ids)
+        B = len(enc.ids)  # noqa: N806 - tensor shape name
         onload(self.c.ar)
         embeds, mask, positions, ids = self._batch(enc, enc.ids, generated_image=False)
         next_pos = positions.amax(dim=(0, 2)) + 1  # [B]: text position of the first new token

@@ -10,6 +10,7 @@ differently ends in `RankFailure`, within the process group's timeout.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -167,7 +168,7 @@ class Lockstep:
             results = getattr(self.model, method)(
                 requests, progress=progress, should_cancel=shared_decision(should_cancel, leader=True)
             )
-        except Exception as exc:  # judged below, against the other ranks' outcomes
+        except Exception as exc:  # noqa: BLE001 - judged below, against the other ranks' outcomes
             local = exc
         answers = self._outcomes(local)
         mismatched = [
@@ -208,10 +209,8 @@ class Lockstep:
     def close(self) -> None:
         """Tell the other ranks to exit."""
         for conn in self.connections:
-            try:
+            with contextlib.suppress(OSError):
                 conn.send(("stop",))
-            except OSError:
-                pass
 
 
 def follow(model: Any, conn: Connection, rank: int) -> None:
@@ -232,7 +231,7 @@ def follow(model: Any, conn: Connection, rank: int) -> None:
         outcome: str | None = None
         try:
             getattr(model, method)(requests, progress=None, should_cancel=shared_decision(None, leader=False))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it for the batch
             outcome = _error_kind(exc)
             log.warning(
                 "rank %d: %s failed: %s", rank, method, "".join(traceback.format_exception_only(exc)).strip()

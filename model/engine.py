@@ -23,11 +23,6 @@ from model.components import Components
 ENGINES = ("torch", "deepspeed")
 
 
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on GPU (the weights' own precision), fp32 on CPU (bf16 matmuls are slow and lossy there)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def apply_engine(components: Components, engine: str, device: str) -> Components:
     """Return the components prepared for `engine` ("torch" or "deepspeed") on `device`."""
     if engine not in ENGINES:

@@ -24,7 +24,7 @@ from model.ar import (
     understanding_prompt,
 )
 from model.components import Components
-from model.config import EDIT_PREFIXES, GENERATION_PREFIXES, SPECIAL_TOKENS
+from model.config import EDIT_PREFIXES, GENERATION_PREFIXES, SIZE_MULTIPLE, SPECIAL_TOKENS
 from model.decoders import (
     DenoiseJob,
     EditingDecoder,
@@ -34,7 +34,19 @@ from model.decoders import (
     vae_decode,
     vae_scale_factor,
 )
+from model.engine import ENGINES
 from model.requests import (
+    DECODERS,
+    LANGUAGES,
+    MAX_CACHE_THRESHOLD,
+    MAX_PROMPT_CHARS,
+    MAX_SCALE,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MAX_UNDERSTAND_TOKENS,
+    MIN_SIZE,
+    TASKS,
     CancelCallback,
     EditRequest,
     GenerateRequest,
@@ -48,20 +60,7 @@ from model.speed import SpeedOptions, release
 
 log = logging.getLogger(__name__)
 
-# request limits (validate_request); sizes are multiples of 16 so no silent rounding happens. 64 is the
-# smallest size the architecture takes (a 4x4 grid of packed latent tokens); the API may be stricter.
-MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 2048, 16
-MAX_STEPS = 100
-MAX_SCALE = 30.0
-MAX_CACHE_THRESHOLD = 1.0  # TeaCache's FLUX range: 0.25 ~1.5x, 0.4 ~1.8x, 0.6 ~2x, 0.8 ~2.25x fewer steps
-MAX_PROMPT_CHARS = 4000
-MAX_UNDERSTAND_TOKENS = 4096
-MAX_SEED = 2**63 - 1
-LANGUAGES = ("en", "zh")
-DECODERS = ("edit", "generation")
 PREFIX_MODES = ("natural", "forced")
-ENGINES = ("torch", "deepspeed")
-TASKS = ("generate", "edit", "understand")
 # what each decoder path needs beyond the AR and its ViT (model.plan component names)
 DECODER_NEEDS = {
     "generation": ("ar_heads", "gen_dit", "adapter", "vae", "clip", "t5"),
@@ -73,11 +72,10 @@ SPECIAL_TOKEN_TEXT = re.compile(r"<\|[A-Za-z_]+\|>")
 def validate_request(req: Request) -> None:
     """Raise ValueError naming the first invalid field of a request; the model never fixes input silently.
 
-    Limits: non-empty text of at most 4000 characters without `<|...|>` special-token markup; width and
-    height multiples of 16 in 64..2048; steps 1..100; cfg_scale 1..30; guidance 0..30; cache_threshold
-    0..1; seed 0..2**63-1;
-    language en|zh; decoder edit|generation; images non-empty, decodable, aspect ratio at most 200;
-    understanding max_new_tokens 1..4096.
+    Limits (model/requests.py): non-empty text of at most 4000 characters without `<|...|>` special-token
+    markup; width and height multiples of 16 in 64..2048; steps 1..100; cfg_scale 1..30; guidance 0..30;
+    cache_threshold 0..1; seed 0..2**63-1; language en|zh; decoder edit|generation; images non-empty,
+    decodable, aspect ratio at most 200; understanding max_new_tokens 1..4096.
     """
     text = req.prompt if isinstance(req, GenerateRequest) else getattr(req, "instruction", None)
     name = "prompt" if isinstance(req, GenerateRequest) else "instruction"
@@ -118,7 +116,7 @@ def validate_request(req: Request) -> None:
     if not 0.0 <= req.cache_threshold <= MAX_CACHE_THRESHOLD:
         raise ValueError(f"cache_threshold must be in 0..{MAX_CACHE_THRESHOLD}, got {req.cache_threshold}")
     if req.seed is not None and not (isinstance(req.seed, int) and 0 <= req.seed <= MAX_SEED):
-        raise ValueError(f"seed must be an integer in 0..2**63-1, got {req.seed!r}")
+        raise ValueError(f"seed must be an integer in 0..{MAX_SEED}, got {req.seed!r}")
     if req.language not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, got {req.language!r}")
     if isinstance(req, EditRequest) and req.decoder not in DECODERS:
@@ -220,7 +218,7 @@ class NexusGen:
         engine: str = "torch",
         prefix_mode: str = "natural",
         max_prefix_tokens: int = 1024,
-        compile: str = "off",
+        compile: str = "off",  # noqa: A002 - the public option name (NEXUSGEN_COMPILE)
         dit_precision: str = "bf16",
         offload: str = "none",
         tasks: Sequence[str] = TASKS,

@@ -31,11 +31,11 @@ from model.config import (
     VAE_FILE,
     VISION_HEAD_KEY,
 )
+from model.requests import DECODERS
 
 COMPONENTS = ("ar", "vit", "ar_heads", "gen_dit", "adapter", "edit_dit", "merger", "clip", "t5", "vae")
 TEXT_ENCODERS = ("clip", "t5")
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
-DECODERS = ("edit", "generation")
 
 
 def components_for(tasks: Iterable[str], edit_decoders: Iterable[str] = DECODERS) -> tuple[str, ...]:
@@ -372,9 +372,13 @@ def shard_numel(t: Tensor, tp: int, rank: int = 0) -> int:
 def tensor_bytes(t: Tensor, tp: int, dtype_bytes: int, fp8_dit: bool, rank: int = 0) -> int:
     """Bytes of one rank's part of `t`: fp8 DiT block matrices take 1 byte plus a per-row scale."""
     n = shard_numel(t, tp, rank)
-    if fp8_dit and t.component in ("gen_dit", "edit_dit") and len(t.shape) == 2:
-        if _DIT_BLOCK_LINEAR.match(t.name):
-            return n + t.shape[0] * dtype_bytes  # float8 weight + [out, 1] scale in the model dtype
+    if (
+        fp8_dit
+        and t.component in ("gen_dit", "edit_dit")
+        and len(t.shape) == 2
+        and _DIT_BLOCK_LINEAR.match(t.name)
+    ):
+        return n + t.shape[0] * dtype_bytes  # float8 weight + [out, 1] scale in the model dtype
     return n * dtype_bytes
 
 
@@ -442,7 +446,7 @@ def make_plan(
     size = DTYPE_BYTES[dtype]
     ranks: list[dict[str, int]] = []
     for rank in range(tp):
-        held = {c: 0 for c in wanted}
+        held = dict.fromkeys(wanted, 0)
         for t in tensors:
             if t.component in held:
                 held[t.component] += tensor_bytes(t, tp, size, fp8_dit, rank)

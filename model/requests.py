@@ -8,6 +8,21 @@ from typing import Any, Literal
 
 from PIL import Image
 
+# What the model can do, checked by model.pipeline.validate_request (the model never fixes input
+# silently). Sizes are multiples of 16 (model.config.SIZE_MULTIPLE) so no silent rounding happens; 64 is
+# the smallest size the architecture takes (a 4x4 grid of packed latent tokens). A service may be
+# stricter: its bounds must lie inside these (tests/test_contract.py).
+TASKS = ("generate", "edit", "understand")
+LANGUAGES = ("en", "zh")
+DECODERS = ("edit", "generation")
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_STEPS = 100
+MAX_SCALE = 30.0  # cfg_scale 1..MAX_SCALE, guidance 0..MAX_SCALE
+MAX_CACHE_THRESHOLD = 1.0  # TeaCache's FLUX range: 0.25 ~1.5x, 0.4 ~1.8x, 0.6 ~2x, 0.8 ~2.25x fewer steps
+MAX_PROMPT_CHARS = 4000  # prompt, instruction and negative prompt
+MAX_UNDERSTAND_TOKENS = 4096
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 0..2**63-1
+
 Language = Literal["en", "zh"]
 Decoder = Literal["edit", "generation"]
 

@@ -559,7 +559,7 @@ def _check_replaceable(root: Path) -> None:
         raise ValueError(f"{root / FLUX_SUBDIR} exists without a tiny {AR_SUBDIR}/; refusing to replace it")
 
 
-def write_tiny_checkpoint(dir: str | Path, seed: int = 0) -> Path:
+def write_tiny_checkpoint(dir: str | Path, seed: int = 0) -> Path:  # noqa: A002 - DIR, as documented
     """Write DIR/Nexus-GenV2/ and DIR/FLUX/FLUX.1-dev/ with tiny random weights, deterministic from `seed`.
 
     Files are written to a staging folder inside DIR and moved into place at the end, so an interrupted

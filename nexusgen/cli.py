@@ -314,7 +314,7 @@ def tenant_set_limits(
     unknown = sorted(set(reset) - set(LIMIT_NAMES))
     if unknown:
         raise click.UsageError(f"--default takes {', '.join(LIMIT_NAMES)}; not {', '.join(unknown)}")
-    changes: dict[str, int | None] = {limit: None for limit in reset}
+    changes: dict[str, int | None] = dict.fromkeys(reset)
     given = {
         "max_queued": max_queued,
         "submit_per_minute": submit_per_minute,

@@ -107,7 +107,7 @@ class Server:
 
 def _open_log(log_path: Path) -> IO[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    return open(log_path, "ab")  # noqa: SIM115 - closed by Server.stop
+    return open(log_path, "ab")
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------

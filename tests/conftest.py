@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from core.settings import Settings
+from tests.support.dirs import open_dir
+
+# Webhook receivers, the loopback guard and job helpers, shared by the tests of core, api and worker.
+pytest_plugins = ["tests.support.webhooks"]
 
 
 @pytest.fixture(scope="session")
 def service_dir() -> Iterator[Path]:
-    # Outside pytest's temp root: a concurrent pytest session resets that to mode 0700, and the
-    # embedded PostgreSQL, which runs as an unprivileged user, then loses access to its data.
-    path = Path(tempfile.mkdtemp(prefix="nexusgen-test-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with open_dir("nexusgen-test-") as path:  # outside pytest's temp root (tests/support/dirs.py)
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +99,14 @@ def clean_db(engine: Engine) -> Engine:
     from core.schema import metadata
 
     names = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    # An API process's event hub (a daemon thread of an earlier test's app) may still be reading; its
+    # share locks and the truncation's exclusive ones can deadlock, and PostgreSQL then aborts one side.
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+            break
+        except OperationalError as exc:
+            if "deadlock detected" not in str(exc) or attempt == 4:
+                raise
     return engine

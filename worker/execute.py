@@ -1,4 +1,4 @@
-"""Run one claimed batch: job rows -> model requests -> ONE model call -> stored results and final states.
+"""Run one claimed batch: job rows -> model requests -> ONE model call (worker.results stores what it gave).
 
 Bad input fails only its own job; an out-of-memory error halves the batch and retries down to one job
 (then `out_of_memory`); any other model exception is isolated the same way (then `model_error`). A job
@@ -25,13 +25,11 @@ from sqlalchemy import Engine, select
 
 from core import jobs as jobstate
 from core.db import transaction
-from core.jobs import Ack
+from core.params import SIDE
 from core.records import Job, JobStatus, Task
-from core.schema import jobs as jobs_table
-from core.schema import results, uploads
+from core.schema import uploads
 from core.settings import Settings
-from core.storage import Storage, result_key
-from core.submit import MAX_SIDE
+from core.storage import Storage
 from core.usage import Usage
 from model import (
     EditRequest,
@@ -166,17 +164,19 @@ def load_image(engine: Engine, storage: Storage, upload_id: str | None) -> Image
 
 
 def decode_input(data: bytes, upload_id: str) -> Image.Image:
-    """Decode a stored input for the model: EXIF orientation applied, sides bounded to MAX_SIDE.
+    """Decode a stored input for the model: EXIF orientation applied, sides bounded to SIDE.high.
 
-    No stage uses more than MAX_SIDE pixels a side of an input (the AR encoder and the edit decoder's
+    No stage uses more than that many pixels a side of an input (the AR encoder and the edit decoder's
     reference are smaller still), so a 40 MP photo is decoded at a reduced JPEG scale and shrunk before
     it is held; the stored original is kept as it is.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that suffices
+            img.draft(
+                "RGB", (SIDE.high, SIDE.high)
+            )  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that suffices
             upright = ImageOps.exif_transpose(img)
-            upright.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+            upright.thumbnail((SIDE.high, SIDE.high), Image.Resampling.LANCZOS)
             return upright.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"upload {upload_id} is not a readable image: {exc}") from exc
@@ -218,123 +218,6 @@ def _split(
     log.warning("%s with %d jobs; retrying in halves", code, len(items))
     half = len(items) // 2
     return run_model(model, task, items[:half], keeper) + run_model(model, task, items[half:], keeper)
-
-
-def provenance_of(outcome: Outcome, worker_id: str, extra_timings: dict[str, float]) -> dict[str, Any]:
-    """The model's provenance plus what only the worker knows: batch size, worker, attempt, timings."""
-    job = outcome.item.job
-    prov = dict(outcome.result.provenance or {})
-    prov.setdefault("params", dict(job.params))
-    prov["task"] = job.task
-    prov["bucket"] = job.bucket
-    prov["batch_size"] = outcome.batch_size
-    prov["worker"] = worker_id
-    prov["attempt"] = outcome.item.attempt
-    prov["timings"] = {**(prov.get("timings") or {}), **outcome.timings, **extra_timings}
-    return prov
-
-
-def encode_result(outcome: Outcome) -> tuple[str, bytes, str, dict[str, Any]]:
-    """(file extension, bytes, content type, result columns) of a successful result."""
-    res = outcome.result
-    if res.image is not None:
-        buf = io.BytesIO()
-        res.image.save(buf, format="PNG")
-        return (
-            "png",
-            buf.getvalue(),
-            "image/png",
-            {"kind": "image", "width": res.image.width, "height": res.image.height},
-        )
-    text = res.text or ""
-    return "txt", text.encode("utf-8"), "text/plain; charset=utf-8", {"kind": "text", "text": text}
-
-
-def store_outcome(
-    engine: Engine,
-    storage: Storage,
-    keeper: LeaseKeeper,
-    outcome: Outcome,
-    worker_id: str,
-    result_ttl_s: float = Settings.result_ttl_s,
-) -> str:
-    """Write one job's final state (and its result object); returns what happened to it.
-
-    One of `succeeded`, `canceled`, `lost` (no longer ours: nothing written) or `failed: <error code>`.
-    """
-    item, res = outcome.item, outcome.result
-    job_id, attempt = item.job_id, item.attempt
-    if keeper.is_lost(job_id):
-        return "lost"
-    timings = {"input_s": round(item.input_s, 4)}
-    if res.error is not None:
-        usage = Usage.from_provenance(res.provenance, None)
-        with transaction(engine) as conn:
-            if res.error.code == "canceled":
-                done = jobstate.mark_canceled(conn, job_id, attempt, usage=usage)
-            else:
-                prov = provenance_of(outcome, worker_id, timings)
-                done = jobstate.fail_job(
-                    conn,
-                    job_id,
-                    attempt,
-                    code=res.error.code,
-                    message=res.error.message,
-                    provenance=prov,
-                    usage=usage,
-                )
-        if not done:
-            return "lost"
-        if res.error.code == "canceled":
-            return JobStatus.CANCELED.value
-        return f"{JobStatus.FAILED.value}: {res.error.code}"
-    if keeper.confirm(job_id, "uploading") is Ack.LOST:
-        return "lost"
-    started = time.monotonic()
-    ext, data, content_type, columns = encode_result(outcome)
-    key = result_key(item.job.tenant_id, job_id, ext)
-    digest = storage.put_bytes(key, data, content_type)
-    timings["upload_s"] = round(time.monotonic() - started, 4)
-    result = {
-        **columns,
-        "object_key": key,
-        "content_type": content_type,
-        "size_bytes": len(data),
-        "sha256": digest,
-    }
-    with transaction(engine) as conn:
-        done = jobstate.complete_job(
-            conn,
-            job_id,
-            attempt,
-            provenance=provenance_of(outcome, worker_id, timings),
-            result=result,
-            result_ttl_s=result_ttl_s,
-            usage=Usage.from_provenance(
-                res.provenance, (res.image.width, res.image.height) if res.image else None
-            ),
-        )
-    if not done:
-        drop_stale_object(engine, storage, job_id, key)
-        return "lost"
-    return JobStatus.SUCCEEDED.value
-
-
-def drop_stale_object(engine: Engine, storage: Storage, job_id: str, key: str) -> None:
-    """After a rejected completion, delete our upload if the job ended without a result.
-
-    A job that is queued or running again gets the same key overwritten by its new attempt; one that
-    succeeded elsewhere keeps its (same-key) object; only a job that ended without a result must not keep
-    an object that no result row points to.
-    """
-    with engine.connect() as conn:
-        status = conn.execute(
-            select(jobs_table.c.status).where(jobs_table.c.id == job_id)
-        ).scalar_one_or_none()
-        has_result = conn.execute(select(results.c.id).where(results.c.job_id == job_id)).first() is not None
-    log.warning("completion of job %s rejected (now %s); our attempt is stale", job_id, status)
-    if status in (JobStatus.FAILED, JobStatus.CANCELED) and not has_result:
-        storage.delete(key)
 
 
 @dataclass
@@ -384,24 +267,3 @@ def compute_batch(settings: Settings, engine: Engine, storage: Storage, rows: Se
         keeper.stop()
         raise
     return ComputedBatch(task, len(rows), keeper, outcomes, ended, settings.result_ttl_s)
-
-
-def store_batch(engine: Engine, storage: Storage, worker_id: str, batch: ComputedBatch) -> dict[str, str]:
-    """Store every outcome of a computed batch and end its jobs; returns job id -> what happened."""
-    ended = dict(batch.ended)
-    try:
-        for outcome in batch.outcomes:
-            what = store_outcome(engine, storage, batch.keeper, outcome, worker_id, batch.result_ttl_s)
-            batch.keeper.release([outcome.item.job_id])
-            job = outcome.item.job
-            log.info(
-                "job %s %s",
-                job.id,
-                what,
-                extra={"job_id": job.id, "batch_id": job.batch_id, "attempt": job.attempt},
-            )
-            ended[outcome.item.job_id] = what
-    finally:
-        batch.keeper.stop()
-    log.info("batch of %d %s job(s) done: %s", batch.size, batch.task, ended)
-    return ended

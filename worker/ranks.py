@@ -251,7 +251,7 @@ def _open_model(settings: Settings, device: str) -> Any:
         init_tensor_parallel(0, ranks.world, ranks.port, ranks.devices[0], settings.tp_timeout_s)
         model = build_model(settings, ranks.devices[0], rank=0)
         ranks.wait_ready()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - ranks.fail ends the worker, with the other ranks' diagnosis if any
         ranks.fail(ranks.diagnose() or exc)
     log.info(
         "rank 0 loaded its shard on %s: %s bytes by component",

@@ -120,7 +120,7 @@ def claim_and_run(
     if task not in settings.tasks:
         log.warning("ticket for %s ignored: this worker serves %s", task, ",".join(settings.tasks))
         return {"task": task, "size": 0, "jobs": {}, "note": f"this worker does not serve {task}"}
-    from worker import execute  # imports torch: only in processes that run the model
+    from worker import execute, results  # imports torch: only in processes that run the model
 
     engine, storage = app.engine, app.storage
     model = execute.load_model(settings)
@@ -132,7 +132,7 @@ def claim_and_run(
     on_claimed(rows)
     try:
         computed = execute.compute_batch(settings, engine, storage, rows)
-        outcomes = execute.store_batch(engine, storage, app.worker_id, computed)
+        outcomes = results.store_batch(engine, storage, app.worker_id, computed)
     except TRANSIENT_ERRORS as exc:
         put_back(engine, rows, exc)
         raise

@@ -53,7 +53,7 @@ def _open_stream(host: str, port: int, path: str, key: str) -> socket.socket:
 
 
 def _read_until(socks: list[socket.socket], marker: bytes, timeout_s: float) -> dict[socket.socket, bytes]:
-    got = {s: b"" for s in socks}
+    got = dict.fromkeys(socks, b"")
     deadline = time.monotonic() + timeout_s
     waiting = set(socks)
     while waiting and time.monotonic() < deadline:

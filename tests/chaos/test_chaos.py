@@ -36,7 +36,7 @@ FULL = [
             (22, "kill_worker_main"),
             (36, "kill_worker_child"),
             (50, "kill_worker_main"),
-        ],  # fmt: skip
+        ],
         receivers=("ok", "flaky", "trickle", "redirect"),
         submit_every_s=4,
     ),
@@ -57,7 +57,7 @@ FULL = [
             (24, "kill_worker_main+redis"),
             (42, "postgres+s3"),
             (60, "kill_worker_child+postgres"),
-        ],  # fmt: skip
+        ],
         receivers=("ok", "flaky", "slow"),
         submit_every_s=6,
     ),

@@ -123,7 +123,7 @@ def test_poison_job_fails_after_max_attempts(clean_db: Engine) -> None:
         with clean_db.begin() as conn:
             sm.claim_batch(conn, worker_id="w", tasks=["generate"], max_batch=1, lease_s=-1)
         with clean_db.begin() as conn:
-            requeued, failed = sm.expire_leases(conn, max_attempts=2)
+            _requeued, failed = sm.expire_leases(conn, max_attempts=2)
     assert failed and failed[0].error_code == "poison_job"
     assert _status(clean_db, job_id) == "failed"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -9,9 +10,57 @@ import pytest
 
 from core.settings import ENV_NAMES, Settings
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_every_field_has_an_environment_variable() -> None:
     assert {f.name for f in fields(Settings)} == set(ENV_NAMES)
+    assert len(set(ENV_NAMES.values())) == len(ENV_NAMES)
+
+
+def test_every_setting_is_read_somewhere() -> None:
+    """No setting that nothing reads: each field is named by code outside core/settings.py, or is passed on
+    to a program that reads its variable itself (Flower's FLOWER_*)."""
+    sources = [
+        p.read_text()
+        for package in ("core", "api", "worker", "model", "nexusgen")
+        for p in (ROOT / package).rglob("*.py")
+        if p != ROOT / "core" / "settings.py"
+    ]
+    unread = [
+        f.name
+        for f in fields(Settings)
+        if not f.metadata["read_by"] and not any(re.search(rf"\b{f.name}\b", text) for text in sources)
+    ]
+    assert unread == []
+
+
+def test_env_example_and_the_readme_list_every_variable() -> None:
+    listed = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.MULTILINE))
+    assert set(ENV_NAMES.values()) - listed == set()
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `")]
+    in_readme = {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])}
+    assert set(ENV_NAMES.values()) - in_readme == set()
+
+
+def test_bad_values_name_their_variable() -> None:
+    for var, value in (
+        ("NEXUSGEN_MAX_BATCH", "eight"),
+        ("NEXUSGEN_LEASE_S", "long"),
+        ("WEBHOOK_RETRY_SCHEDULE", "5,soon"),
+        ("NEXUSGEN_ENGINE", "tensorrt"),
+        ("NEXUSGEN_TASKS", "generate,paint"),
+        ("NEXUSGEN_EDIT_DECODERS", "flux"),
+        ("NEXUSGEN_MAX_PROMPT_CHARS", "100000"),
+        ("NEXUSGEN_TP_SIZE", "2"),
+    ):
+        with pytest.raises(ValueError, match=var):
+            Settings.from_env({var: value})
+
+
+def test_unset_and_empty_variables_take_the_defaults() -> None:
+    assert Settings.from_env({}) == Settings()
+    assert Settings.from_env(dict.fromkeys(ENV_NAMES.values(), "")) == Settings()
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.dirs import open_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 # Variables that would point `up` at existing servers instead of embedded ones.
@@ -104,14 +107,22 @@ class UpProcess:
 
 
 @pytest.fixture
-def up_process(tmp_path: Path) -> Any:
+def stack_dir() -> Iterator[Path]:
+    """A working dir for a whole stack, outside pytest's temp root: its embedded PostgreSQL keeps its data
+    there (tests/support/dirs.py says why); removed afterwards."""
+    with open_dir("nexusgen-e2e-") as path:
+        yield path
+
+
+@pytest.fixture
+def up_process(stack_dir: Path) -> Any:
     """A factory of `nexusgen up` runs sharing one state dir; every run is stopped at the end."""
     runs: list[UpProcess] = []
-    state_dir = tmp_path / "state"
+    state_dir = stack_dir / "state"
 
     def make(**extra: str) -> UpProcess:
         env = stack_env(state_dir, **extra) if not runs else dict(runs[0].env, **extra)
-        run = UpProcess(env=env, cwd=tmp_path)
+        run = UpProcess(env=env, cwd=stack_dir)
         runs.append(run)
         return run
 

@@ -13,23 +13,23 @@ from tests.e2e.conftest import stack_env
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+def test_demo_runs_end_to_end(stack_dir: Path) -> None:
     # The default state dir (.nexusgen under the working directory), as `make demo` uses it.
-    env = stack_env(tmp_path / ".nexusgen")
+    env = stack_env(stack_dir / ".nexusgen")
     del env["NEXUSGEN_STATE_DIR"]
     result = subprocess.run(
         [sys.executable, "-m", "nexusgen.cli", "demo", "--jobs", "8", "--size", "256", "--steps", "2"],
-        cwd=tmp_path,
+        cwd=stack_dir,
         env=env,
         capture_output=True,
         text=True,
         timeout=420,
     )
     logs = "\n".join(
-        p.read_text(errors="replace")[-3000:] for p in (tmp_path / ".nexusgen" / "logs").glob("*.log")
+        p.read_text(errors="replace")[-3000:] for p in (stack_dir / ".nexusgen" / "logs").glob("*.log")
     )
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}\n{logs}"
-    out = tmp_path / "demo-output"
+    out = stack_dir / "demo-output"
     assert len(list(out.glob("*-generate.png"))) == 3
     assert len(list(out.glob("*-edit.png"))) == 3
     texts = list(out.glob("*-understand.txt"))
@@ -43,4 +43,4 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "tiny random checkpoint" in header  # the reader is told why the pictures are noise
     assert sheet.count('<div class="pair"><img src="input-') == 5  # 3 edits, 2 understandings
     assert "8/8 jobs succeeded" in result.stderr and "0 rejected" in result.stderr
-    assert not (tmp_path / ".nexusgen" / "up.json").exists()  # the stack was shut down
+    assert not (stack_dir / ".nexusgen" / "up.json").exists()  # the stack was shut down

@@ -124,11 +124,11 @@ def _submit_wait_and_resume(api_url: str, key: str, tmp_path: Path) -> None:
     assert missing.returncode == 1 and "404" in missing.stderr
 
 
-def test_up_refuses_a_taken_port_with_a_clear_error(tmp_path: Path) -> None:
+def test_up_refuses_a_taken_port_with_a_clear_error(stack_dir: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = stack_env(tmp_path / "state", NEXUSGEN_API_PORT=str(taken.getsockname()[1]))
+        env = stack_env(stack_dir / "state", NEXUSGEN_API_PORT=str(taken.getsockname()[1]))
         result = subprocess.run(
             [sys.executable, "-m", "nexusgen.cli", "up"], env=env, capture_output=True, text=True, timeout=60
         )

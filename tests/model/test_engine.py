@@ -144,7 +144,7 @@ def _launch(world: int, checkpoint: Path, tmp_path: Path, device: str = "cpu") -
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for r in range(world)
     ]
     logs = [p.communicate(timeout=600)[0] for p in procs]

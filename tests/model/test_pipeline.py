@@ -308,9 +308,10 @@ def test_64x64_generation_works_in_the_model_while_the_api_keeps_256(forced: Nex
 
 
 def test_every_boundary_the_api_accepts_the_model_accepts() -> None:
-    from core.submit import MAX_SIDE, MIN_SIDE, normalize_params
+    from core.params import SIDE
+    from core.submit import normalize_params
 
-    for side in (MIN_SIDE, MAX_SIDE):
+    for side in (SIDE.low, SIDE.high):
         for task, kind in (("generate", GenerateRequest), ("edit", EditRequest)):
             for extreme in ({}, {"cfg_scale": 30, "guidance": 30, "cache_threshold": 1, "steps": 100}):
                 params = normalize_params(task, {"width": side, "height": side, **extreme})

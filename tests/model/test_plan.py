@@ -59,17 +59,15 @@ def meta_counts() -> dict[str, int]:
             Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
         )
         dit = FluxTransformer2DModel(guidance_embeds=True)  # the defaults are FLUX.1-dev's
-        t5_config = (
-            T5Config(
-                d_model=4096,
-                d_ff=10240,
-                d_kv=64,
-                num_heads=64,
-                num_layers=24,
-                vocab_size=32128,
-                feed_forward_proj="gated-gelu",
-                is_encoder_decoder=False,
-            )  # fmt: skip
+        t5_config = T5Config(
+            d_model=4096,
+            d_ff=10240,
+            d_kv=64,
+            num_heads=64,
+            num_layers=24,
+            vocab_size=32128,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
         )
         clip = CLIPTextModel(
             CLIPTextConfig(
@@ -79,7 +77,7 @@ def meta_counts() -> dict[str, int]:
                 num_attention_heads=12,
                 max_position_embeddings=77,
                 vocab_size=49408,
-            )  # fmt: skip
+            )
         )
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),

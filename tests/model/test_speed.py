@@ -31,7 +31,9 @@ def pixels(result) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 # ---- option checks --------------------------------------------------------------------------------------
 def test_fp8_is_refused_on_cpu_with_a_clear_error(tiny_dir: Path) -> None:
-    with pytest.raises(ValueError, match="fp8 DiTs need a CUDA GPU with fp8 tensor cores.*the device is cpu"):
+    with pytest.raises(
+        ValueError, match=r"fp8 DiTs need a CUDA GPU with fp8 tensor cores.*the device is cpu"
+    ):
         NexusGen.from_pretrained(str(tiny_dir), device="cpu", dit_precision="fp8")
 
 

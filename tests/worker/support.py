@@ -55,7 +55,7 @@ class WorkerProcess:
             "--concurrency", "1", "--pool", "prefork", "--hostname", f"{name}@%h",
             "--without-gossip", "--without-mingle", "--loglevel", "INFO",
         ]  # fmt: skip
-        self.log = open(self.log_path, "wb")  # closed in stop()
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             argv,
             cwd=REPO,
@@ -137,7 +137,7 @@ def make_upload(engine: Engine, storage: Storage, tenant_id: str, data: bytes | 
                 sha256=digest,
                 width=96,
                 height=64,
-            )  # fmt: skip
+            )
         )
     return upload_id
 
@@ -176,7 +176,7 @@ def insert_job(
                 params=p,
                 bucket=bucket,
                 priority=priority,
-            )  # fmt: skip
+            )
         )
     return job_id, bucket
 

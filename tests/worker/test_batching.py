@@ -86,6 +86,10 @@ def test_top_up_keeps_one_ticket_per_claimable_batch(
     with engine.connect() as conn:
         assert claimable_batches(conn, "generate", 2) == 3
     broker.delete(gen, und)
+    assert top_up(engine, publisher, 1, ["generate"], max_tickets=4) == 4  # 5 batches of 1; 4 at most
+    assert top_up(engine, publisher, 1, ["generate"], max_tickets=4) == 0
+    assert broker.llen(gen) == 4
+    broker.delete(gen, und)
 
 
 def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(
@@ -136,8 +140,9 @@ def test_stale_attempt_writes_nothing(
     engine: Engine, tenant: str, storage: Storage, settings: Settings
 ) -> None:
     from model.requests import Result
-    from worker.execute import Item, Outcome, store_outcome
+    from worker.execute import Item, Outcome
     from worker.heartbeat import LeaseKeeper
+    from worker.results import store_outcome
 
     job, _ = insert_job(engine, tenant, "understand")
     with transaction(engine) as conn:
@@ -157,7 +162,7 @@ def test_stale_attempt_writes_nothing(
 def test_rejected_completion_leaves_no_orphan_object(engine: Engine, tenant: str, storage: Storage) -> None:
     from core.jobs import fail_job
     from core.storage import result_key
-    from worker.execute import drop_stale_object
+    from worker.results import drop_stale_object
 
     job, _ = insert_job(engine, tenant, "generate")
     with transaction(engine) as conn:  # another attempt ended the job without a result

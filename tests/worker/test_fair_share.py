@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -71,7 +72,7 @@ def test_a_single_job_starts_within_two_batches_behind_a_2000_job_backlog(
         ).one()
     waited = (started - submitted).total_seconds()
     claims = _claims(engine, backlog)
-    periods = [b[0] - a[0] for a, b in zip(claims, claims[1:], strict=False)]
+    periods = [b[0] - a[0] for a, b in itertools.pairwise(claims)]
     batch_s = statistics.median(periods)
     print(f"fair share: the single job waited {waited:.2f} s; one batch takes {batch_s:.2f} s")
     assert waited <= 2 * batch_s + cfg.batch_window_s, (waited, batch_s, worker.tail())

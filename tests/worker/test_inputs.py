@@ -7,7 +7,7 @@ import time
 
 from PIL import Image
 
-from core.submit import MAX_SIDE
+from core.params import SIDE
 from worker.execute import decode_input
 
 
@@ -37,6 +37,6 @@ def test_a_large_photo_is_bounded_early_and_fast() -> None:
     started = time.process_time()
     image = decode_input(data, "upl_z")
     cpu_s = time.process_time() - started
-    assert max(image.size) <= MAX_SIDE and image.mode == "RGB"
+    assert max(image.size) <= SIDE.high and image.mode == "RGB"
     assert abs(image.width / image.height - 8000 / 5000) < 0.01
     assert cpu_s < 1.5, f"decoding a 40 MP JPEG took {cpu_s:.2f} s of CPU"

@@ -6,19 +6,23 @@ import ipaddress
 import shutil
 import ssl
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from core.sender import post_to_checked_url
 from core.ssrf import (
     WebhookURLRefused,
     address_refusal,
     check_webhook_url,
-    post_to_checked_url,
     resolve_webhook_url,
     use_resolver,
 )
+
+pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
 
 
 def _to_loopback(host: str, port: int) -> list[str]:
@@ -97,6 +101,24 @@ def test_unresolvable_host_is_refused_with_its_own_reason() -> None:
     assert info.value.reason == "unresolvable_host"
 
 
+def test_a_stalled_lookup_is_given_up_at_the_deadline() -> None:
+    release = threading.Event()
+
+    def stall(host: str, port: int) -> list[str]:
+        release.wait(10)  # a resolver that never answers (its own timeout is far away)
+        return ["93.184.216.34"]
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(WebhookURLRefused) as info:
+            resolve_webhook_url("http://slow-dns.example/", False, resolver=stall, deadline=t0 + 0.3)
+    finally:
+        release.set()
+    assert info.value.reason == "unresolvable_host" and "deadline" in str(info.value)
+    assert time.monotonic() - t0 < 1.0
+    assert resolve_webhook_url("http://slow-dns.example/", False, resolver=stall, deadline=t0 + 5).addresses
+
+
 def test_allow_private_sends_to_the_checked_address_with_original_host(make_receiver: Any) -> None:
     receiver = make_receiver()
     lookups: list[str] = []
@@ -139,8 +161,10 @@ def test_https_goes_to_the_checked_address_with_the_original_sni(make_receiver: 
     name = "hooks.customer.example"
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key)]
-        + ["-out", str(cert), "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+        [
+            *["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key)],
+            *["-out", str(cert), "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+        ],
         check=True,
         capture_output=True,
     )
@@ -157,7 +181,7 @@ def test_https_goes_to_the_checked_address_with_the_original_sni(make_receiver: 
 
     client_tls = ssl.create_default_context(cafile=str(cert))  # now trust it: the name must match too
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("core.ssrf._ssl_context", client_tls)
+        mp.setattr("core.sender._ssl_context", client_tls)
         trusted = post_to_checked_url(checked, b"{}", {}, timeout_s=5)
     assert trusted.status_code == 200, trusted.error
     assert server_names == [name, name]

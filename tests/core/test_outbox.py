@@ -14,7 +14,9 @@ from core.jobs import record_progress
 from core.records import Job
 from core.schema import jobs, webhook_deliveries, webhook_events
 from core.webhooks import enqueue_progress_event
-from tests.webhooks.conftest import start_job
+from tests.support.webhooks import start_job
+
+pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
 
 # Runs one state change in a transaction and dies (os._exit, no cleanup) before or after the commit.
 _CHILD = textwrap.dedent(
@@ -53,14 +55,14 @@ def _state(engine: Any, job_id: str) -> tuple[str, int]:
 @pytest.mark.parametrize("action", ["complete", "fail", "cancel"])
 @pytest.mark.parametrize("when", ["before_commit", "after_commit"])
 def test_state_change_and_event_commit_together(
-    engine: Any, settings: Any, tenant: Any, action: str, when: str
+    engine: Any, settings: Any, webhook_tenant: Any, action: str, when: str
 ) -> None:
-    job_id, attempt = start_job(engine, tenant["id"], webhook_url="https://hooks.example/in")
+    job_id, attempt = start_job(engine, webhook_tenant["id"], webhook_url="https://hooks.example/in")
     if action == "cancel":  # a queued job is canceled at once; put it back to queued
         with engine.begin() as conn:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(status="queued"))
     before = _state(engine, job_id)
-    args = [settings.database_url, action, job_id, str(attempt), tenant["id"], when]
+    args = [settings.database_url, action, job_id, str(attempt), webhook_tenant["id"], when]
     proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 9, proc.stderr
     status, events = _state(engine, job_id)
@@ -74,13 +76,17 @@ def test_state_change_and_event_commit_together(
             assert [d.status for d in delivery] == ["pending"]
 
 
-def test_progress_events_only_when_asked_and_throttled(engine: Any, tenant: Any) -> None:
-    quiet_id, quiet_attempt = start_job(engine, tenant["id"], webhook_url="https://hooks.example/in")
+def test_progress_events_only_when_asked_and_throttled(engine: Any, webhook_tenant: Any) -> None:
+    quiet_id, quiet_attempt = start_job(engine, webhook_tenant["id"], webhook_url="https://hooks.example/in")
     with engine.begin() as conn:
         record_progress(conn, quiet_id, quiet_attempt, stage="denoising", step=1, total_steps=4)
     events = ["job.progress", "job.succeeded"]
     job_id, attempt = start_job(
-        engine, tenant["id"], webhook_url="https://hooks.example/in", webhook_events=events, custom_id="row-2"
+        engine,
+        webhook_tenant["id"],
+        webhook_url="https://hooks.example/in",
+        webhook_events=events,
+        custom_id="row-2",
     )
     for step in range(1, 4):  # through the state machine, as the worker records progress
         with engine.begin() as conn:

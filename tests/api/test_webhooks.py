@@ -10,8 +10,10 @@ from sqlalchemy import update
 
 from core.auth import create_api_key, create_tenant
 from core.schema import webhook_deliveries
-from tests.webhooks.conftest import start_job, succeed_job
+from tests.support.webhooks import start_job, succeed_job
 from worker.delivery import deliver_due
+
+pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
 
 
 @pytest.fixture

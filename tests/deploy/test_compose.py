@@ -14,7 +14,7 @@ import yaml
 from core.settings import Settings
 from nexusgen.cli import main as cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 APP_SERVICES = {name: s for name, s in SERVICES.items() if s.get("image", "").startswith("nexusgen-batch")}
@@ -25,9 +25,13 @@ def settings_env_names() -> set[str]:
     tree = ast.parse((ROOT / "core" / "settings.py").read_text())
     names = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if re.fullmatch(r"[A-Z][A-Z0-9_]+", node.value) and "_" in node.value:
-                names.add(node.value)
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and re.fullmatch(r"[A-Z][A-Z0-9_]+", node.value)
+            and "_" in node.value
+        ):
+            names.add(node.value)
     return names
 
 

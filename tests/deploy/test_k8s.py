@@ -14,9 +14,9 @@ from core import jobs as sm
 from core.ids import new_id
 from core.schema import jobs, tenants
 from core.settings import TASKS
-from tests.test_compose import resolve, settings_env_names
+from tests.deploy.test_compose import resolve, settings_env_names
 
-K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text())
 DOCS: list[dict[str, Any]] = [
     doc

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
+from core.deliveries import claim_due
 from core.ids import new_id
 from core.schema import tenants, webhook_attempts, webhook_deliveries
 from core.settings import Settings
+from core.ssrf import use_resolver
 from core.webhooks import enqueue_event, new_secret
-from worker.delivery import claim_due, deliver_due, deliver_one
+from worker.delivery import deliver_due, deliver_one
+
+pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
 
 
 @pytest.fixture
@@ -23,46 +25,6 @@ def fast(settings: Any) -> Any:
     return settings.with_overrides(
         webhook_allow_private_networks=True, webhook_timeout_s=1.0, webhook_retry_schedule_s=(30.0, 60.0)
     )
-
-
-class Trickler:
-    """A receiver that reads the request, then sends its status line and headers a byte every `gap_s`."""
-
-    def __init__(self, gap_s: float = 0.25) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/trickle"
-        self.gap_s, self.accepted, self.closed = gap_s, 0, False
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while not self.closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
-
-    def _trickle(self, conn: socket.socket) -> None:
-        with conn:
-            conn.recv(65536)
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Padding: " + b"x" * 60 + b"\r\n\r\nok":
-                time.sleep(self.gap_s)
-                try:
-                    conn.sendall(bytes([byte]))
-                except OSError:
-                    return
-
-    def close(self) -> None:
-        self.closed = True
-        self.sock.close()
-
-
-@pytest.fixture
-def trickler() -> Iterator[Trickler]:
-    t = Trickler()
-    yield t
-    t.close()
 
 
 def _event(engine: Any, tenant_id: str, url: str, n: int = 0) -> str:
@@ -82,9 +44,10 @@ def _tenant(engine: Any) -> str:
 
 
 def test_a_trickling_receiver_is_cut_off_at_the_attempt_deadline(
-    engine: Any, fast: Any, tenant: Any, trickler: Trickler
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
-    _event(engine, tenant["id"], trickler.url)
+    trickler = make_receiver(trickle_s=0.25)  # each byte well inside the 1 s read timeout
+    _event(engine, webhook_tenant["id"], trickler.url)
     t0 = time.monotonic()
     counts = deliver_due(engine, fast)
     elapsed = time.monotonic() - t0
@@ -107,10 +70,10 @@ def test_the_claim_lock_outlasts_a_whole_attempt() -> None:
 
 
 def test_a_2xx_that_arrives_after_the_lease_was_lost_is_kept(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver(statuses=[200, 500])
-    _event(engine, tenant["id"], receiver.url)
+    _event(engine, webhook_tenant["id"], receiver.url)
     with engine.begin() as conn:
         (claimed,) = claim_due(conn, limit=1, lock_s=60)
     with engine.begin() as conn:  # the lease ran out and another worker claimed the delivery
@@ -131,12 +94,12 @@ def test_a_2xx_that_arrives_after_the_lease_was_lost_is_kept(
 
 
 def test_a_tenant_with_slow_receivers_behind_several_urls_leaves_slots_for_others(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     patient = fast.with_overrides(webhook_timeout_s=3.0)
     slow = [make_receiver(delay_s=2.0) for _ in range(3)]
     for i in range(12):  # older than the other tenant's event, so first in line by age
-        _event(engine, tenant["id"], slow[i % 3].url + f"/u{i % 3}", i)
+        _event(engine, webhook_tenant["id"], slow[i % 3].url + f"/u{i % 3}", i)
     other = _tenant(engine)
     quick = make_receiver()
     _event(engine, other, quick.url + "/quick", 99)
@@ -145,3 +108,48 @@ def test_a_tenant_with_slow_receivers_behind_several_urls_leaves_slots_for_other
     assert quick.received, "the other tenant's event was never delivered"
     assert quick.received[0].at - t0 < 1.0, "the other tenant waited for the slow one's slots"
     assert counts == {"succeeded": 13}
+
+
+def test_a_stalling_name_lookup_counts_against_the_attempt_deadline(
+    engine: Any, fast: Any, webhook_tenant: Any
+) -> None:
+    release = threading.Event()
+
+    def stall(host: str, port: int) -> list[str]:
+        release.wait(20)  # like a resolver whose server never answers
+        return ["127.0.0.1"]
+
+    _event(engine, webhook_tenant["id"], "http://hooks.stalling-dns.example/in")
+    t0 = time.monotonic()
+    try:
+        with use_resolver(stall):
+            counts = deliver_due(engine, fast)
+    finally:
+        release.set()
+    elapsed = time.monotonic() - t0
+    assert elapsed < 2.5, f"one attempt took {elapsed:.1f} s against a 1 s deadline"
+    assert counts == {"pending": 1}  # retried later like any failed attempt
+    with engine.connect() as conn:
+        delivery = conn.execute(select(webhook_deliveries)).mappings().one()
+    assert delivery["attempts"] == 1 and delivery["last_error"].startswith("unresolvable_host")
+    assert "deadline" in delivery["last_error"]
+
+
+def test_the_tenant_cap_holds_across_two_delivery_tasks(
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+) -> None:
+    patient = fast.with_overrides(webhook_timeout_s=3.0)
+    slow = [make_receiver(delay_s=1.0) for _ in range(3)]
+    for i in range(12):  # twelve endpoints of one tenant: only the tenant cap binds
+        _event(engine, webhook_tenant["id"], slow[i % 3].url + f"/u{i}", i)
+    counts: list[dict[str, int]] = []
+    tasks = [threading.Thread(target=lambda: counts.append(deliver_due(engine, patient))) for _ in range(2)]
+    for task in tasks:  # two webhook workers, each with 8 slots
+        task.start()
+    for task in tasks:
+        task.join(30)
+    # Each request is answered 1 s after it arrived: count the answers pending at every arrival.
+    arrivals = sorted(r.at for receiver in slow for r in receiver.received)
+    in_flight = max(sum(1 for b in arrivals if a - 1.0 < b <= a) for a in arrivals)
+    assert len(arrivals) == 12 and sum(c.get("succeeded", 0) for c in counts) == 12
+    assert in_flight <= 4, f"{in_flight} attempts of one tenant in flight at once (cap 4)"

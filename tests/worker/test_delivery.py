@@ -12,12 +12,15 @@ import pytest
 from sqlalchemy import select, update
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from core.deliveries import redeliver, retry_delay
 from core.schema import webhook_attempts, webhook_deliveries, webhook_endpoints, webhook_events
 from core.storage import Storage
-from core.webhooks import enqueue_event, redeliver, rotate_secret, sign_headers
-from tests.webhooks.conftest import start_job, succeed_job
-from tests.webhooks.receiver import free_port
-from worker.delivery import deliver_due, retry_delay
+from core.webhooks import enqueue_event, rotate_secret, sign_headers
+from nexusgen.embedded import free_port
+from tests.support.webhooks import start_job, succeed_job
+from worker.delivery import deliver_due
+
+pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
 
 
 @pytest.fixture
@@ -62,17 +65,17 @@ def _event(engine: Any, tenant_id: str, url: str, n: int = 0) -> str:
 
 
 def test_signed_job_event_verifies_with_standardwebhooks(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver()
     job_id, attempt = start_job(
-        engine, tenant["id"], webhook_url=receiver.url + "/hooks", metadata={"order": 7}
+        engine, webhook_tenant["id"], webhook_url=receiver.url + "/hooks", metadata={"order": 7}
     )
-    succeed_job(engine, job_id, attempt, tenant["id"])
+    succeed_job(engine, job_id, attempt, webhook_tenant["id"])
 
     assert deliver_due(engine, fast, storage=Storage.from_settings(fast)) == {"succeeded": 1}
     (request,) = receiver.received
-    payload = Webhook(tenant["webhook_secret"]).verify(request.body, request.headers)
+    payload = Webhook(webhook_tenant["webhook_secret"]).verify(request.body, request.headers)
     assert payload["type"] == "job.succeeded"
     assert set(payload) == {"type", "timestamp", "data"}
     data = payload["data"]
@@ -93,24 +96,26 @@ def test_signed_job_event_verifies_with_standardwebhooks(
     )
 
     with pytest.raises(WebhookVerificationError):
-        Webhook(tenant["webhook_secret"]).verify(
+        Webhook(webhook_tenant["webhook_secret"]).verify(
             request.body.replace(b"succeeded", b"failed"), request.headers
         )
     old = datetime.now(UTC) - timedelta(minutes=10)
-    old_headers = sign_headers([tenant["webhook_secret"]], event_id, request.body.decode(), timestamp=old)
+    old_headers = sign_headers(
+        [webhook_tenant["webhook_secret"]], event_id, request.body.decode(), timestamp=old
+    )
     with pytest.raises(WebhookVerificationError, match="too old"):
-        Webhook(tenant["webhook_secret"]).verify(request.body, old_headers)
+        Webhook(webhook_tenant["webhook_secret"]).verify(request.body, old_headers)
 
 
 def test_both_secrets_verify_during_rotation_overlap(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver()
-    old_secret = tenant["webhook_secret"]
+    old_secret = webhook_tenant["webhook_secret"]
     with engine.begin() as conn:
-        new_secret = rotate_secret(conn, tenant["id"], overlap_s=3600)
+        new_secret = rotate_secret(conn, webhook_tenant["id"], overlap_s=3600)
     assert new_secret.startswith("whsec_") and new_secret != old_secret
-    _event(engine, tenant["id"], receiver.url, 1)
+    _event(engine, webhook_tenant["id"], receiver.url, 1)
     deliver_due(engine, fast)
     (request,) = receiver.received
     assert len(request.headers["webhook-signature"].split(" ")) == 2
@@ -118,8 +123,8 @@ def test_both_secrets_verify_during_rotation_overlap(
     assert Webhook(new_secret).verify(request.body, request.headers)["data"]["id"] == "bat_1"
 
     with engine.begin() as conn:  # the overlap ends: only the new secret signs
-        newest = rotate_secret(conn, tenant["id"], overlap_s=0)
-    _event(engine, tenant["id"], receiver.url, 2)
+        newest = rotate_secret(conn, webhook_tenant["id"], overlap_s=0)
+    _event(engine, webhook_tenant["id"], receiver.url, 2)
     deliver_due(engine, fast)
     last = receiver.received[-1]
     assert len(last.headers["webhook-signature"].split(" ")) == 1
@@ -129,10 +134,10 @@ def test_both_secrets_verify_during_rotation_overlap(
 
 
 def test_receiver_down_then_up_same_webhook_id(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     port = free_port()
-    event_id = _event(engine, tenant["id"], f"http://127.0.0.1:{port}/in")
+    event_id = _event(engine, webhook_tenant["id"], f"http://127.0.0.1:{port}/in")
     assert deliver_due(engine, fast) == {"pending": 1}
     (delivery,) = _deliveries(engine)
     assert delivery["attempts"] == 1 and "connect" in delivery["last_error"]
@@ -147,7 +152,7 @@ def test_receiver_down_then_up_same_webhook_id(
     assert deliver_due(engine, fast) == {"succeeded": 1}
     assert [r.headers["webhook-id"] for r in receiver.received] == [event_id, event_id]
     for request in receiver.received:
-        Webhook(tenant["webhook_secret"]).verify(request.body, request.headers)
+        Webhook(webhook_tenant["webhook_secret"]).verify(request.body, request.headers)
     attempts = _attempts(engine, delivery["id"])
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
     assert attempts[0]["status_code"] is None and "connect" in attempts[0]["error"]
@@ -158,28 +163,28 @@ def test_receiver_down_then_up_same_webhook_id(
 
 
 def test_410_disables_the_endpoint_and_stops_its_deliveries(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver(statuses=[410])
-    _event(engine, tenant["id"], receiver.url, 1)
+    _event(engine, webhook_tenant["id"], receiver.url, 1)
     assert deliver_due(engine, fast) == {"disabled": 1}
     with engine.connect() as conn:
         endpoint = conn.execute(select(webhook_endpoints)).mappings().one()
     assert endpoint["disabled_at"] is not None and "410" in endpoint["disabled_reason"]
-    _event(engine, tenant["id"], receiver.url, 2)
+    _event(engine, webhook_tenant["id"], receiver.url, 2)
     assert deliver_due(engine, fast) == {}
     assert [d["status"] for d in _deliveries(engine)] == ["disabled", "disabled"]
     assert len(receiver.received) == 1
 
 
 def test_slow_receiver_times_out_without_blocking_others(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     patient = fast.with_overrides(webhook_timeout_s=2.0)
     slow = make_receiver(delay_s=6.0)
     quick = make_receiver()
-    _event(engine, tenant["id"], slow.url + "/slow", 1)
-    _event(engine, tenant["id"], quick.url + "/quick", 2)
+    _event(engine, webhook_tenant["id"], slow.url + "/slow", 1)
+    _event(engine, webhook_tenant["id"], quick.url + "/quick", 2)
     t0 = time.monotonic()
     counts = deliver_due(engine, patient)
     elapsed = time.monotonic() - t0
@@ -191,10 +196,10 @@ def test_slow_receiver_times_out_without_blocking_others(
 
 
 def test_dead_after_the_last_retry_then_redelivered(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver(statuses=[500, 500, 500, 200])
-    event_id = _event(engine, tenant["id"], receiver.url)
+    event_id = _event(engine, webhook_tenant["id"], receiver.url)
     statuses = []
     for _ in range(3):  # the first try and the two retries of the schedule
         _make_due(engine)
@@ -204,7 +209,7 @@ def test_dead_after_the_last_retry_then_redelivered(
     assert delivery["status"] == "dead" and delivery["attempts"] == 3 and delivery["last_status_code"] == 500
 
     with engine.begin() as conn:
-        row = redeliver(conn, tenant["id"], delivery["id"])
+        row = redeliver(conn, webhook_tenant["id"], delivery["id"])
         assert redeliver(conn, "ten_other", delivery["id"]) is None  # another tenant's delivery: not found
     assert row is not None and row["status"] == "pending" and row["attempts"] == 0
     assert deliver_due(engine, fast) == {"succeeded": 1}
@@ -213,13 +218,13 @@ def test_dead_after_the_last_retry_then_redelivered(
 
 
 def test_refused_at_delivery_time_is_recorded_without_connecting(
-    engine: Any, settings: Any, tenant: Any, make_receiver: Any, outside_connections: list[Any]
+    engine: Any, settings: Any, webhook_tenant: Any, make_receiver: Any, outside_connections: list[Any]
 ) -> None:
     strict = settings.with_overrides(webhook_allow_private_networks=False)
     listener = make_receiver()
-    _event(engine, tenant["id"], "http://10.0.0.1/hook", 1)
-    _event(engine, tenant["id"], listener.url + "/hook", 2)
-    _event(engine, tenant["id"], "http://169.254.169.254/latest/meta-data/", 3)
+    _event(engine, webhook_tenant["id"], "http://10.0.0.1/hook", 1)
+    _event(engine, webhook_tenant["id"], listener.url + "/hook", 2)
+    _event(engine, webhook_tenant["id"], "http://169.254.169.254/latest/meta-data/", 3)
     assert deliver_due(engine, strict) == {"refused": 3}
     errors = sorted(d["last_error"].split(":")[0] for d in _deliveries(engine))
     assert errors == ["loopback_address", "metadata_address", "private_address"]
@@ -237,19 +242,19 @@ def test_retry_schedule_spans_about_three_days(settings: Any) -> None:
 
 
 def test_new_events_are_picked_up_while_a_slow_attempt_is_in_flight(
-    engine: Any, fast: Any, tenant: Any, make_receiver: Any
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     patient = fast.with_overrides(webhook_timeout_s=2.5)
     slow = make_receiver(delay_s=3.0)
     quick = make_receiver()
-    _event(engine, tenant["id"], slow.url + "/slow", 1)
+    _event(engine, webhook_tenant["id"], slow.url + "/slow", 1)
     counts: dict[str, int] = {}
     runner = threading.Thread(target=lambda: counts.update(deliver_due(engine, patient, budget_s=6.0)))
     runner.start()  # as the Celery task runs it: claiming goes on while attempts are in flight
     while not slow.received:
         time.sleep(0.02)
     enqueued_at = time.monotonic()
-    _event(engine, tenant["id"], quick.url + "/quick", 2)
+    _event(engine, webhook_tenant["id"], quick.url + "/quick", 2)
     runner.join(timeout=15)
     assert not runner.is_alive()
     assert quick.received and quick.received[0].at - enqueued_at < 1.8  # before the slow one timed out

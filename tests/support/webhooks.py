@@ -1,4 +1,9 @@
-"""Fixtures for webhook tests: loopback receivers, a guard against any non-loopback connection, a tenant."""
+"""Fixtures for webhook tests in every package: loopback receivers, a guard against any non-loopback
+connection, a tenant with a signing secret, and helpers that start and finish a job.
+
+A pytest plugin (tests/conftest.py names it); a test module that wants the guard says
+`pytestmark = pytest.mark.usefixtures("outside_connections")`.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,10 @@ from core.jobs import bucket_key, claim_batch, complete_job
 from core.schema import jobs, tenants
 from core.storage import result_key
 from core.webhooks import new_secret
-from tests.webhooks.receiver import Behaviour, Receiver
+from nexusgen.receiver import Behaviour, WebhookReceiver
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def outside_connections(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Fail any Python-level connect() to a non-loopback address (tests must never leave the machine)."""
     attempts: list[Any] = []
@@ -40,12 +45,14 @@ def outside_connections(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 
 @pytest.fixture
-def make_receiver() -> Iterator[Callable[..., Receiver]]:
-    """Start receivers on loopback (`make_receiver(statuses=[500, 200], delay_s=...)`); closed afterwards."""
-    started: list[Receiver] = []
+def make_receiver() -> Iterator[Callable[..., WebhookReceiver]]:
+    """Start receivers on loopback (`make_receiver(statuses=[500, 200], delay_s=...)`, 200 by default:
+    nexusgen.receiver.Behaviour); closed afterwards."""
+    started: list[WebhookReceiver] = []
 
-    def make(host: str = "127.0.0.1", port: int = 0, tls: Any = None, **behaviour: Any) -> Receiver:
-        receiver = Receiver(host, Behaviour(**behaviour), port=port, tls=tls)
+    def make(host: str = "127.0.0.1", port: int = 0, tls: Any = None, **behaviour: Any) -> WebhookReceiver:
+        behaviour.setdefault("statuses", [200])
+        receiver = WebhookReceiver(None, Behaviour(**behaviour), host=host, port=port, tls=tls)
         started.append(receiver)
         return receiver
 
@@ -55,7 +62,7 @@ def make_receiver() -> Iterator[Callable[..., Receiver]]:
 
 
 @pytest.fixture
-def tenant(engine: Any, clean_db: Any) -> dict[str, str]:
+def webhook_tenant(engine: Any, clean_db: Any) -> dict[str, str]:
     """A tenant with a fresh signing secret, in an emptied database."""
     row = {"id": new_id("ten"), "name": f"acme-{new_id('n')}", "webhook_secret": new_secret()}
     with engine.begin() as conn:

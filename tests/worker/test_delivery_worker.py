@@ -16,7 +16,9 @@ from standardwebhooks import Webhook
 from core.queue import make_publisher
 from core.schema import webhook_attempts, webhook_deliveries
 from core.webhooks import publish_delivery_kick
-from tests.webhooks.conftest import start_job, succeed_job
+from tests.support.webhooks import start_job, succeed_job
+
+pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
 
 _WORKER = (
     "from core.queue import WEBHOOK_QUEUE; from core.settings import Settings; "
@@ -49,11 +51,11 @@ def webhook_worker(settings: Any, tmp_path: Any) -> Iterator[subprocess.Popen[by
 
 
 def test_worker_process_delivers_after_a_kick(
-    engine: Any, settings: Any, tenant: Any, make_receiver: Any, webhook_worker: Any, tmp_path: Any
+    engine: Any, settings: Any, webhook_tenant: Any, make_receiver: Any, webhook_worker: Any, tmp_path: Any
 ) -> None:
     receiver = make_receiver()
-    job_id, attempt = start_job(engine, tenant["id"], webhook_url=receiver.url + "/celery")
-    succeed_job(engine, job_id, attempt, tenant["id"])
+    job_id, attempt = start_job(engine, webhook_tenant["id"], webhook_url=receiver.url + "/celery")
+    succeed_job(engine, job_id, attempt, webhook_tenant["id"])
     publisher = make_publisher(settings)
     publish_delivery_kick(publisher)  # after the commit, as the worker does after finishing jobs
 
@@ -63,7 +65,7 @@ def test_worker_process_delivers_after_a_kick(
         time.sleep(0.2)
     assert receiver.received, (tmp_path / "worker.log").read_text()
     request = receiver.received[0]
-    payload = Webhook(tenant["webhook_secret"]).verify(request.body, request.headers)
+    payload = Webhook(webhook_tenant["webhook_secret"]).verify(request.body, request.headers)
     assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job_id
     assert payload["data"]["links"]["self"] == f"http://api.test:8080/v1/jobs/{job_id}"
 
