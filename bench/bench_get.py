@@ -422,16 +422,8 @@ def main() -> int:
         baseline = None
         if args.baseline:
             baseline = extract_revision(args.baseline, root / "baseline")
-            servers.append(
-                start_api(
-                    f"baseline {baseline}",
-                    root / "baseline",
-                    settings,
-                    args.workers,
-                    args.threads,
-                    root / "api-baseline.log",
-                )  # fmt: skip
-            )
+            name, log = f"baseline {baseline}", root / "api-baseline.log"
+            servers.append(start_api(name, root / "baseline", settings, args.workers, args.threads, log))
         servers.append(start_api("this tree", REPO, settings, args.workers, args.threads, root / "api.log"))
         for server in servers:  # warm every worker's pools and caches
             read(server, key, paths, 400, max(connections), pg_pid, args.client)

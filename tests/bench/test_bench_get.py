@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -14,7 +15,7 @@ from bench.bench_get import answer_size, run_reader
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
-    connections: set[int] = set()
+    connections: ClassVar[set[int]] = set()
 
     def do_GET(self) -> None:
         _Handler.connections.add(id(self.connection))
