@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from apiflask import APIBlueprint
@@ -17,7 +18,15 @@ from api.idempotency import Created, create_idempotently
 from api.jobs import load_owned, parse_json_body, render_jobs, require_content_type, require_id
 from api.schemas import BatchIn, BatchOut, BatchQuery, describes_body
 from core.ids import new_id
-from core.ingest import insert_jobs, missing_uploads, parse_jsonl, store_pending_uploads, validate_many
+from core.ingest import (
+    delete_pending_uploads,
+    insert_jobs,
+    insert_pending_uploads,
+    missing_uploads,
+    parse_jsonl,
+    put_pending_uploads,
+    validate_many,
+)
 from core.jobs import cancel_batch, count_by_status
 from core.limits import admit
 from core.records import JOB_RESULT_LINE_FIELDS, Batch, Job, JobStatus, batch_payload
@@ -59,10 +68,36 @@ def batch_options(query: dict[str, Any]) -> tuple[dict[str, Any] | None, Any]:
     return webhook, metadata
 
 
-def _parse_batch(
-    conn: Connection, tenant_id: str, settings: Settings, query: dict[str, Any]
-) -> tuple[list[JobDraft], dict[str, Any], tuple[str | None, list[str] | None]]:
-    """Validate the whole body; raise one SubmitError naming EVERY bad line (or index) if any."""
+@dataclass
+class ParsedBatch:
+    """A batch body validated before the transaction opens; `errors` are raised in it, together with the
+    upload ids that only the database can find missing."""
+
+    drafts: list[tuple[int, JobDraft]]
+    errors: list[dict[str, Any]]
+    metadata: dict[str, Any]
+    webhook: tuple[str | None, list[str] | None]
+    jsonl: bool
+    total: int
+
+    @property
+    def position(self) -> str:
+        return "line" if self.jsonl else "index"
+
+    def raise_errors(self, more: list[dict[str, Any]]) -> None:
+        """One SubmitError naming EVERY bad line (or index), if any."""
+        errors = sorted(self.errors + more, key=lambda e: e[self.position])
+        if errors:
+            raise SubmitError(
+                "invalid_jsonl" if self.jsonl else "invalid_batch",
+                f"{len(errors)} of {self.total} jobs are invalid; nothing was created",
+                {"errors": errors},
+            )
+
+
+def _parse_batch(settings: Settings, query: dict[str, Any]) -> ParsedBatch:
+    """Validate the whole body (webhook URLs resolved here, before any transaction), collecting the bad
+    lines; raise a SubmitError at once for a problem of the batch itself."""
     jsonl = request.mimetype in JSONL_TYPES
     position = "line" if jsonl else "index"
     raw_webhook, raw_metadata = batch_options(query)
@@ -96,15 +131,7 @@ def _parse_batch(
     numbered, invalid = validate_many(
         items, settings, position=position, require_custom_id=jsonl, inherited_webhook=webhook
     )
-    errors += invalid + missing_uploads(conn, tenant_id, numbered, position, settings.result_ttl_s)
-    if errors:
-        errors.sort(key=lambda e: e[position])
-        raise SubmitError(
-            "invalid_jsonl" if jsonl else "invalid_batch",
-            f"{len(errors)} of {total} jobs are invalid; nothing was created",
-            {"errors": errors},
-        )
-    return [draft for _, draft in numbered], metadata, webhook
+    return ParsedBatch(numbered, errors + invalid, metadata, webhook, jsonl, total)
 
 
 def _load_batch(conn: Connection, tenant_id: str, batch_id: str) -> Batch:
@@ -126,16 +153,26 @@ def create_batch(query: dict[str, Any]) -> Response:
     svc = services()
     require_content_type(*JSONL_TYPES)
 
-    def work(conn: Connection) -> Created:
-        drafts, metadata, (url, events) = _parse_batch(conn, principal.tenant_id, svc.settings, query)
-        batch_id = new_id("bat")
+    def prepare() -> ParsedBatch:  # no transaction is open: webhook DNS checks and image puts
+        parsed = _parse_batch(svc.settings, query)
+        if not parsed.errors:  # a batch with bad lines creates nothing: store no image for it
+            put_pending_uploads(
+                svc.storage, principal.tenant_id, (d.pending_upload for _, d in parsed.drafts)
+            )
+        return parsed
+
+    def work(conn: Connection, parsed: ParsedBatch) -> Created:
+        ttl_s = svc.settings.result_ttl_s
+        parsed.raise_errors(missing_uploads(conn, principal.tenant_id, parsed.drafts, parsed.position, ttl_s))
+        drafts = [draft for _, draft in parsed.drafts]
+        url, events = parsed.webhook
         row = (
             conn.execute(
                 batches.insert()
                 .values(
-                    id=batch_id,
+                    id=new_id("bat"),
                     tenant_id=principal.tenant_id,
-                    metadata=metadata,
+                    metadata=parsed.metadata,
                     webhook_url=url,
                     webhook_events=events,
                     total_jobs=len(drafts),
@@ -145,10 +182,10 @@ def create_batch(query: dict[str, Any]) -> Response:
             .mappings()
             .one()
         )
-        store_pending_uploads(conn, svc.storage, principal.tenant_id, drafts, svc.settings.result_ttl_s)
+        insert_pending_uploads(conn, principal.tenant_id, (d.pending_upload for d in drafts), ttl_s)
         # all or nothing; locks the tenant row, so no network I/O after this
         admission = admit(conn, principal.tenant_id, len(drafts), svc.settings)
-        wakeups = insert_jobs(conn, principal.tenant_id, batch_id, drafts)
+        wakeups = insert_jobs(conn, principal.tenant_id, row["id"], drafts)
         return Created(
             201,
             batch_payload(Batch.from_row(row), {JobStatus.QUEUED: len(drafts)}),
@@ -156,11 +193,14 @@ def create_batch(query: dict[str, Any]) -> Response:
             admission.headers(),
         )
 
+    def discard(parsed: ParsedBatch) -> None:
+        delete_pending_uploads(svc.storage, (d.pending_upload for _, d in parsed.drafts))
+
     # The query parameters are part of the request: the same body with another webhook is another request.
     fingerprint = request.get_data(cache=True)
     if request.query_string:
         fingerprint = request.query_string + b"\0" + fingerprint
-    return create_idempotently(principal.tenant_id, fingerprint, work)
+    return create_idempotently(principal.tenant_id, fingerprint, prepare, work, discard)
 
 
 @bp.get("/v1/batches/<batch_id>")

@@ -21,7 +21,13 @@ from api.errors import fail
 from api.idempotency import Created, create_idempotently
 from api.schemas import JobIn, JobListOut, JobListQuery, JobOut, describes_body
 from core.events import queue_position
-from core.ingest import job_row, missing_uploads, store_pending_uploads
+from core.ingest import (
+    delete_pending_uploads,
+    insert_pending_uploads,
+    job_row,
+    missing_uploads,
+    put_pending_uploads,
+)
 from core.jobs import cancel_job
 from core.limits import admit
 from core.records import (
@@ -36,7 +42,7 @@ from core.records import (
     result_payload,
 )
 from core.schema import batches, jobs, results
-from core.submit import SubmitError, parse_json, validate_job
+from core.submit import JobDraft, SubmitError, parse_json, validate_job
 
 bp = APIBlueprint("jobs", __name__, tag="Jobs")
 
@@ -124,12 +130,16 @@ def create_job() -> Response:
     require_content_type()
     body = request.get_data(cache=True)
 
-    def work(conn: Connection) -> Created:
+    def prepare() -> JobDraft:  # no transaction is open: the webhook's DNS check and the image's put
         draft = validate_job(parse_json_body(), svc.settings)
+        put_pending_uploads(svc.storage, principal.tenant_id, [draft.pending_upload])
+        return draft
+
+    def work(conn: Connection, draft: JobDraft) -> Created:
         missing = missing_uploads(conn, principal.tenant_id, [(0, draft)], "index", svc.settings.result_ttl_s)
         if missing:
             raise SubmitError(missing[0]["code"], missing[0]["message"])
-        store_pending_uploads(conn, svc.storage, principal.tenant_id, [draft], svc.settings.result_ttl_s)
+        insert_pending_uploads(conn, principal.tenant_id, [draft.pending_upload], svc.settings.result_ttl_s)
         admission = admit(conn, principal.tenant_id, 1, svc.settings)  # locks the tenant row: no I/O after
         row = (
             conn.execute(jobs.insert().values(job_row(principal.tenant_id, None, draft)).returning(*jobs.c))
@@ -139,7 +149,10 @@ def create_job() -> Response:
         created = render_jobs(conn, [Job.from_row(row)])[0]
         return Created(201, created, {(draft.task, draft.bucket)}, admission.headers())
 
-    return create_idempotently(principal.tenant_id, body, work)
+    def discard(draft: JobDraft) -> None:
+        delete_pending_uploads(svc.storage, [draft.pending_upload])
+
+    return create_idempotently(principal.tenant_id, body, prepare, work, discard)
 
 
 @bp.get("/v1/jobs/<job_id>")

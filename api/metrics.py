@@ -1,14 +1,16 @@
-"""Latency and batch-size histograms of recently finished jobs, computed from the database at scrape time."""
+"""Prometheus collectors that read the database at scrape time (`ScrapeCollector`), and the latency and
+batch-size histograms of recently finished jobs."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
+from typing import Any
 
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.schema import jobs
@@ -31,30 +33,53 @@ def _histogram(values: Iterable[float], bounds: tuple[float, ...]) -> tuple[list
     return buckets, total
 
 
-class RecentJobsCollector:
-    """Wait time, per-stage time and batch size of the jobs that finished in the last hour, per task."""
+class ScrapeCollector:
+    """A collector whose families are made from one read of the database per scrape, so every API process
+    reports the same truth. Subclasses give `read` (in one connection) and `families` (from its result);
+    when the database does not answer, `unavailable` is yielded instead (nothing by default: the
+    database gauge of api.ops reports the outage)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def describe(self) -> list[Metric]:
-        return []
+        return []  # nothing to query at registration time
+
+    def read(self, conn: Connection) -> Any:
+        raise NotImplementedError
+
+    def families(self, data: Any) -> Iterable[Metric]:
+        raise NotImplementedError
+
+    def unavailable(self) -> Iterable[Metric]:
+        return ()
 
     def collect(self) -> Iterator[Metric]:
         try:
             with self.engine.connect() as conn:
-                rows = conn.execute(
-                    select(
-                        jobs.c.task,
-                        func.extract("epoch", jobs.c.started_at - jobs.c.created_at),
-                        jobs.c.provenance,
-                    )
-                    .where(jobs.c.finished_at > func.now() - WINDOW, jobs.c.started_at.is_not(None))
-                    .order_by(jobs.c.finished_at.desc())
-                    .limit(MAX_ROWS)
-                ).all()
+                data = self.read(conn)
         except SQLAlchemyError:
-            return  # the database gauge of api.ops already reports the outage
+            yield from self.unavailable()
+            return
+        yield from self.families(data)
+
+
+class RecentJobsCollector(ScrapeCollector):
+    """Wait time, per-stage time and batch size of the jobs that finished in the last hour, per task."""
+
+    def read(self, conn: Connection) -> Any:
+        return conn.execute(
+            select(
+                jobs.c.task,
+                func.extract("epoch", jobs.c.started_at - jobs.c.created_at),
+                jobs.c.provenance,
+            )
+            .where(jobs.c.finished_at > func.now() - WINDOW, jobs.c.started_at.is_not(None))
+            .order_by(jobs.c.finished_at.desc())
+            .limit(MAX_ROWS)
+        ).all()
+
+    def families(self, rows: Any) -> Iterable[Metric]:
         waits: dict[str, list[float]] = {}
         stages: dict[tuple[str, str], list[float]] = {}
         sizes: dict[str, list[float]] = {}
@@ -85,4 +110,4 @@ class RecentJobsCollector:
         )
         for task, values in sorted(sizes.items()):
             batch.add_metric([task], *_histogram(values, BATCH_BUCKETS))
-        yield from (wait, stage, batch)
+        return (wait, stage, batch)

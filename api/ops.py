@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from apiflask import APIBlueprint
@@ -11,17 +11,15 @@ from flask import Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
-from sqlalchemy import Engine, func, select, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection, Engine, text
 
 from api.context import services
-from api.metrics import RecentJobsCollector
+from api.metrics import RecentJobsCollector, ScrapeCollector
 from api.usage import UsageCollector
-from core.counts import tally
+from core.counts import deliveries_by_status, tally
 from core.device_memory import FIELDS as DEVICE_MEMORY_FIELDS
 from core.device_memory import read_device_memory
 from core.records import TASKS, DeliveryStatus, JobStatus
-from core.schema import webhook_deliveries
 from core.settings import Settings
 
 bp = APIBlueprint("ops", __name__, tag="Operations")
@@ -33,20 +31,28 @@ _OLDEST = text(
 )
 
 
-class DatabaseCollector:
-    """Gauges read from the database at scrape time, so every API process reports the same truth.
+class DatabaseCollector(ScrapeCollector):
+    """Gauges of jobs, the queue and webhook deliveries.
 
-    Job counts come from the counters (core.counts), never from a count over job rows, so a scrape costs
-    the same at any depth.
+    Counts come from the counters (core.counts), never from a count over job or delivery rows, so a
+    scrape costs the same at any depth.
     """
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def read(self, conn: Connection) -> Any:
+        counts, queued = tally(conn)
+        ages = [
+            (task, conn.execute(_OLDEST, {"task": task}).scalar())
+            for task in sorted({t for t, _, _ in queued})
+        ]
+        return counts, queued, ages, deliveries_by_status(conn)
 
-    def describe(self) -> list[Metric]:
-        return []  # nothing to query at registration time
+    def unavailable(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily("nexusgen_metrics_database_up", "1 if the database answered this scrape.")
+        up.add_metric([], 0)
+        return (up,)
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self, data: Any) -> Iterable[Metric]:
+        counts, queued, ages, delivered = data
         by_status = GaugeMetricFamily("nexusgen_jobs", "Jobs by task and status.", labels=["task", "status"])
         depth = GaugeMetricFamily(
             "nexusgen_queue_depth",
@@ -60,25 +66,6 @@ class DatabaseCollector:
             "nexusgen_webhook_deliveries", "Webhook deliveries by status.", labels=["status"]
         )
         up = GaugeMetricFamily("nexusgen_metrics_database_up", "1 if the database answered this scrape.")
-        try:
-            with self.engine.connect() as conn:
-                counts, queued = tally(conn)
-                ages = [
-                    (task, conn.execute(_OLDEST, {"task": task}).scalar())
-                    for task in sorted({t for t, _, _ in queued})
-                ]
-                delivered: dict[str, int] = {
-                    status: int(n)
-                    for status, n in conn.execute(
-                        select(webhook_deliveries.c.status, func.count()).group_by(
-                            webhook_deliveries.c.status
-                        )
-                    ).all()
-                }
-        except SQLAlchemyError:
-            up.add_metric([], 0)
-            yield up
-            return
         up.add_metric([], 1)
         tasks = sorted({t for t, _ in counts} | set(TASKS))
         for task in tasks:
@@ -90,7 +77,7 @@ class DatabaseCollector:
             oldest.add_metric([task], float(age or 0))
         for delivery_status in sorted({s.value for s in DeliveryStatus} | set(delivered)):
             deliveries.add_metric([delivery_status], delivered.get(delivery_status, 0))
-        yield from (up, by_status, depth, oldest, deliveries)
+        return (up, by_status, depth, oldest, deliveries)
 
 
 class DeviceMemoryCollector:

@@ -15,9 +15,8 @@ from api.idempotency import Created, create_idempotently
 from api.schemas import UploadIn, UploadOut, describes_body, upload_json
 from core.ids import new_id
 from core.images import inspect_image
-from core.retention import retained_until
-from core.schema import uploads
-from core.storage import upload_key
+from core.ingest import delete_pending_uploads, insert_pending_uploads, put_pending_uploads
+from core.submit import PendingUpload
 
 bp = APIBlueprint("uploads", __name__, tag="Uploads")
 
@@ -37,32 +36,20 @@ def create_upload() -> Response:
     data = file.read(svc.settings.max_upload_bytes + 1)
     info = inspect_image(data, svc.settings)
 
-    def work(conn: Connection) -> Created:
-        upload_id = new_id("upl")
-        key = upload_key(principal.tenant_id, upload_id)
+    pending = PendingUpload(id=new_id("upl"), data=data, info=info)
+
+    def prepare() -> PendingUpload:  # the put happens before the transaction opens
         try:
-            digest = svc.storage.put_bytes(key, data, info.content_type)
+            put_pending_uploads(svc.storage, principal.tenant_id, [pending])
         except (S3Error, Urllib3Error, OSError) as exc:
             fail(503, "storage_unavailable", f"object storage did not take the image: {exc}")
-        row = (
-            conn.execute(
-                uploads.insert()
-                .values(
-                    id=upload_id,
-                    tenant_id=principal.tenant_id,
-                    object_key=key,
-                    content_type=info.content_type,
-                    size_bytes=len(data),
-                    sha256=digest,
-                    width=info.width,
-                    height=info.height,
-                    expires_at=retained_until(principal.tenant_id, svc.settings.result_ttl_s),
-                )
-                .returning(*uploads.c)
-            )
-            .mappings()
-            .one()
-        )
+        return pending
+
+    def work(conn: Connection, stored: PendingUpload) -> Created:
+        (row,) = insert_pending_uploads(conn, principal.tenant_id, [stored], svc.settings.result_ttl_s)
         return Created(201, upload_json(row))
 
-    return create_idempotently(principal.tenant_id, b"upload\0" + data, work)
+    def discard(stored: PendingUpload) -> None:
+        delete_pending_uploads(svc.storage, [stored])
+
+    return create_idempotently(principal.tenant_id, b"upload\0" + data, prepare, work, discard)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -10,12 +10,12 @@ from apiflask import APIBlueprint
 from flask import Response, jsonify
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
-from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection
 
 from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
+from api.metrics import ScrapeCollector
 from api.schemas import UsageOut, UsageQuery
 from core.usage import COUNTERS, summarize, totals_by_tenant
 
@@ -66,21 +66,13 @@ def get_usage(query: dict[str, Any]) -> Response:
     )
 
 
-class UsageCollector:
+class UsageCollector(ScrapeCollector):
     """Per-tenant usage counters at scrape time, from the running totals (a row per tenant and task)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def read(self, conn: Connection) -> Any:
+        return totals_by_tenant(conn)
 
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            with self.engine.connect() as conn:
-                rows = totals_by_tenant(conn)
-        except SQLAlchemyError:
-            return  # the database gauge of api.ops already reports the outage
+    def families(self, rows: Any) -> Iterable[Metric]:
         families = {
             "jobs": CounterMetricFamily(
                 "nexusgen_tenant_jobs",
@@ -99,4 +91,4 @@ class UsageCollector:
         for row in rows:
             for name, family in families.items():
                 family.add_metric([row["tenant"], row["task"]], float(row[name]))
-        yield from families.values()
+        return families.values()

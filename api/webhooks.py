@@ -136,7 +136,7 @@ def list_deliveries() -> dict[str, Any]:
 def redeliver_delivery(delivery_id: str) -> Response:
     tenant_id = current_principal().tenant_id
 
-    def work(conn: Connection) -> Created:
+    def work(conn: Connection, _: None) -> Created:
         try:
             row = redeliver(conn, tenant_id, delivery_id)
         except ValueError as exc:
@@ -146,7 +146,7 @@ def redeliver_delivery(delivery_id: str) -> Response:
         rows = conn.execute(_delivery_query().where(webhook_deliveries.c.id == delivery_id)).mappings().all()
         return Created(200, _with_attempts(conn, rows)[0])
 
-    response = create_idempotently(tenant_id, b"", work)
+    response = create_idempotently(tenant_id, b"", lambda: None, work, lambda _: None)
     try:  # after the commit; beat's poll delivers it anyway if the broker is away
         publish_delivery_kick(services().publisher())
     except (OperationalError, KombuError, OSError, RuntimeError) as exc:

@@ -13,11 +13,9 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,11 +23,9 @@ from typing import Any
 
 import httpx
 
-from bench.services import start_services
-from core.settings import Settings
+from bench.services import REPO, bench_root, start_gunicorn, start_services, stop_all
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ingest.json"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,22 +57,6 @@ def jsonl_body(n: int) -> bytes:
         }
         lines.append(json.dumps(spec, ensure_ascii=False))
     return ("\n".join(lines) + "\n").encode()
-
-
-def start_gunicorn(settings: Settings, workers: int, threads: int, log_path: Path) -> tuple[str, Any]:
-    from nexusgen import embedded
-
-    port = embedded.free_port()
-    env = dict(os.environ)
-    env.update(settings.to_env())
-    argv = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-k", "gthread", "--threads", str(threads),
-            "-b", f"127.0.0.1:{port}", "--timeout", "120", "api.app:create_app()"]  # fmt: skip
-    log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it until it stops
-    proc = subprocess.Popen(
-        argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    embedded.wait_for_port(port, 60, proc, "gunicorn")
-    return f"http://127.0.0.1:{port}", proc
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -132,8 +112,7 @@ def main() -> int:
         print(json.dumps(run_reader(*args.reader, ids, args.requests, args.concurrency)))
         return 0
 
-    root = Path(tempfile.mkdtemp(prefix="nexusgen-bench-ingest-"))
-    os.chmod(root, 0o755)  # the embedded Postgres runs as an unprivileged user
+    root = bench_root("nexusgen-bench-ingest-")
     settings, servers = start_services(root)
     api = None
     try:
@@ -205,15 +184,7 @@ def main() -> int:
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {RESULTS}")
     finally:
-        if api is not None:
-            api.terminate()
-            try:
-                api.wait(15)
-            except subprocess.TimeoutExpired:
-                api.kill()
-        for server in servers:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        stop_all(root, servers, api)
     return 0
 
 

@@ -4,7 +4,8 @@ Starts embedded Postgres, Redis and S3 and the real API under gunicorn, makes 50
 queue through the bulk path (10,000-line JSONL POSTs to /v1/batches, each from one tenant, lines spread
 over 20 buckets and 3 priorities). At each depth it times: a claim of 8 jobs of a known bucket
 (core.jobs.claim_batch, committed; the claimed jobs are put back afterwards, untimed), the worker's
-head-of-queue peek across buckets (core.fair_share.queue_head), the sweep's queries
+head-of-queue peek across buckets (core.jobs.peek_head), each beside the same done with the queries of
+before the queue rollups (bench.queue_before, taking turns on the same data), the sweep's queries
 (worker.sweeper.sweep_database) and a whole sweep with its wake-ups to the broker (worker.sweeper.sweep), one
 GET /metrics, and reports the ingestion rate of the fill POSTs that reached the depth. Before timing, it
 runs ANALYZE (what autovacuum does within a minute of a bulk load) and one sweep (which folds the
@@ -17,20 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.bench_ingest import percentile, start_gunicorn
+from bench.bench_ingest import percentile
 from bench.common import table, write_result
-from bench.services import start_services
+from bench.services import bench_root, start_gunicorn, start_services, stop_all
 
 TENANTS = 50
 SIZES = ((256, 256), (512, 512), (768, 768), (1024, 1024))
@@ -65,21 +63,32 @@ def jsonl(batch_no: int, lines: int) -> bytes:
 
 def timings(fn: Callable[[], Any], n: int) -> dict[str, float]:
     """Median and p99 milliseconds of `n` calls."""
-    ms = []
+    return interleaved({"fn": fn}, n)["fn"]
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], n: int) -> dict[str, dict[str, float]]:
+    """Median and p99 milliseconds of `n` calls of each function, taking turns (before beside now: the
+    machine's load moves both alike)."""
+    ms: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(n):
-        started = time.perf_counter()
-        fn()
-        ms.append((time.perf_counter() - started) * 1000)
-    return {"median_ms": round(statistics.median(ms), 2), "p99_ms": round(percentile(ms, 0.99), 2)}
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            ms[name].append((time.perf_counter() - started) * 1000)
+    return {
+        name: {"median_ms": round(statistics.median(v), 2), "p99_ms": round(percentile(v, 0.99), 2)}
+        for name, v in ms.items()
+    }
 
 
 def plans(engine: Any) -> dict[str, dict[str, float]]:
-    """EXPLAIN (ANALYZE, BUFFERS) of the queries behind claim, peek, sweep and /metrics: server time and
-    pages touched, which do not move with the machine's load as wall times do."""
+    """EXPLAIN (ANALYZE, BUFFERS) of the queries behind claim, peek, sweep and /metrics, before and now:
+    server time and pages touched, which do not move with the machine's load as wall times do."""
     from sqlalchemy import text
     from sqlalchemy.dialects import postgresql
 
-    from core.fair_share import oldest_ids, queue_head, queued_groups
+    from bench import queue_before
+    from core.fair_share import _PEEK_ANY, oldest_ids, queue_head
     from core.jobs import find_unclaimed_query
 
     def inline(stmt: Any) -> str:
@@ -89,24 +98,17 @@ def plans(engine: Any) -> dict[str, dict[str, float]]:
     with engine.begin() as conn:
         head = queue_head(conn, ["generate"])
         assert head is not None
-        heads = (
-            "SELECT b.bucket, h.created_at FROM unnest(ARRAY[:buckets]::varchar[]) AS b(bucket)"
-            " CROSS JOIN LATERAL (SELECT created_at, id FROM jobs WHERE status = 'queued'"
-            " AND cancel_requested IS false AND task = 'generate' AND bucket = b.bucket"
-            f" AND priority = {head.priority} AND tenant_id = '{head.tenant_id}'"
-            " ORDER BY created_at, id LIMIT 1) AS h ORDER BY h.created_at, h.id"
-        )
-        buckets = ",".join(
-            f"'{g.bucket}'" for g in queued_groups(conn, ["generate"]) if g.tenant_id == head.tenant_id
-        )
-        queries = {
-            "claim pick (8 of one group)": inline(oldest_ids(head, 8)),
-            "peek heads (one tenant's buckets)": heads.replace(":buckets", buckets),
-            "counters (groups of a task)": inline(_groups_query()),
-            "sweep search": inline(find_unclaimed_query("generate", 30, 100)),
+        peek = {"tasks": ["generate"], "bucket": None, "first": 1, "last": 1, "max_running": 0}
+        before = dict(peek, last=queue_before.TURNS_PER_READ)
+        queries: dict[str, tuple[Any, dict[str, Any]]] = {
+            "claim pick (8 of one group)": (text(inline(oldest_ids(head, 8))), {}),
+            "peek before: counters (4 turns)": (queue_before._URGENT, before),
+            "peek now: one statement (1 turn)": (_PEEK_ANY, peek),
+            "sweep search": (text(inline(find_unclaimed_query("generate", 30, 100))), {}),
         }
-        for name, sql in queries.items():
-            plan = conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}")).scalar_one()[0]
+        for name, (sql, params) in queries.items():
+            explain = text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql.text}")
+            plan = conn.execute(explain, params).scalar_one()[0]
             top = plan["Plan"]
             out[name] = {
                 "server_ms": round(plan["Execution Time"], 3),
@@ -116,25 +118,11 @@ def plans(engine: Any) -> dict[str, dict[str, float]]:
     return out
 
 
-def _groups_query() -> Any:
-    from sqlalchemy import func, select
-
-    from core.schema import job_counts
-
-    c = job_counts.c
-    return (
-        select(c.task, c.bucket, c.priority, c.tenant_id, func.sum(c.n))
-        .where(c.status == "queued", c.task == "generate")
-        .group_by(c.task, c.bucket, c.priority, c.tenant_id)
-        .having(func.sum(c.n) > 0)
-    )
-
-
 def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: int) -> dict[str, Any]:
     from sqlalchemy import text, update
 
-    from core.fair_share import queue_head
-    from core.jobs import bucket_key, claim_batch
+    from bench import queue_before
+    from core.jobs import bucket_key, claim_batch, peek_head
     from core.queue import make_publisher
     from core.schema import jobs
     from worker.sweeper import sweep, sweep_database
@@ -154,9 +142,19 @@ def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: in
             )
             assert len(rows) == 8, (bucket, len(rows))
 
+    def claim_before() -> None:
+        with engine.begin() as conn:
+            bucket = buckets[next(turn) % len(buckets)]
+            rows = queue_before.claim(conn, bucket, 8, "bench", 600)
+            assert len(rows) == 8, (bucket, len(rows))
+
     def peek() -> None:
         with engine.connect() as conn:
-            assert queue_head(conn, ["generate"], full_at=8, window_s=0.2) is not None
+            assert peek_head(conn, ["generate"], full_at=8, window_s=0.2) is not None
+
+    def peek_before() -> None:
+        with engine.connect() as conn:
+            assert queue_before.peek(conn, ["generate"], full_at=8, window_s=0.2) is not None
 
     publisher = make_publisher(settings)
     metrics = httpx.Client(base_url=base_url, timeout=60)
@@ -169,8 +167,8 @@ def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: in
     sweep(engine, publisher, settings)  # fold the fill's counter rows, as beat does every 15 s
     result: dict[str, Any] = {
         "plans": plans(engine),
-        "claim": timings(claim, samples),
-        "peek": timings(peek, samples),
+        **interleaved({"claim_before": claim_before, "claim": claim}, samples),
+        **interleaved({"peek_before": peek_before, "peek": peek}, samples),
         "sweep": timings(lambda: sweep_database(engine, settings), scrapes),
         "sweep_with_wakeups": timings(lambda: sweep(engine, publisher, settings), scrapes),
         "metrics": timings(scrape, scrapes),
@@ -188,8 +186,7 @@ def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: in
 def main() -> int:
     args = parse_args()
     depths = [int(d) for d in args.depths.split(",")]
-    root = Path(tempfile.mkdtemp(prefix="fair-bench-queue-"))
-    os.chmod(root, 0o755)  # the embedded Postgres runs as an unprivileged user
+    root = bench_root("nexusgen-bench-queue-")
     settings, servers = start_services(root)
     api = None
     results: list[dict[str, Any]] = []
@@ -230,15 +227,12 @@ def main() -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
         client.close()
-        header = ["queued", "claim med/p99 ms", "peek med/p99 ms", "sweep med/p99 ms",
-                  "sweep+wakeups med/p99 ms", "/metrics med/p99 ms", "ingest jobs/s", "load 1m"]  # fmt: skip
+        columns = ("claim_before", "claim", "peek_before", "peek", "sweep", "sweep_with_wakeups", "metrics")
+        header = ["queued", *(f"{c} med/p99 ms" for c in columns), "ingest jobs/s", "load 1m"]
         rows = [
             [
                 r["depth"],
-                *(
-                    f"{r[k]['median_ms']}/{r[k]['p99_ms']}"
-                    for k in ("claim", "peek", "sweep", "sweep_with_wakeups", "metrics")
-                ),
+                *(f"{r[k]['median_ms']}/{r[k]['p99_ms']}" for k in columns),
                 r["ingest_jobs_per_s"],
                 r["loadavg"][0],
             ]
@@ -265,12 +259,7 @@ def main() -> int:
             },
         )
     finally:
-        if api is not None:
-            api.terminate()
-            api.wait(15)
-        for server in servers:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        stop_all(root, servers, api)
     return 0
 
 

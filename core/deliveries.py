@@ -17,7 +17,8 @@ still holds it, a 2xx whatever became of the lease. The worker (worker/delivery.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Mapping
+from collections import Counter
+from collections.abc import Collection
 from datetime import timedelta
 from typing import Any
 
@@ -29,6 +30,7 @@ from core.sender import SendOutcome
 
 PER_ENDPOINT_LIMIT = 4  # attempts in flight to one endpoint
 PER_TENANT_LIMIT = 4  # attempts in flight for one tenant (the other slots stay free for other tenants)
+_CLAIM_LOCK = "nexusgen.webhook_claim"  # advisory lock key (hashed) that serialises claims
 
 
 def retry_delay(schedule: tuple[float, ...], attempts: int, rng: random.Random | None = None) -> float | None:
@@ -50,22 +52,42 @@ def next_status(
     return (DeliveryStatus.PENDING if delay is not None else DeliveryStatus.DEAD), delay
 
 
+def _in_flight(conn: Connection) -> tuple[dict[str, int], dict[str, int]]:
+    """Attempts in flight now, by any worker: (per endpoint, per tenant).
+
+    In flight = pending with a live lease. A leased delivery was due when claimed and its
+    next_attempt_at moves only when the attempt is recorded, so the due index bounds the scan.
+    """
+    rows = conn.execute(
+        select(webhook_deliveries.c.endpoint_id, webhook_deliveries.c.tenant_id, func.count())
+        .where(
+            webhook_deliveries.c.status == DeliveryStatus.PENDING,
+            webhook_deliveries.c.next_attempt_at <= func.now(),
+            webhook_deliveries.c.locked_until > func.now(),
+        )
+        .group_by(webhook_deliveries.c.endpoint_id, webhook_deliveries.c.tenant_id)
+    ).all()
+    per_endpoint: Counter[str] = Counter()
+    per_tenant: Counter[str] = Counter()
+    for endpoint_id, tenant_id, n in rows:
+        per_endpoint[endpoint_id] += n
+        per_tenant[tenant_id] += n
+    return per_endpoint, per_tenant
+
+
 def claim_due(
-    conn: Connection,
-    *,
-    limit: int,
-    lock_s: float,
-    exclude: Collection[str] = (),
-    busy_endpoints: Mapping[str, int] | None = None,
-    busy_tenants: Mapping[str, int] | None = None,
+    conn: Connection, *, limit: int, lock_s: float, exclude: Collection[str] = ()
 ) -> list[RowMapping]:
     """Lease up to `limit` due pending deliveries with their event and endpoint, fairly between tenants.
 
     Candidates are taken round robin across tenants (each tenant's oldest due first), at most
-    PER_ENDPOINT_LIMIT per endpoint and PER_TENANT_LIMIT per tenant counting the attempts already in
-    flight (`busy_endpoints`, `busy_tenants`): one tenant with slow receivers, even behind several URLs,
-    cannot take every slot. `exclude` skips deliveries already tried by the caller.
+    PER_ENDPOINT_LIMIT per endpoint and PER_TENANT_LIMIT per tenant counting the attempts every worker
+    has in flight: one tenant with slow receivers, even behind several URLs and several webhook
+    workers, cannot take every slot. Claims are serialised by a transaction-scoped advisory lock, so the
+    count each claim reads includes every claim committed before it (a claim takes milliseconds).
+    `exclude` skips deliveries already tried by the caller.
     """
+    conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(_CLAIM_LOCK, 0))))
     due = [
         webhook_deliveries.c.status == DeliveryStatus.PENDING,
         webhook_deliveries.c.next_attempt_at <= func.now(),
@@ -88,18 +110,15 @@ def claim_due(
         .limit(limit * 4)
         .with_for_update(of=webhook_deliveries, skip_locked=True)
     )
-    per_endpoint: dict[str, int] = dict(busy_endpoints or {})
-    per_tenant: dict[str, int] = dict(busy_tenants or {})
+    per_endpoint, per_tenant = _in_flight(conn)
     chosen: list[str] = []
     for delivery_id, endpoint_id, tenant_id in conn.execute(query).all():
         if len(chosen) >= limit:
             break
-        if per_endpoint.get(endpoint_id, 0) >= PER_ENDPOINT_LIMIT:
+        if per_endpoint[endpoint_id] >= PER_ENDPOINT_LIMIT or per_tenant[tenant_id] >= PER_TENANT_LIMIT:
             continue
-        if per_tenant.get(tenant_id, 0) >= PER_TENANT_LIMIT:
-            continue
-        per_endpoint[endpoint_id] = per_endpoint.get(endpoint_id, 0) + 1
-        per_tenant[tenant_id] = per_tenant.get(tenant_id, 0) + 1
+        per_endpoint[endpoint_id] += 1
+        per_tenant[tenant_id] += 1
         chosen.append(delivery_id)
     if not chosen:
         return []

@@ -10,7 +10,6 @@ depth: the counters of core.counts and index probes of ix_jobs_queue (one group'
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,10 +37,12 @@ class Group:
 @dataclass(frozen=True)
 class Head(Group):
     """The group a claim would take next, with the jobs its bucket offers a batch (`available`, every
-    tenant and priority) and how long its oldest job has waited."""
+    tenant and priority), how long its oldest job has waited and its tenant's max_running (0: none;
+    None: not known)."""
 
     available: int = 0
     age_s: float = 0.0
+    max_running: int | None = None
 
 
 def queued_groups(conn: Connection, tasks: Sequence[str], bucket: str | None = None) -> list[Group]:
@@ -72,46 +73,96 @@ def queued_groups(conn: Connection, tasks: Sequence[str], bucket: str | None = N
     return [Group(task, b, int(p), tenant, int(n), served) for task, b, p, tenant, n, served in rows]
 
 
-# The oldest queued job of each of one tenant's buckets at one priority: one index probe per bucket.
-_HEADS = text(
-    """
-    SELECT b.bucket, extract(epoch FROM now() - h.enqueued_at) AS age_s
-    FROM unnest(CAST(:buckets AS varchar[])) AS b(bucket)
-    CROSS JOIN LATERAL (
-        SELECT created_at, enqueued_at, id FROM jobs
-        WHERE status = 'queued' AND cancel_requested IS false AND task = :task AND bucket = b.bucket
-          AND priority = :priority AND tenant_id = :tenant_id
-        ORDER BY created_at, id LIMIT 1
-    ) AS h
-    ORDER BY h.created_at, h.id
-    """
-)
-
-
-# The groups at the most urgent priority with queued jobs, in turn order (`turn` 1 = the tenant served
-# longest ago or never), with what their bucket offers a batch; `turn` between :first and :last only, so a
-# peek reads a few tenants' groups however many tenants wait.
-_URGENT = text(
-    """
-    WITH g AS (
-        SELECT task, bucket, priority, tenant_id, sum(n) AS queued FROM job_counts
-        WHERE status = 'queued' AND task = ANY(CAST(:tasks AS varchar[]))
-          AND (CAST(:bucket AS varchar) IS NULL OR bucket = :bucket)
-        GROUP BY 1, 2, 3, 4 HAVING sum(n) > 0
-    ), available AS (
-        SELECT task, bucket, sum(queued) AS available FROM g GROUP BY 1, 2
+# The groups of a page of turns at the most urgent priority, with the age of each group's oldest job and
+# what its bucket offers a batch, in turn order, then by age within a tenant. One statement per page:
+# - `t`: tenants with queued jobs, from a rollup (`queue_tenants`, or job_counts' keys of one bucket: up to
+#   150 keys at 50 tenants and 3 priorities), less those at their max_running (`full`, from job_counts'
+#   running keys of the tenants that have a limit), so a lower priority runs while the urgent one's
+#   tenants are all at their limit;
+# - `urgent`: their turn order (`turn` 1 = served longest ago or never) at the most urgent priority;
+# - `g`: the groups of the page's tenants (ix_job_counts_tenant), `available` per bucket (`queue_buckets`),
+#   and each group's oldest job (one probe of ix_jobs_queue per group).
+# So a peek sums a few hundred counter rows and probes a page's groups, however many jobs and keys wait.
+_PEEK = """
+    WITH full_tenants AS (
+        SELECT r.tenant_id FROM tenants AS tn JOIN job_counts AS r ON r.tenant_id = tn.id
+        WHERE r.status = 'running' AND coalesce(tn.max_running, :max_running) > 0
+        GROUP BY r.tenant_id, tn.max_running HAVING sum(r.n) >= coalesce(tn.max_running, :max_running)
+    ), t AS (
+        SELECT task, priority, tenant_id FROM ({tenants}) AS k
+        WHERE tenant_id NOT IN (SELECT tenant_id FROM full_tenants)
     ), urgent AS (
-        SELECT g.*, a.available, t.served_at,
-               dense_rank() OVER (ORDER BY t.served_at NULLS FIRST, g.tenant_id, g.task) AS turn
-        FROM g JOIN available AS a USING (task, bucket)
-        LEFT JOIN tenant_turns AS t USING (task, tenant_id)
-        WHERE g.priority = (SELECT max(priority) FROM g)
+        SELECT t.task, t.tenant_id, t.priority, s.served_at,
+               coalesce(tn.max_running, :max_running) AS max_running,
+               dense_rank() OVER (ORDER BY s.served_at NULLS FIRST, t.tenant_id, t.task) AS turn
+        FROM t LEFT JOIN tenant_turns AS s USING (task, tenant_id)
+        LEFT JOIN tenants AS tn ON tn.id = t.tenant_id
+        WHERE t.priority = (SELECT max(priority) FROM t)
+    ), chosen AS (
+        SELECT * FROM urgent WHERE turn BETWEEN :first AND :last
+    ), g AS (
+        SELECT c.task, c.bucket, c.priority, c.tenant_id, sum(c.n) AS queued
+        FROM job_counts AS c JOIN chosen USING (task, tenant_id, priority)
+        WHERE c.status = 'queued' {in_bucket}
+        GROUP BY 1, 2, 3, 4 HAVING sum(c.n) > 0
+    ), available AS (
+        SELECT task, bucket, sum(n) AS available FROM queue_buckets
+        WHERE (task, bucket) IN (SELECT task, bucket FROM g) GROUP BY 1, 2
     )
-    SELECT task, bucket, priority, tenant_id, queued, served_at, available, turn FROM urgent
-    WHERE turn BETWEEN :first AND :last ORDER BY turn, bucket
-    """
+    SELECT g.task, g.bucket, g.priority, g.tenant_id, g.queued, chosen.served_at, a.available,
+           extract(epoch FROM now() - h.enqueued_at) AS age_s, chosen.max_running, chosen.turn
+    FROM g JOIN chosen USING (task, tenant_id, priority) JOIN available AS a USING (task, bucket)
+    LEFT JOIN LATERAL (
+        SELECT j.created_at, j.enqueued_at, j.id FROM jobs AS j
+        WHERE j.status = 'queued' AND j.cancel_requested IS false AND j.task = g.task
+          AND j.bucket = g.bucket AND j.priority = g.priority AND j.tenant_id = g.tenant_id
+        ORDER BY j.created_at, j.id LIMIT 1
+    ) AS h ON true
+    ORDER BY chosen.turn, h.created_at, h.id
+"""
+_PEEK_ANY = text(
+    _PEEK.format(
+        tenants="SELECT task, priority, tenant_id FROM queue_tenants"
+        " WHERE task = ANY(CAST(:tasks AS varchar[])) GROUP BY 1, 2, 3 HAVING sum(n) > 0",
+        in_bucket="",
+    )
 )
-TURNS_PER_READ = 4
+_PEEK_IN_BUCKET = text(
+    _PEEK.format(
+        tenants="SELECT task, priority, tenant_id FROM job_counts WHERE status = 'queued'"
+        " AND task = ANY(CAST(:tasks AS varchar[])) AND bucket = :bucket GROUP BY 1, 2, 3 HAVING sum(n) > 0",
+        in_bucket="AND c.bucket = :bucket",
+    )
+)
+# Turns read per statement: the first alone (a claim at depth needs no more), then a few at a time.
+PAGES = (1, 4)
+
+
+def urgent_heads(
+    conn: Connection,
+    tasks: Sequence[str],
+    bucket: str | None,
+    first: int,
+    last: int,
+    max_running: int = 0,
+) -> list[tuple[int, Head | None]]:
+    """(turn, group) for the turns `first`..`last` at the most urgent priority (tenants at their
+    max_running, `max_running` unless set per tenant, passed over), in turn order, then oldest first;
+    None for a group without a claimable job (claimed since it was counted)."""
+    query = _PEEK_ANY if bucket is None else _PEEK_IN_BUCKET
+    rows = conn.execute(
+        query,
+        {"tasks": list(tasks), "bucket": bucket, "first": first, "last": last, "max_running": max_running},
+    ).all()
+    return [
+        (
+            int(turn),
+            None
+            if age is None
+            else Head(task, b, int(p), tenant, int(n), served, int(available), max(0.0, float(age)), limit),
+        )
+        for task, b, p, tenant, n, served, available, age, limit, turn in rows
+    ]
 
 
 def queue_head(
@@ -121,49 +172,31 @@ def queue_head(
     *,
     full_at: int | None = None,
     window_s: float = 0.0,
-    skip_tenants: Sequence[str] = (),
+    max_running: int = 0,
 ) -> Head | None:
     """The group the next claim of `tasks` (in `bucket` if given) takes, without locking anything.
 
     The tenant whose turn it is at the most urgent priority, and of its groups the one holding its
-    oldest job. With `full_at`, a group is ready when its bucket offers that many jobs or its oldest job
-    waited `window_s`; tenants with no ready group are passed over (they wait for batch mates), and if
-    no group is ready the one that waited longest comes back, for the caller to wait on. Groups of
-    `skip_tenants` are passed over.
+    oldest job; tenants at their max_running (`max_running` unless set per tenant; 0: none) are passed
+    over. With `full_at`, a group is ready when its bucket offers that many jobs or its oldest job waited
+    `window_s`; tenants with no ready group are passed over (they wait for batch mates), and if no group
+    is ready the one that waited longest comes back, for the caller to wait on.
     """
     fallback: Head | None = None
-    first = 1
+    first, page = 1, 0
     while True:
-        rows = conn.execute(
-            _URGENT,
-            {"tasks": list(tasks), "bucket": bucket, "first": first, "last": first + TURNS_PER_READ - 1},
-        ).all()
+        last = first + PAGES[min(page, len(PAGES) - 1)] - 1
+        rows = urgent_heads(conn, tasks, bucket, first, last, max_running)
         if not rows:
             return fallback
-        by_turn: dict[int, list[Head]] = {}
-        for task, b, priority, tenant_id, queued, served_at, available, turn in rows:
-            group = Head(task, b, int(priority), tenant_id, int(queued), served_at, int(available))
-            by_turn.setdefault(int(turn), []).append(group)
-        for groups in by_turn.values():
-            if groups[0].tenant_id in skip_tenants:  # at its max_running (core.limits): its jobs wait
+        for _turn, head in rows:
+            if head is None:
                 continue
-            mine = {g.bucket: g for g in groups}
-            heads = conn.execute(
-                _HEADS,
-                {
-                    "buckets": list(mine),
-                    "task": groups[0].task,
-                    "priority": groups[0].priority,
-                    "tenant_id": groups[0].tenant_id,
-                },
-            ).all()
-            for head_bucket, age_s in heads:
-                head = dataclasses.replace(mine[head_bucket], age_s=max(0.0, float(age_s)))
-                if full_at is None or head.available >= full_at or head.age_s >= window_s:
-                    return head
-                if fallback is None or head.age_s > fallback.age_s:
-                    fallback = head
-        first += TURNS_PER_READ
+            if full_at is None or head.available >= full_at or head.age_s >= window_s:
+                return head
+            if fallback is None or head.age_s > fallback.age_s:
+                fallback = head
+        first, page = last + 1, page + 1
 
 
 def fill_order(conn: Connection, head: Group) -> list[Group]:

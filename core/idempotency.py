@@ -1,7 +1,8 @@
 """Idempotency-Key handling: the key row is inserted first, in the same transaction as the work it guards.
 
-A second request with the same key waits on the first one's uncommitted row (unique primary key), then
-finds the stored response and replays it, so concurrent retries never create work twice. A failed
+A key already answered is looked up first (`lookup`), before the request's work is prepared. A second
+request with the same key that gets past that waits on the first one's uncommitted row (unique primary
+key), then finds the stored response and replays it, so concurrent retries never create work twice. A failed
 request rolls back its key row with everything else, so the client may retry.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, RowMapping, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from core.schema import idempotency_keys
@@ -40,6 +41,24 @@ def request_hash(method: str, path: str, body: bytes) -> str:
 
 def valid_key(key: str) -> bool:
     return 1 <= len(key) <= MAX_KEY_CHARS and key.isprintable()
+
+
+def lookup(conn: Connection, tenant_id: str, key: str, req_hash: str, ttl_s: int) -> StoredResponse | None:
+    """The stored response of a key already answered (None: not yet, or expired), read before any work
+    is prepared, so that a replay does no validation, DNS check or upload. Raises IdempotencyConflict when
+    the key was used with a different request."""
+    row = (
+        conn.execute(
+            select(idempotency_keys).where(
+                idempotency_keys.c.tenant_id == tenant_id,
+                idempotency_keys.c.key == key,
+                idempotency_keys.c.created_at >= func.now() - timedelta(seconds=ttl_s),
+            )
+        )
+        .mappings()
+        .first()
+    )
+    return None if row is None else _stored(row, req_hash)
 
 
 def begin(conn: Connection, tenant_id: str, key: str, req_hash: str, ttl_s: int) -> StoredResponse | None:
@@ -73,6 +92,10 @@ def begin(conn: Connection, tenant_id: str, key: str, req_hash: str, ttl_s: int)
     )
     if row is None:  # expired and purged between the two statements: treat as new on the client's retry
         raise IdempotencyConflict("the idempotency key expired while this request was served; retry")
+    return _stored(row, req_hash)
+
+
+def _stored(row: RowMapping, req_hash: str) -> StoredResponse:
     if row["request_hash"] != req_hash:
         raise IdempotencyConflict("this Idempotency-Key was used with a different request")
     return StoredResponse(status=int(row["response_status"]), body=row["response_body"])

@@ -1,24 +1,27 @@
 """Bulk ingestion: parse JSONL, validate many specs collecting EVERY error, store inline images, COPY jobs.
 
-Used by POST /v1/jobs and POST /v1/batches inside one transaction; wake-ups are published by the
-caller after the commit.
+Used by POST /v1/jobs, /v1/batches and /v1/uploads: validation and object puts before the transaction
+opens (api.idempotency), rows in it; wake-ups are published by the caller after the commit.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, RowMapping, select
 
 from core.ids import new_id
 from core.retention import keep_uploads, retained_until
 from core.schema import uploads
 from core.settings import Settings
 from core.storage import Storage, upload_key
-from core.submit import JobDraft, SubmitError, parse_json, validate_job
+from core.submit import JobDraft, PendingUpload, SubmitError, parse_json, validate_job
+
+log = logging.getLogger(__name__)
 
 INSERT_CHUNK = 1000
 _JSONB_COLUMNS = frozenset({"params", "metadata"})
@@ -120,36 +123,65 @@ def missing_uploads(
     return errors
 
 
-def store_pending_uploads(
-    conn: Connection, storage: Storage, tenant_id: str, drafts: Iterable[JobDraft], ttl_s: float
-) -> int:
-    """Put inline images into object storage and insert their upload rows (before the jobs that use them)."""
-    rows = []
-    expires_at = None
-    for draft in drafts:
-        pending = draft.pending_upload
-        if pending is None:
+def put_pending_uploads(storage: Storage, tenant_id: str, uploads_: Iterable[PendingUpload | None]) -> int:
+    """Put inline images (None: a job without one) into object storage, before any transaction opens
+    (network I/O); if one put fails, the ones already put are deleted. Returns how many were put."""
+    pending = [upload for upload in uploads_ if upload is not None]
+    try:
+        for upload in pending:
+            key = upload_key(tenant_id, upload.id)
+            upload.sha256 = storage.put_bytes(key, upload.data, upload.info.content_type)
+            upload.object_key = key
+    except BaseException:
+        delete_pending_uploads(storage, pending)
+        raise
+    return len(pending)
+
+
+def delete_pending_uploads(storage: Storage, pending: Iterable[PendingUpload | None]) -> None:
+    """Delete the stored inline images of a request that created nothing (failed, or was a replay).
+
+    Best effort: a failed delete is logged, and the request's own outcome stands."""
+    for upload in pending:
+        if upload is None or upload.object_key is None:
             continue
-        if expires_at is None:  # one value for every row (executemany takes no SQL expressions)
-            expires_at = conn.execute(select(retained_until(tenant_id, ttl_s))).scalar_one()
-        key = upload_key(tenant_id, pending.id)
-        digest = storage.put_bytes(key, pending.data, pending.info.content_type)
-        rows.append(
-            {
-                "id": pending.id,
-                "tenant_id": tenant_id,
-                "object_key": key,
-                "content_type": pending.info.content_type,
-                "size_bytes": len(pending.data),
-                "sha256": digest,
-                "width": pending.info.width,
-                "height": pending.info.height,
-                "expires_at": expires_at,
-            }
-        )
+        try:
+            storage.delete(upload.object_key)
+        except Exception:  # the answer to the client matters more than one orphaned object
+            log.warning(
+                "could not delete %s of a request that created nothing", upload.object_key, exc_info=True
+            )
+        upload.object_key = None
+
+
+def insert_pending_uploads(
+    conn: Connection, tenant_id: str, uploads_: Iterable[PendingUpload | None], ttl_s: float
+) -> list[RowMapping]:
+    """Insert the upload rows of stored inline images (before the jobs that use them); returns the rows."""
+    pending = [upload for upload in uploads_ if upload is not None]
+    if not pending:
+        return []
+    # one value for every row (executemany takes no SQL expressions)
+    expires_at = conn.execute(select(retained_until(tenant_id, ttl_s))).scalar_one()
+    rows = [
+        {
+            "id": upload.id,
+            "tenant_id": tenant_id,
+            "object_key": upload.object_key,
+            "content_type": upload.info.content_type,
+            "size_bytes": len(upload.data),
+            "sha256": upload.sha256,
+            "width": upload.info.width,
+            "height": upload.info.height,
+            "expires_at": expires_at,
+        }
+        for upload in pending
+    ]
+    inserted: list[RowMapping] = []
     for start in range(0, len(rows), INSERT_CHUNK):
-        conn.execute(uploads.insert(), rows[start : start + INSERT_CHUNK])
-    return len(rows)
+        result = conn.execute(uploads.insert().returning(*uploads.c), rows[start : start + INSERT_CHUNK])
+        inserted += result.mappings().all()
+    return inserted
 
 
 def job_row(

@@ -15,10 +15,10 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, Select, and_, exists, func, select, update
 
 from core.counts import queued_tasks
-from core.events import log_states
+from core.events import log_claimed, log_states
 from core.fair_share import Group, Head, fill_order, oldest_ids, queue_head, turn_taken
 from core.ids import new_id
-from core.limits import running_room, saturated_tenants
+from core.limits import running_room
 from core.records import (
     ACTIVE_STATUSES,
     BATCH_EVENT_FIELDS,
@@ -129,6 +129,24 @@ def count_by_status(conn: Connection, batch_id: str) -> dict[str, int]:
     return {status: int(n) for status, n in rows}
 
 
+def peek_head(
+    conn: Connection,
+    tasks: Sequence[str],
+    bucket: str | None = None,
+    *,
+    full_at: int | None = None,
+    window_s: float = 0.0,
+    default_max_running: int = 0,
+) -> Head | None:
+    """The group the next claim of `tasks` (in `bucket` if given) takes, locking nothing: the most urgent
+    priority, then the tenant whose turn it is (core.fair_share.queue_head), passing over tenants at
+    their max_running. With `full_at`, a group waits for batch mates until its bucket offers `full_at`
+    jobs or its oldest job waited `window_s` (then the longest-waiting group comes back)."""
+    return queue_head(
+        conn, tasks, bucket, full_at=full_at, window_s=window_s, max_running=default_max_running
+    )
+
+
 def claim_batch(
     conn: Connection,
     *,
@@ -142,15 +160,16 @@ def claim_batch(
 ) -> list[Job]:
     """queued -> running for up to `max_batch` jobs of one bucket, exclusively, in fair-share order.
 
-    The head's group goes first (the caller's peek, or core.fair_share.queue_head: the most urgent
-    priority, then the tenant whose turn it is); the bucket's other groups fill the batch. A tenant at
-    its max_running (`default_max_running` unless set per tenant; 0: none) gets no more jobs started.
+    The head's group goes first (the caller's `peek_head`, or a peek now); the bucket's other groups
+    fill the batch. A tenant at its max_running (`default_max_running` unless set per tenant; 0: none)
+    gets no more jobs started.
     """
     if head is None:
-        head = queue_head(conn, tasks, bucket, skip_tenants=saturated_tenants(conn, default_max_running))
+        head = peek_head(conn, tasks, bucket, default_max_running=default_max_running)
         if head is None:
             return []
-    room = running_room(conn, {head.tenant_id}, default_max_running)
+    # A head from a peek knows whether its tenant has a limit: without one, nothing to count or lock.
+    room = running_room(conn, {head.tenant_id}, default_max_running) if head.max_running != 0 else {}
     take = min(max_batch, room.get(head.tenant_id, max_batch))
     rows = _claim_group(conn, head, take, worker_id, lease_s) if take > 0 else []
     if len(rows) < max_batch:
@@ -167,14 +186,14 @@ def claim_batch(
             rows += got
             if len(rows) >= max_batch:
                 break
-    log_states(conn, rows)
     return rows
 
 
 def _claim_group(
     conn: Connection, group: Group, limit: int, worker_id: str, lease_s: float, turn: bool = True
 ) -> list[Job]:
-    """One statement: claim the group's oldest free jobs and, if `turn`, record the tenant's turn."""
+    """One statement: claim the group's oldest free jobs, log their new state and, if `turn`, record the
+    tenant's turn."""
     # MATERIALIZED: evaluated once. As a plain IN (subquery) it may be re-run, and each run under
     # SKIP LOCKED finds other free rows: more than `limit` jobs.
     picked = oldest_ids(group, limit).cte("picked").prefix_with("MATERIALIZED")
@@ -194,7 +213,7 @@ def _claim_group(
         .returning(*jobs.c)
         .cte("claimed")
     )
-    stmt = select(claimed)
+    stmt = select(claimed).add_cte(log_claimed(claimed).cte("logged"))
     if turn:
         stmt = stmt.add_cte(turn_taken(group, claimed).cte("turn"))
     rows = conn.execute(stmt).mappings().all()

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select, text, update
 
+from core.counts import tenant_queued
 from core.schema import jobs, tenants
 from core.settings import Settings
 
@@ -87,12 +88,6 @@ def _effective(own: int | None, settings: Settings, name: str) -> tuple[int, boo
     return (int(own), True) if own is not None else (int(getattr(settings, DEFAULTS[name])), False)
 
 
-def queued_jobs(conn: Connection, tenant_id: str, cap: int) -> int:
-    """The tenant's queued jobs, counted up to `cap` (so the count costs at most the limit, not the depth)."""
-    ahead = select(jobs.c.id).where(jobs.c.tenant_id == tenant_id, jobs.c.status == "queued").limit(cap)
-    return int(conn.execute(select(func.count()).select_from(ahead.subquery())).scalar_one())
-
-
 def admit(conn: Connection, tenant_id: str, new_jobs: int, settings: Settings) -> Admission:
     """Admit a submission of `new_jobs` jobs or raise LimitExceeded; call in the creating transaction.
 
@@ -123,7 +118,7 @@ def admit(conn: Connection, tenant_id: str, new_jobs: int, settings: Settings) -
         admission.policies.append(f'"submit";q={per_minute};w={int(WINDOW_S)}')
         admission.remaining.append(tat)
     if max_queued > 0:
-        queued = queued_jobs(conn, tenant_id, max_queued + 1)
+        queued = tenant_queued(conn, tenant_id)  # a rollup: a few rows, not the tenant's jobs
         admission.policies.append(f'"queued";q={max_queued}')
         if queued + new_jobs > max_queued:
             admission.remaining.append(f'"queued";r={max(0, max_queued - queued)};t={QUEUE_FULL_RETRY_S}')
@@ -210,21 +205,3 @@ def running_room(
         else {}
     )
     return {t: max(0, limits[t] - int(running.get(t, 0))) if t in locked else 0 for t in limited}
-
-
-def saturated_tenants(conn: Connection, default_max_running: int) -> list[str]:
-    """Tenants at their max_running now (claims pass their jobs over); reads only running jobs."""
-    running = (
-        select(jobs.c.tenant_id, func.count().label("n"))
-        .where(jobs.c.status == "running")
-        .group_by(jobs.c.tenant_id)
-        .subquery()
-    )
-    limit = func.coalesce(tenants.c.max_running, default_max_running)
-    return list(
-        conn.execute(
-            select(running.c.tenant_id)
-            .join(tenants, tenants.c.id == running.c.tenant_id)
-            .where(limit > 0, running.c.n >= limit)
-        ).scalars()
-    )

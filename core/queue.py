@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from celery import Celery
 from sqlalchemy import Connection, Engine
 
-from core.counts import tally
+from core.counts import bucket_depths
 from core.settings import Settings
 
 # One queue per task family so that generation, editing and understanding workers scale apart.
@@ -26,11 +26,16 @@ TASK_RUN_BATCH = "nexusgen.run_batch"  # args: (task kind, preferred bucket or N
 TASK_SWEEP = "nexusgen.sweep"
 TASK_DELIVER = "nexusgen.deliver_webhooks"
 
-# A request's top-up publishes at most this many tickets, so its cost does not grow with the backlog (a
-# ticket costs about 1 ms to publish, 6 ms on a loaded machine); each finished batch and each sweep
-# (every sweep_interval_s) top up the rest.
+# A top-up publishes at most this many tickets, so its cost does not grow with the backlog (a ticket
+# costs about 1 ms to publish, 6 ms on a loaded machine: 2,000 made a sweep take 2.3 s at 1M queued).
+# Each request, each finished batch and each sweep (every sweep_interval_s) tops up, so the broker's
+# depth catches up with a large backlog while the workers drain it.
 TOP_UP_MAX_PUBLISH = 64
-SWEEP_MAX_PUBLISH = 2_000
+SWEEP_MAX_PUBLISH = TOP_UP_MAX_PUBLISH
+# A model queue holds at most this many tickets: far more than workers take at once, so none idles while
+# jobs wait, and a deep backlog (125,000 batches at 1M jobs) costs no publishing once the queue is full.
+# The backlog itself is counted in Postgres (/metrics, KEDA), not by the broker.
+MAX_TICKETS = 1_000
 
 
 def make_publisher(settings: Settings) -> Celery:
@@ -45,13 +50,9 @@ def make_publisher(settings: Settings) -> Celery:
 def claimable_batches(conn: Connection, task: str, max_batch: int) -> int:
     """How many model batches the queued jobs of `task` make: ceil(queued / max_batch) per bucket.
 
-    Read from the job counters (core.counts), so it costs the same at any depth.
+    Read from the bucket rollup of the job counters (core.counts), so it costs the same at any depth.
     """
-    per_bucket: dict[str, int] = {}
-    for (kind, bucket, _priority), queued in tally(conn)[1].items():
-        if kind == task:
-            per_bucket[bucket] = per_bucket.get(bucket, 0) + queued
-    return sum(-(-n // max_batch) for n in per_bucket.values() if n > 0)
+    return sum(-(-n // max_batch) for n in bucket_depths(conn, task).values())
 
 
 def queue_depth(app: Celery, queue: str) -> int:
@@ -69,8 +70,10 @@ def top_up(
     max_batch: int,
     tasks: Iterable[str],
     max_publish: int = TOP_UP_MAX_PUBLISH,
+    max_tickets: int = MAX_TICKETS,
 ) -> int:
-    """Publish `run_batch` tickets until each task's queue holds one per claimable batch; returns how many.
+    """Publish `run_batch` tickets until each task's queue holds one per claimable batch (at most
+    `max_tickets`); returns how many.
 
     Call only after the jobs are committed. Two top-ups racing may publish a spare ticket; it claims
     nothing (or the next batch) when it runs, so the depth drifts by at most a batch and never loses one.
@@ -78,7 +81,7 @@ def top_up(
     sent = 0
     for task in sorted(set(tasks)):
         with engine.connect() as conn:
-            needed = claimable_batches(conn, task, max_batch)
+            needed = min(claimable_batches(conn, task, max_batch), max_tickets)
         queue = MODEL_QUEUES[task]
         missing = min(needed - queue_depth(app, queue), max_publish - sent) if needed else 0
         if missing <= 0:

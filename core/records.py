@@ -215,14 +215,10 @@ class Job:
         return {"code": self.error_code, "message": self.error_message}
 
 
-# The fields of each rendering of a job, in answer order.
+# The fields of each rendering of a job, in answer order; each starts with what names the job.
+_JOB_IDENTITY = ("id", "object", "batch_id", "custom_id", "task", "status")
 JOB_API_FIELDS = (
-    "id",
-    "object",
-    "batch_id",
-    "custom_id",
-    "task",
-    "status",
+    *_JOB_IDENTITY,
     "stage",
     "progress",
     "priority",
@@ -239,20 +235,8 @@ JOB_API_FIELDS = (
     "result",
     "provenance",
 )
-JOB_EVENT_FIELDS = ("id", "object", "batch_id", "custom_id", "task", "status", "metadata", "links")
-JOB_PROGRESS_FIELDS = (
-    "id",
-    "object",
-    "batch_id",
-    "custom_id",
-    "task",
-    "status",
-    "stage",
-    "step",
-    "total_steps",
-    "metadata",
-    "links",
-)
+JOB_EVENT_FIELDS = (*_JOB_IDENTITY, "metadata", "links")
+JOB_PROGRESS_FIELDS = (*_JOB_IDENTITY, "stage", "step", "total_steps", "metadata", "links")
 JOB_RESULT_LINE_FIELDS = ("custom_id", "job_id", "task", "status", "result", "error")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -98,8 +100,10 @@ jobs = Table(
     "jobs",
     metadata,
     Column("id", String(40), primary_key=True),  # "job_<hex>"
-    Column("tenant_id", String(40), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
-    Column("batch_id", String(40), ForeignKey("batches.id", ondelete="CASCADE")),
+    # tenant_id and batch_id reference tenants and batches (ON DELETE CASCADE) through statement triggers,
+    # checked once per statement, not once per row as a foreign key does (migration 0009_job_references)
+    Column("tenant_id", String(40), nullable=False),
+    Column("batch_id", String(40)),
     Column("custom_id", String(200)),
     Column("task", String(20), nullable=False),  # generate | edit | understand
     Column("prompt", Text, nullable=False),  # the prompt (generate) or instruction (edit, understand)
@@ -170,6 +174,42 @@ job_counts = Table(
     Column("n", BigInteger, nullable=False),
 )
 Index("ix_job_counts_key", job_counts.c.status, job_counts.c.task, job_counts.c.bucket)
+Index(
+    "ix_job_counts_tenant",
+    job_counts.c.task,
+    job_counts.c.tenant_id,
+    job_counts.c.priority,
+    postgresql_where=text("status = 'queued'"),
+)
+
+
+def _delta_table(name: str, *keys: Column[Any]) -> Table:
+    """An append-only counter: one delta row per changed key and statement, summed by readers and folded
+    by the sweeper (core.counts.compact_counts)."""
+    return Table(
+        name,
+        metadata,
+        Column("id", BigInteger, primary_key=True, autoincrement=True),
+        *keys,
+        Column("n", BigInteger, nullable=False),
+    )
+
+
+# Rollups of job_counts' queued rows, appended by statement triggers on job_counts (migration
+# 0008_queue_rollups): queued jobs per (task, priority, tenant) and per (task, bucket).
+queue_tenants = _delta_table(
+    "queue_tenants",
+    Column("task", String(20), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("tenant_id", String(40), nullable=False),
+)
+Index("ix_queue_tenants_key", queue_tenants.c.task, queue_tenants.c.priority, queue_tenants.c.tenant_id)
+queue_buckets = _delta_table(
+    "queue_buckets", Column("task", String(20), nullable=False), Column("bucket", String(200), nullable=False)
+)
+Index("ix_queue_buckets_key", queue_buckets.c.task, queue_buckets.c.bucket)
+# Webhook deliveries per status, kept by statement triggers on webhook_deliveries (0008_queue_rollups).
+delivery_counts = _delta_table("delivery_counts", Column("status", String(20), nullable=False))
 
 # Round robin between tenants: when each tenant was last served a batch of each task.
 tenant_turns = Table(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +70,33 @@ def use_resolver(resolver: Resolver) -> Iterator[None]:
         yield
     finally:
         _resolver = previous
+
+
+def _resolve_by(resolver: Resolver, host: str, port: int, deadline: float | None) -> list[str]:
+    """resolver(host, port), given up on at `deadline` (a time.monotonic() value; None: no bound).
+
+    getaddrinfo cannot be interrupted, so a bounded lookup runs in a daemon thread of its own that is left
+    to finish (or hang) alone past the deadline: a stalled resolver costs a thread for its own timeout,
+    never the attempt's time or another attempt's lookup.
+    """
+    if deadline is None:
+        return resolver(host, port)
+    answer: list[list[str] | Exception] = []
+
+    def lookup() -> None:
+        try:
+            answer.append(resolver(host, port))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+            answer.append(exc)
+
+    thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not answer:
+        raise TimeoutError("no answer by the attempt's deadline")
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    return answer[0]
 
 
 def address_refusal(address: IPAddress) -> str | None:
@@ -130,8 +159,14 @@ def parse_webhook_url(url: str) -> tuple[str, str, int]:
     return scheme, host, port if port is not None else (443 if scheme == "https" else 80)
 
 
-def resolve_webhook_url(url: str, allow_private: bool, resolver: Resolver | None = None) -> CheckedURL:
-    """Resolve the URL's host once and refuse it if ANY address is not public (unless allow_private)."""
+def resolve_webhook_url(
+    url: str, allow_private: bool, resolver: Resolver | None = None, deadline: float | None = None
+) -> CheckedURL:
+    """Resolve the URL's host once and refuse it if ANY address is not public (unless allow_private).
+
+    A lookup still unanswered at `deadline` (time.monotonic(); the delivery attempt's) is refused as
+    `unresolvable_host`, which the delivery retries like any failed attempt.
+    """
     scheme, host, port = parse_webhook_url(url)
     try:
         literal: IPAddress | None = ipaddress.ip_address(host)
@@ -141,8 +176,8 @@ def resolve_webhook_url(url: str, allow_private: bool, resolver: Resolver | None
         found = [str(literal)]
     else:
         try:
-            found = (resolver or _resolver)(host, port)
-        except (OSError, UnicodeError) as exc:
+            found = _resolve_by(resolver or _resolver, host, port, deadline)
+        except (OSError, UnicodeError) as exc:  # TimeoutError is an OSError
             raise WebhookURLRefused(
                 "unresolvable_host", f"the webhook host {host!r} does not resolve: {exc}"
             ) from exc

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from core.settings import Settings
 from tests.support.dirs import open_dir
@@ -98,6 +99,14 @@ def clean_db(engine: Engine) -> Engine:
     from core.schema import metadata
 
     names = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    # An API process's event hub (a daemon thread of an earlier test's app) may still be reading; its
+    # share locks and the truncation's exclusive ones can deadlock, and PostgreSQL then aborts one side.
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+            break
+        except OperationalError as exc:
+            if "deadlock detected" not in str(exc) or attempt == 4:
+                raise
     return engine

@@ -14,8 +14,6 @@ from sqlalchemy import Engine
 
 from core import jobs as jobstate
 from core.db import transaction
-from core.fair_share import queue_head
-from core.limits import saturated_tenants
 from core.records import Job
 from core.settings import Settings
 
@@ -34,13 +32,13 @@ def gather_and_claim(
     """
     while True:
         with engine.connect() as conn:  # the peek locks nothing: claims of other workers go on
-            head = queue_head(
+            head = jobstate.peek_head(
                 conn,
                 [task],
                 bucket,
                 full_at=settings.max_batch,
                 window_s=settings.batch_window_s,
-                skip_tenants=saturated_tenants(conn, settings.tenant_max_running),
+                default_max_running=settings.tenant_max_running,
             )
         if head is None:
             return []

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -102,8 +101,9 @@ def deliver_one(
 ) -> DeliveryStatus:
     """Attempt one claimed delivery and record it; return the delivery's new status.
 
-    The attempt ends by `deadline` (time.monotonic(); default WEBHOOK_TIMEOUT_S from now), well inside
-    the claim lock (Settings.webhook_lock_s), so no other worker can claim it while it is in flight.
+    The attempt, name lookup included, ends by `deadline` (time.monotonic(); default WEBHOOK_TIMEOUT_S
+    from now), well inside the claim lock (Settings.webhook_lock_s), so no other worker can claim it
+    while it is in flight.
     """
     if deadline is None:
         deadline = time.monotonic() + settings.webhook_timeout_s
@@ -115,7 +115,9 @@ def deliver_one(
         body = build_body(conn, settings, delivery, storage)
         secrets = signing_secrets(conn, delivery["tenant_id"])
     try:
-        checked = resolve_webhook_url(delivery["url"], settings.webhook_allow_private_networks)
+        checked = resolve_webhook_url(
+            delivery["url"], settings.webhook_allow_private_networks, deadline=deadline
+        )
     except WebhookURLRefused as exc:
         outcome = SendOutcome.failure(f"{exc.reason}: {exc}")
         if exc.reason != "unresolvable_host":  # a policy refusal does not heal by retrying
@@ -148,31 +150,25 @@ def deliver_due(
     deadline = None if budget_s is None else time.monotonic() + budget_s
     counts: dict[str, int] = {}
     tried: set[str] = set()
-    in_flight: dict[Future[DeliveryStatus], tuple[str, str]] = {}  # attempt -> (endpoint id, tenant id)
+    in_flight: set[Future[DeliveryStatus]] = set()
     with ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="webhook") as pool:
         while True:
             free = max_parallel - len(in_flight)
             if free > 0 and (deadline is None or time.monotonic() < deadline):
                 with engine.begin() as conn:
-                    claimed = claim_due(
-                        conn,
-                        limit=free,
-                        lock_s=lock_s,
-                        exclude=tried,
-                        busy_endpoints=Counter(e for e, _ in in_flight.values()),
-                        busy_tenants=Counter(t for _, t in in_flight.values()),
-                    )
+                    claimed = claim_due(conn, limit=free, lock_s=lock_s, exclude=tried)
                 claimed_at = time.monotonic()
                 for delivery in claimed:
                     tried.add(delivery["id"])
                     attempt_deadline = claimed_at + settings.webhook_timeout_s
-                    future = pool.submit(deliver_one, engine, settings, delivery, storage, attempt_deadline)
-                    in_flight[future] = (delivery["endpoint_id"], delivery["tenant_id"])
+                    in_flight.add(
+                        pool.submit(deliver_one, engine, settings, delivery, storage, attempt_deadline)
+                    )
             if not in_flight:
                 return counts
             done, _ = wait(in_flight, timeout=POLL_S, return_when=FIRST_COMPLETED)
             for future in done:
-                del in_flight[future]
+                in_flight.discard(future)
                 status = future.result()
                 counts[status.value] = counts.get(status.value, 0) + 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -103,6 +104,28 @@ def test_a_claim_takes_tenants_in_turn_within_the_caps(clean_db: Engine) -> None
     assert by_tenant.count(greedy) == sm.PER_TENANT_LIMIT and by_tenant.count(other) == 2
     one = [d for d in claimed if d["url"].endswith("/one")]
     assert len(one) <= sm.PER_ENDPOINT_LIMIT
+
+
+def test_the_caps_hold_across_concurrent_claimers(clean_db: Engine) -> None:
+    engine = clean_db
+    tenant = _tenant(engine)
+    for i in range(10):  # ten endpoints: only the tenant cap can bind
+        _events(engine, tenant, f"http://hooks.test/{i}")
+    second: list[RowMapping] = []
+    with engine.connect() as conn:
+        with conn.begin():
+            first = sm.claim_due(conn, limit=1, lock_s=60)
+            # Another worker claims before this claim commits. The rows this one chose and looked at are
+            # locked to it; the others are free, and their tenant shows nothing in flight yet.
+            other = threading.Thread(target=lambda: second.extend(_claim(engine, limit=8)))
+            other.start()
+            other.join(1.0)
+        other.join(30)
+    assert not other.is_alive()
+    assert len(first) + len(second) == sm.PER_TENANT_LIMIT
+    assert _claim(engine, limit=8) == []  # a third claimer, later: every slot of the tenant is taken
+    _record(engine, first[0], 200, DeliveryStatus.SUCCEEDED)  # a slot frees up, for whichever worker
+    assert len(_claim(engine, limit=8)) == 1
 
 
 def test_a_failure_moves_the_delivery_only_under_its_own_lease(clean_db: Engine) -> None:

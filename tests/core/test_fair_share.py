@@ -11,7 +11,7 @@ from core.counts import compact_counts, tally
 from core.fair_share import queue_head, queued_groups
 from core.ids import new_id
 from core.ingest import insert_jobs
-from core.schema import job_counts, jobs, tenants
+from core.schema import job_counts, jobs, queue_buckets, queue_tenants, tenants
 from core.submit import JobDraft
 
 PARAMS = {"width": 256, "height": 256, "steps": 2, "cfg_scale": 3.0, "guidance": 3.5, "seed": 1}
@@ -182,14 +182,50 @@ def test_counters_equal_a_count_of_the_rows_through_every_transition(clean_db: E
     assert len(rows_claimed) == 8
     with clean_db.connect() as conn:
         assert tally(conn) == _true_counts(clean_db)
+        assert _rollups(conn) == _true_rollups(conn)
     with clean_db.begin() as conn:
-        rows_before = conn.execute(select(func.count()).select_from(job_counts)).scalar_one()
+        rows_before = _counter_rows(conn)
         removed = compact_counts(conn)
     with clean_db.connect() as conn:
-        rows_after = conn.execute(select(func.count()).select_from(job_counts)).scalar_one()
-        assert removed == rows_before - rows_after > 0
+        rows_after = _counter_rows(conn)
+        assert removed == sum(rows_before.values()) - sum(rows_after.values())
+        assert all(rows_after[t] < rows_before[t] for t in ("job_counts", "queue_tenants", "queue_buckets"))
         assert tally(conn) == _true_counts(clean_db)
+        assert _rollups(conn) == _true_rollups(conn)
         assert sum(g.queued for g in queued_groups(conn, ["generate"])) == 30 + 5 - 8 - 2 + 8 + 1
+
+
+COUNTERS = (job_counts, queue_tenants, queue_buckets)
+
+
+def _counter_rows(conn: Any) -> dict[str, int]:
+    return {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one() for t in COUNTERS}
+
+
+def _rollups(conn: Any) -> tuple[dict[Any, int], dict[Any, int]]:
+    """What the rollups say: queued jobs per (task, priority, tenant) and per (task, bucket)."""
+    q, b = queue_tenants.c, queue_buckets.c
+    per_tenant = conn.execute(
+        select(q.task, q.priority, q.tenant_id, func.sum(q.n))
+        .group_by(q.task, q.priority, q.tenant_id)
+        .having(func.sum(q.n) != 0)
+    )
+    per_bucket = conn.execute(
+        select(b.task, b.bucket, func.sum(b.n)).group_by(b.task, b.bucket).having(func.sum(b.n) != 0)
+    )
+    return {tuple(r[:-1]): r[-1] for r in per_tenant}, {tuple(r[:-1]): r[-1] for r in per_bucket}
+
+
+def _true_rollups(conn: Any) -> tuple[dict[Any, int], dict[Any, int]]:
+    """The same, counted over the job rows."""
+    j, queued = jobs.c, jobs.c.status == "queued"
+    per_tenant = conn.execute(
+        select(j.task, j.priority, j.tenant_id, func.count())
+        .where(queued)
+        .group_by(j.task, j.priority, j.tenant_id)
+    )
+    per_bucket = conn.execute(select(j.task, j.bucket, func.count()).where(queued).group_by(j.task, j.bucket))
+    return {tuple(r[:-1]): r[-1] for r in per_tenant}, {tuple(r[:-1]): r[-1] for r in per_bucket}
 
 
 def test_claim_reads_an_index_range_of_its_group_not_the_tenants_history(clean_db: Engine) -> None:

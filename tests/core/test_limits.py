@@ -44,6 +44,23 @@ def test_a_tenant_at_max_running_is_passed_over(engine: Engine, clean_db: Any) -
         assert [r.id for r in _claim(conn)] == limited_jobs[3:]
 
 
+def test_a_lower_priority_runs_while_the_urgent_tenants_are_at_their_limit(
+    engine: Engine, clean_db: Any
+) -> None:
+    """The head skips tenants at max_running before it picks the priority: nothing else waits on them."""
+    other_size = {"width": 256, "height": 256, "steps": 3, "cfg_scale": 3.0, "guidance": 3.5}
+    with engine.begin() as conn:
+        limited, free = _tenant(conn), _tenant(conn)
+        set_limits(conn, limited, {"max_running": 1})
+        urgent = _jobs(conn, limited, 3, priority=5)
+        low = _jobs(conn, free, 2, params=other_size)  # another bucket: no filler of the urgent batch
+    with engine.begin() as conn:
+        assert [r.id for r in _claim(conn)] == urgent[:1]
+    with engine.begin() as conn:
+        assert sorted(r.id for r in _claim(conn)) == sorted(low)  # before: [] until the urgent job ended
+        assert _claim(conn) == []
+
+
 def test_the_default_applies_to_tenants_without_their_own(engine: Engine, clean_db: Any) -> None:
     with engine.begin() as conn:
         tenant, own = _tenant(conn), _tenant(conn)

@@ -35,9 +35,12 @@ def test_every_setting_is_read_somewhere() -> None:
     assert unread == []
 
 
-def test_env_example_lists_every_variable() -> None:
+def test_env_example_and_the_readme_list_every_variable() -> None:
     listed = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.MULTILINE))
     assert set(ENV_NAMES.values()) - listed == set()
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `")]
+    in_readme = {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])}
+    assert set(ENV_NAMES.values()) - in_readme == set()
 
 
 def test_bad_values_name_their_variable() -> None:

@@ -6,6 +6,8 @@ import ipaddress
 import shutil
 import ssl
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,24 @@ def test_unresolvable_host_is_refused_with_its_own_reason() -> None:
     with use_resolver(fail), pytest.raises(WebhookURLRefused) as info:
         check_webhook_url("http://nowhere.invalid/", allow_private=False)
     assert info.value.reason == "unresolvable_host"
+
+
+def test_a_stalled_lookup_is_given_up_at_the_deadline() -> None:
+    release = threading.Event()
+
+    def stall(host: str, port: int) -> list[str]:
+        release.wait(10)  # a resolver that never answers (its own timeout is far away)
+        return ["93.184.216.34"]
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(WebhookURLRefused) as info:
+            resolve_webhook_url("http://slow-dns.example/", False, resolver=stall, deadline=t0 + 0.3)
+    finally:
+        release.set()
+    assert info.value.reason == "unresolvable_host" and "deadline" in str(info.value)
+    assert time.monotonic() - t0 < 1.0
+    assert resolve_webhook_url("http://slow-dns.example/", False, resolver=stall, deadline=t0 + 5).addresses
 
 
 def test_allow_private_sends_to_the_checked_address_with_original_host(make_receiver: Any) -> None:

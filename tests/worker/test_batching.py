@@ -86,6 +86,10 @@ def test_top_up_keeps_one_ticket_per_claimable_batch(
     with engine.connect() as conn:
         assert claimable_batches(conn, "generate", 2) == 3
     broker.delete(gen, und)
+    assert top_up(engine, publisher, 1, ["generate"], max_tickets=4) == 4  # 5 batches of 1; 4 at most
+    assert top_up(engine, publisher, 1, ["generate"], max_tickets=4) == 0
+    assert broker.llen(gen) == 4
+    broker.delete(gen, und)
 
 
 def test_sweep_requeues_lost_jobs_poisons_repeat_offenders_and_republishes(

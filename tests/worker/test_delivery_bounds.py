@@ -15,6 +15,7 @@ from core.deliveries import claim_due
 from core.ids import new_id
 from core.schema import tenants, webhook_attempts, webhook_deliveries
 from core.settings import Settings
+from core.ssrf import use_resolver
 from core.webhooks import enqueue_event, new_secret
 from worker.delivery import deliver_due, deliver_one
 
@@ -148,3 +149,48 @@ def test_a_tenant_with_slow_receivers_behind_several_urls_leaves_slots_for_other
     assert quick.received, "the other tenant's event was never delivered"
     assert quick.received[0].at - t0 < 1.0, "the other tenant waited for the slow one's slots"
     assert counts == {"succeeded": 13}
+
+
+def test_a_stalling_name_lookup_counts_against_the_attempt_deadline(
+    engine: Any, fast: Any, webhook_tenant: Any
+) -> None:
+    release = threading.Event()
+
+    def stall(host: str, port: int) -> list[str]:
+        release.wait(20)  # like a resolver whose server never answers
+        return ["127.0.0.1"]
+
+    _event(engine, webhook_tenant["id"], "http://hooks.stalling-dns.example/in")
+    t0 = time.monotonic()
+    try:
+        with use_resolver(stall):
+            counts = deliver_due(engine, fast)
+    finally:
+        release.set()
+    elapsed = time.monotonic() - t0
+    assert elapsed < 2.5, f"one attempt took {elapsed:.1f} s against a 1 s deadline"
+    assert counts == {"pending": 1}  # retried later like any failed attempt
+    with engine.connect() as conn:
+        delivery = conn.execute(select(webhook_deliveries)).mappings().one()
+    assert delivery["attempts"] == 1 and delivery["last_error"].startswith("unresolvable_host")
+    assert "deadline" in delivery["last_error"]
+
+
+def test_the_tenant_cap_holds_across_two_delivery_tasks(
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+) -> None:
+    patient = fast.with_overrides(webhook_timeout_s=3.0)
+    slow = [make_receiver(delay_s=1.0) for _ in range(3)]
+    for i in range(12):  # twelve endpoints of one tenant: only the tenant cap binds
+        _event(engine, webhook_tenant["id"], slow[i % 3].url + f"/u{i}", i)
+    counts: list[dict[str, int]] = []
+    tasks = [threading.Thread(target=lambda: counts.append(deliver_due(engine, patient))) for _ in range(2)]
+    for task in tasks:  # two webhook workers, each with 8 slots
+        task.start()
+    for task in tasks:
+        task.join(30)
+    # Each request is answered 1 s after it arrived: count the answers pending at every arrival.
+    arrivals = sorted(r.at for receiver in slow for r in receiver.received)
+    in_flight = max(sum(1 for b in arrivals if a - 1.0 < b <= a) for a in arrivals)
+    assert len(arrivals) == 12 and sum(c.get("succeeded", 0) for c in counts) == 12
+    assert in_flight <= 4, f"{in_flight} attempts of one tenant in flight at once (cap 4)"
