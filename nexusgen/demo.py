@@ -222,7 +222,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
             )
         name, secret, key = create_demo_tenant(info["env"]["DATABASE_URL"])
         client = Client(info["api_url"], key)
-        with WebhookReceiver(secret) as receiver:
+        with WebhookReceiver(secret, path="/hooks") as receiver:
             batch = _run_batch(client, receiver, options, name)
         run = RunSummary(
             batch_id=batch.batch_id,

@@ -19,7 +19,7 @@ from core.jobs import bucket_key, claim_batch, complete_job
 from core.schema import jobs, tenants
 from core.storage import result_key
 from core.webhooks import new_secret
-from tests.support.receiver import Behaviour, Receiver
+from nexusgen.receiver import Behaviour, WebhookReceiver
 
 
 @pytest.fixture
@@ -45,12 +45,14 @@ def outside_connections(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 
 @pytest.fixture
-def make_receiver() -> Iterator[Callable[..., Receiver]]:
-    """Start receivers on loopback (`make_receiver(statuses=[500, 200], delay_s=...)`); closed afterwards."""
-    started: list[Receiver] = []
+def make_receiver() -> Iterator[Callable[..., WebhookReceiver]]:
+    """Start receivers on loopback (`make_receiver(statuses=[500, 200], delay_s=...)`, 200 by default:
+    nexusgen.receiver.Behaviour); closed afterwards."""
+    started: list[WebhookReceiver] = []
 
-    def make(host: str = "127.0.0.1", port: int = 0, tls: Any = None, **behaviour: Any) -> Receiver:
-        receiver = Receiver(host, Behaviour(**behaviour), port=port, tls=tls)
+    def make(host: str = "127.0.0.1", port: int = 0, tls: Any = None, **behaviour: Any) -> WebhookReceiver:
+        behaviour.setdefault("statuses", [200])
+        receiver = WebhookReceiver(None, Behaviour(**behaviour), host=host, port=port, tls=tls)
         started.append(receiver)
         return receiver
 

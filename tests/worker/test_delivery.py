@@ -16,7 +16,7 @@ from core.deliveries import redeliver, retry_delay
 from core.schema import webhook_attempts, webhook_deliveries, webhook_endpoints, webhook_events
 from core.storage import Storage
 from core.webhooks import enqueue_event, rotate_secret, sign_headers
-from tests.support.receiver import free_port
+from nexusgen.embedded import free_port
 from tests.support.webhooks import start_job, succeed_job
 from worker.delivery import deliver_due
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,46 +27,6 @@ def fast(settings: Any) -> Any:
     )
 
 
-class Trickler:
-    """A receiver that reads the request, then sends its status line and headers a byte every `gap_s`."""
-
-    def __init__(self, gap_s: float = 0.25) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/trickle"
-        self.gap_s, self.accepted, self.closed = gap_s, 0, False
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while not self.closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
-
-    def _trickle(self, conn: socket.socket) -> None:
-        with conn:
-            conn.recv(65536)
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Padding: " + b"x" * 60 + b"\r\n\r\nok":
-                time.sleep(self.gap_s)
-                try:
-                    conn.sendall(bytes([byte]))
-                except OSError:
-                    return
-
-    def close(self) -> None:
-        self.closed = True
-        self.sock.close()
-
-
-@pytest.fixture
-def trickler() -> Iterator[Trickler]:
-    t = Trickler()
-    yield t
-    t.close()
-
-
 def _event(engine: Any, tenant_id: str, url: str, n: int = 0) -> str:
     with engine.begin() as conn:
         event_id = enqueue_event(
@@ -86,8 +44,9 @@ def _tenant(engine: Any) -> str:
 
 
 def test_a_trickling_receiver_is_cut_off_at_the_attempt_deadline(
-    engine: Any, fast: Any, webhook_tenant: Any, trickler: Trickler
+    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
+    trickler = make_receiver(trickle_s=0.25)  # each byte well inside the 1 s read timeout
     _event(engine, webhook_tenant["id"], trickler.url)
     t0 = time.monotonic()
     counts = deliver_due(engine, fast)
