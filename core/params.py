@@ -8,6 +8,7 @@ two sides of the boundary are held equal.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ LANGUAGES = ("en", "zh")
 DECODERS = ("edit", "generation")
 MAX_PROMPT_CHARS = 4000  # the most NEXUSGEN_MAX_PROMPT_CHARS may allow (prompt and instruction)
 MAX_NEGATIVE_PROMPT_CHARS = 4000
+# Special-token markup (`<|vision_start|>`) in a prompt, instruction or negative prompt: the model refuses it
+SPECIAL_TOKEN_MARKUP = re.compile(r"<\|[A-Za-z_]+\|>")
 DRAWN_SEEDS = 2**32  # a seed left out is drawn from 0 .. DRAWN_SEEDS-1 at submission
 
 # Allowed params per task, with the defaults filled in at submission (seed: drawn at submission).

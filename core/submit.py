@@ -24,6 +24,7 @@ from core.params import (
     SCALES,
     SEED,
     SIDE,
+    SPECIAL_TOKEN_MARKUP,
     STEPS,
 )
 from core.records import TASKS
@@ -145,6 +146,8 @@ def normalize_params(task: str, raw: Any) -> dict[str, Any]:
             "invalid_params",
             f"negative_prompt must be a string of at most {MAX_NEGATIVE_PROMPT_CHARS} characters",
         )
+    if SPECIAL_TOKEN_MARKUP.search(negative):
+        raise SubmitError("invalid_params", "negative_prompt must not contain special-token markup")
     if params.get("seed") is None:
         params["seed"] = secrets.randbelow(DRAWN_SEEDS)
     elif not SEED.admits(params["seed"]):
@@ -191,7 +194,8 @@ def validate_job(
 
     The checks run in this order, so the first problem of a spec is the one reported:
     1. the spec is an object of known fields with a known task;
-    2. its text (prompt or instruction) is a storable string of at most NEXUSGEN_MAX_PROMPT_CHARS;
+    2. its text (prompt or instruction) is a storable string of at most NEXUSGEN_MAX_PROMPT_CHARS, without
+       special-token markup;
     3. its image: none for generate, else an upload id or a data URL (decoded and checked here);
     4. its params (core.params: bounds and defaults; the seed drawn) and the bucket they batch in;
     5. its priority, metadata, webhook (the URL's DNS check happens here, before any transaction opens)
@@ -246,6 +250,10 @@ def _text(spec: dict[str, Any], task: str, max_chars: int) -> str:
         )
     if len(text) > max_chars:
         raise SubmitError("prompt_too_long", f"{text_field} has {len(text)} characters; at most {max_chars}")
+    if markup := SPECIAL_TOKEN_MARKUP.search(text):
+        raise SubmitError(
+            "invalid_prompt", f"{text_field} must not contain special-token markup like {markup[0]}"
+        )
     return text
 
 

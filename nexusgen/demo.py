@@ -214,7 +214,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
             )
         name, secret, key = create_demo_tenant(info["env"]["DATABASE_URL"])
         client = Client(info["api_url"], key)
-        with WebhookReceiver(secret) as receiver:
+        with WebhookReceiver(secret, path="/hooks") as receiver:
             images = make_input_images(options.size)
             uploads = {label: client.upload(data, f"{label}.png") for label, data in images.items()}
             options.out_dir.mkdir(parents=True, exist_ok=True)

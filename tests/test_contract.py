@@ -20,10 +20,11 @@ import model.requests as capability
 from core.jobs import bucket_key
 from core.records import TASKS
 from core.settings import Settings
-from core.submit import SubmitError, normalize_params
+from core.submit import SubmitError, normalize_params, validate_job
 from model.config import SIZE_MULTIPLE
 from model.engine import ENGINES
-from model.pipeline import PREFIX_MODES, bucket_of, validate_request
+from model.pipeline import PREFIX_MODES, SPECIAL_TOKEN_TEXT, bucket_of, validate_request
+from model.requests import GenerateRequest
 from model.speed import COMPILE_MODES, DIT_PRECISIONS, OFFLOAD_MODES
 from worker.execute import REQUEST_TYPES, build_request
 
@@ -88,6 +89,23 @@ def test_the_model_accepts_every_edge_the_service_accepts(task: str) -> None:
         for outside in (bound.low - bound.multiple, bound.high + bound.multiple):
             with pytest.raises(SubmitError):
                 normalize_params(task, {name: outside})
+
+
+def test_text_the_service_accepts_the_model_accepts() -> None:
+    """The longest prompt passes both sides; special-token markup is refused by both (the same pattern)."""
+    assert service.SPECIAL_TOKEN_MARKUP.pattern == SPECIAL_TOKEN_TEXT.pattern
+    longest = "a" * Settings().max_prompt_chars
+    validate_job({"task": "generate", "prompt": longest}, Settings())
+    validate_request(build_request("generate", SimpleNamespace(params={}, prompt=longest), None))  # type: ignore[arg-type]
+    for text in ("a <|vision_start|> b", "<|im_end|>"):
+        with pytest.raises(SubmitError, match="special-token markup"):
+            validate_job({"task": "generate", "prompt": text}, Settings())
+        with pytest.raises(SubmitError, match="special-token markup"):
+            normalize_params("generate", {"negative_prompt": text})
+        with pytest.raises(ValueError, match="special-token markup"):
+            validate_request(GenerateRequest(text))
+        with pytest.raises(ValueError, match="special-token markup"):
+            validate_request(GenerateRequest("a", negative_prompt=text))
 
 
 def test_understanding_edges() -> None:

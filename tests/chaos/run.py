@@ -19,7 +19,8 @@ from core.db import make_engine
 from core.records import TERMINAL_STATUSES
 from core.schema import batches, jobs, results, webhook_deliveries, webhook_endpoints, webhook_events
 from core.storage import Storage
-from tests.chaos.receivers import ChaosReceiver
+from nexusgen.receiver import WebhookReceiver
+from tests.chaos.receivers import chaos_receiver
 from tests.chaos.stack import ChaosStack
 
 # What each receiver's deliveries must end as once the retry schedule is spent.
@@ -160,7 +161,7 @@ class Traffic:
 def run_scenario(stack: ChaosStack, scenario: Scenario, print_row: Callable[[str], None] = print) -> Report:
     """Submit, inject, drain and check; return the report (its row is printed)."""
     engine = make_engine(stack.settings)
-    receivers = {mode: ChaosReceiver(mode) for mode in scenario.receivers}
+    receivers = {mode: chaos_receiver(mode) for mode in scenario.receivers}
     keys: dict[str, str] = {}
     with engine.begin() as conn:
         for mode in receivers:
@@ -271,7 +272,7 @@ def check(
     engine: Any,
     storage: Storage,
     traffic: Traffic,
-    receivers: dict[str, ChaosReceiver],
+    receivers: dict[str, WebhookReceiver],
     stack: ChaosStack,
 ) -> None:
     """Fill the report's invariant figures from the database, the storage and the receivers' logs."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,8 +20,8 @@ from core.auth import create_api_key, create_tenant
 from core.schema import uploads
 from core.settings import Settings
 from core.storage import Storage
+from nexusgen.receiver import WebhookReceiver
 from tests.api.conftest import png_bytes
-from tests.support.receiver import Receiver
 from tests.worker.support import WorkerProcess, wait_for, warm
 from worker.delivery import deliver_due
 
@@ -39,14 +39,17 @@ def worker(cfg: Settings, start_worker: Callable[..., WorkerProcess]) -> WorkerP
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    receiver = Receiver()
-    yield receiver
-    receiver.close()
+def receiver(make_receiver: Callable[..., WebhookReceiver]) -> WebhookReceiver:
+    return make_receiver()
 
 
 def test_jsonl_batch_webhook_gets_every_job_event_and_one_batch_completed(
-    engine: Engine, clean_db: Any, storage: Storage, cfg: Settings, worker: WorkerProcess, receiver: Receiver
+    engine: Engine,
+    clean_db: Any,
+    storage: Storage,
+    cfg: Settings,
+    worker: WorkerProcess,
+    receiver: WebhookReceiver,
 ) -> None:
     from api.app import create_app
 
