@@ -127,6 +127,12 @@ def _fmt(keys: list[str], limit: int = 20) -> str:
     return ", ".join(sorted(keys)[:limit]) + more
 
 
+def _key_problems(missing: list[str], unexpected: list[str], mismatched: list[str]) -> list[str]:
+    """One phrase per non-empty kind of key problem, for a loading error's message."""
+    kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
+    return [f"{kind}: {_fmt(keys)}" for kind, keys in kinds if keys]
+
+
 def load_strict(
     module: nn.Module,
     sd: dict[str, torch.Tensor],
@@ -146,14 +152,7 @@ def load_strict(
         for k, v in sd.items()
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_fmt(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_fmt(wrong)}")
-    if problems:
+    if problems := _key_problems(missing, unexpected, wrong):
         raise ValueError(f"{file}: " + "; ".join(problems))
     module.load_state_dict(sd, strict=True, assign=True)
 
@@ -407,17 +406,10 @@ def _quiet_libraries() -> Iterator[None]:
 
 
 def _loading_problems(info: dict[str, Any], allowed_unexpected: set[str]) -> list[str]:
-    problems = []
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(k for k in info.get("unexpected_keys") or [] if k not in allowed_unexpected)
     mismatched = [str(m) for m in info.get("mismatched_keys") or []]
-    if missing:
-        problems.append(f"missing keys: {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_fmt(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {_fmt(mismatched)}")
-    return problems
+    return _key_problems(missing, unexpected, mismatched)
 
 
 def _require_files(folder: Path, names: tuple[str, ...]) -> None:
@@ -517,17 +509,30 @@ def load_components(
 
 
 def _load(root: Path, device: str | torch.device, dtype: torch.dtype, parts: set[str]) -> Components:
-    from transformers import (
-        CLIPTextModel,
-        CLIPTokenizer,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2Tokenizer,
-        Qwen2VLImageProcessorPil,
-        T5EncoderModel,
-        T5Tokenizer,
+    """1. the AR with its tokenizer and image processor; 2. its image-token heads; 3. the decoders;
+    4. the FLUX text encoders and VAE; 5. every module onto `device` in `dtype`. Parts not named stay None."""
+    ar_dir, flux_dir = root / AR_SUBDIR, root / FLUX_SUBDIR
+    tokenizer, image_processor, ar = _load_ar(ar_dir, dtype)
+    heads = _load_ar_heads(ar_dir, ar.config.text_config.hidden_size, parts)
+    decoders = _load_decoders(ar_dir, ar.config.text_config, parts)
+    flux = _load_flux(flux_dir, dtype, parts)
+    modules = [ar, *heads.values(), *decoders.values(), flux["clip"], flux["t5"], flux["vae"]]
+    _place(ar, [m for m in modules if m is not None], device, dtype)
+    return Components(
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        ar=ar,
+        **heads,
+        **decoders,
+        **flux,
+        checkpoint_hash=checkpoint_hash(root),
+        special_token_ids=_special_token_ids(tokenizer, ar.config),
     )
 
-    ar_dir, flux_dir = root / AR_SUBDIR, root / FLUX_SUBDIR
+
+def _load_ar(ar_dir: Path, dtype: torch.dtype) -> tuple[Any, Any, nn.Module]:
+    """The AR (Qwen2.5-VL) with its tokenizer and image processor; its two extra tensors are allowed."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
 
     _require_files(ar_dir, ("tokenizer_config.json", "preprocessor_config.json", "config.json"))
     tokenizer = Qwen2Tokenizer.from_pretrained(str(ar_dir))
@@ -539,56 +544,78 @@ def _load(root: Path, device: str | torch.device, dtype: torch.dtype, parts: set
         dtype,
         allowed={VISION_HEAD_KEY, IMAGE_PREFILL_KEY},
     )
+    return tokenizer, image_processor, ar
+
+
+def _load_ar_heads(ar_dir: Path, d: int, parts: set[str]) -> dict[str, nn.Module | None]:
+    """The image-token heads (vision_head, image_prefill_embeds), checked always, built for generation and
+    editing only ("ar_heads")."""
     extra = _ar_extra_tensors(ar_dir)
-    d = ar.config.text_config.hidden_size
     head, prefill = extra[VISION_HEAD_KEY], extra[IMAGE_PREFILL_KEY]
     if tuple(head.shape) != (d, d) or prefill.ndim != 2 or prefill.shape[1] != d:
         raise ValueError(
             f"{AR_SUBDIR}: vision_head {tuple(head.shape)} / image_prefill_embeds "
             f"{tuple(prefill.shape)} do not match hidden_size {d}"
         )
-    vision_head = image_prefill_embeds = None
-    if "ar_heads" in parts:  # the image-token heads: generation and editing only
-        vision_head = nn.Linear(d, d, bias=False, device="meta")
-        vision_head.weight = nn.Parameter(head, requires_grad=False)
-        image_prefill_embeds = nn.Embedding(prefill.shape[0], d, device="meta")
-        image_prefill_embeds.weight = nn.Parameter(prefill, requires_grad=False)
+    if "ar_heads" not in parts:
+        return {"vision_head": None, "image_prefill_embeds": None}
+    vision_head = nn.Linear(d, d, bias=False, device="meta")
+    vision_head.weight = nn.Parameter(head, requires_grad=False)
+    image_prefill_embeds = nn.Embedding(prefill.shape[0], d, device="meta")
+    image_prefill_embeds.weight = nn.Parameter(prefill, requires_grad=False)
+    return {"vision_head": vision_head, "image_prefill_embeds": image_prefill_embeds}
 
-    gen_dit = adapter = edit_dit = merger = None
+
+def _load_decoders(ar_dir: Path, text_config: Any, parts: set[str]) -> dict[str, nn.Module | None]:
+    """The generation decoder (gen_dit + adapter) and the edit decoder (edit_dit + merger), as named."""
+    decoders: dict[str, nn.Module | None] = dict.fromkeys(("gen_dit", "adapter", "edit_dit", "merger"))
     if {"gen_dit", "adapter"} & parts:
         gen_file = f"{AR_SUBDIR}/{GENERATION_DECODER_FILE}"
         dit_sd, adapter_sd = _split_prefixes(
             _load_decoder_file(ar_dir / GENERATION_DECODER_FILE), (DIT_PREFIX, ADAPTER_PREFIX), gen_file
         )
-        gen_dit, adapter = build_dit(dit_sd, gen_file), build_adapter(adapter_sd, gen_file)
+        decoders["gen_dit"], decoders["adapter"] = (
+            build_dit(dit_sd, gen_file),
+            build_adapter(adapter_sd, gen_file),
+        )
     if {"edit_dit", "merger"} & parts:
         edit_file = f"{AR_SUBDIR}/{EDIT_DECODER_FILE}"
         dit_sd, merger_sd = _split_prefixes(
             _load_decoder_file(ar_dir / EDIT_DECODER_FILE), (DIT_PREFIX, MERGER_PREFIX), edit_file
         )
-        edit_dit = build_dit(dit_sd, edit_file)
-        merger = build_merger(merger_sd, ar.config.text_config, edit_file)
+        decoders["edit_dit"] = build_dit(dit_sd, edit_file)
+        decoders["merger"] = build_merger(merger_sd, text_config, edit_file)
+    return decoders
 
-    clip_tokenizer = clip = t5_tokenizer = t5 = vae = None
+
+def _load_flux(flux_dir: Path, dtype: torch.dtype, parts: set[str]) -> dict[str, Any]:
+    """FLUX.1-dev's CLIP and T5 text encoders (with their tokenizers) and its VAE, as named."""
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    flux: dict[str, Any] = dict.fromkeys(("clip_tokenizer", "clip", "t5_tokenizer", "t5", "vae"))
     tokenizers = {"clip": "tokenizer/tokenizer_config.json", "t5": "tokenizer_2/tokenizer_config.json"}
     _require_files(flux_dir, tuple(f for part, f in tokenizers.items() if part in parts))
     if "clip" in parts:
-        clip_tokenizer = CLIPTokenizer.from_pretrained(str(flux_dir / "tokenizer"))
-        clip = _load_pretrained(
+        flux["clip_tokenizer"] = CLIPTokenizer.from_pretrained(str(flux_dir / "tokenizer"))
+        flux["clip"] = _load_pretrained(
             CLIPTextModel, flux_dir / "text_encoder", f"{FLUX_SUBDIR}/text_encoder", dtype
         )
     if "t5" in parts:
-        t5_tokenizer = T5Tokenizer.from_pretrained(str(flux_dir / "tokenizer_2"))
-        t5 = _load_pretrained(
+        flux["t5_tokenizer"] = T5Tokenizer.from_pretrained(str(flux_dir / "tokenizer_2"))
+        flux["t5"] = _load_pretrained(
             T5EncoderModel, flux_dir / "text_encoder_2", f"{FLUX_SUBDIR}/text_encoder_2", dtype
         )
     if "vae" in parts:
-        vae = build_vae(flux_dir)
+        flux["vae"] = build_vae(flux_dir)
+    return flux
 
-    loaded = (ar, vision_head, image_prefill_embeds, gen_dit, adapter, edit_dit, merger, clip, t5, vae)
-    modules: list[nn.Module] = [m for m in loaded if m is not None]
-    # The reference loads the AR with from_pretrained(torch_dtype=bf16), which leaves the rotary
-    # inv_freq buffers in fp32; a plain .to(bf16) would round them and blur positions far into a sequence.
+
+def _place(ar: nn.Module, modules: list[nn.Module], device: str | torch.device, dtype: torch.dtype) -> None:
+    """Every module onto `device` in `dtype`, in eval mode, no gradients; the AR's rotary buffers stay fp32.
+
+    The reference loads the AR with from_pretrained(torch_dtype=bf16), which leaves the rotary inv_freq
+    buffers in fp32; a plain .to(bf16) would round them and blur positions far into a sequence.
+    """
     rotary_fp32 = {name: buf.clone() for name, buf in ar.named_buffers() if name.endswith("inv_freq")}
     for module in modules:
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -597,24 +624,6 @@ def _load(root: Path, device: str | torch.device, dtype: torch.dtype, parts: set
         ar.get_submodule(owner_name).register_buffer(
             attr, buf.to(device=device, dtype=torch.float32), persistent=False
         )
-    return Components(
-        tokenizer=tokenizer,
-        image_processor=image_processor,
-        ar=ar,
-        vision_head=vision_head,
-        image_prefill_embeds=image_prefill_embeds,
-        gen_dit=gen_dit,
-        adapter=adapter,
-        edit_dit=edit_dit,
-        merger=merger,
-        clip_tokenizer=clip_tokenizer,
-        clip=clip,
-        t5_tokenizer=t5_tokenizer,
-        t5=t5,
-        vae=vae,
-        checkpoint_hash=checkpoint_hash(root),
-        special_token_ids=_special_token_ids(tokenizer, ar.config),
-    )
 
 
 __all__ = ["checkpoint_hash", "ds_dit_to_diffusers", "load_components", "resolve_checkpoint_dir"]

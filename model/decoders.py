@@ -162,31 +162,16 @@ def denoise(
     skipped = dict.fromkeys(index, 0)
     for step in range(job.steps):
         if should_cancel is not None:
-            alive = [k for k, i in enumerate(index) if not should_cancel(i)]
-            if len(alive) < len(index):
-                rows = torch.tensor(alive, dtype=torch.long, device=device)
-                latents, keep = latents[rows], keep[rows]
-                index = [index[k] for k in alive]
-                for cache in caches.values():
-                    cache.select(alive)
+            latents, keep, index = _drop_canceled(should_cancel, latents, keep, index, caches)
             if not index:
                 break
-        b = latents.shape[0]
-        packed = pack_latents(latents)  # [B, T, C*4]
-        guidance = torch.full((b,), job.guidance, device=device, dtype=dtype)
-        pos_cache = caches.get("positive")
-        velocity = dit_velocity(
-            dit, packed, positive.select(keep), sigmas[step], guidance, img_ids, pos_cache
+        guidance = torch.full((latents.shape[0],), job.guidance, device=device, dtype=dtype)
+        velocity = _guided_velocity(
+            dit, job, pack_latents(latents), positive, negative, keep, sigmas[step], guidance, img_ids, caches
         )
-        if negative is not None:
-            neg_cache = caches.get("negative")
-            v_neg = dit_velocity(
-                dit, packed, negative.select(keep), sigmas[step], guidance, img_ids, neg_cache
-            )
-            velocity = v_neg + job.cfg_scale * (velocity - v_neg)
-        if pos_cache is not None:
+        if "positive" in caches:
             for k, i in enumerate(index):
-                skipped[i] = int(pos_cache.skipped[k])
+                skipped[i] = int(caches["positive"].skipped[k])
         # Euler in the latent dtype with an fp32 0-dim step, as DS does (a 0-dim tensor keeps bf16 results)
         latents = latents + unpack_latents(velocity, h, w) * (sigmas[step + 1] - sigmas[step])
         if on_step is not None:
@@ -199,6 +184,36 @@ def denoise(
             "blocks_skipped": sum(c.blocks_skipped for c in caches.values()),
         }
     return latents, index
+
+
+def _drop_canceled(
+    should_cancel: Cancel,
+    latents: torch.Tensor,
+    keep: torch.Tensor,
+    index: list[int],
+    caches: dict[str, StepCache],
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The rows of requests not canceled: their latents, conditioning rows and request indices."""
+    alive = [k for k, i in enumerate(index) if not should_cancel(i)]
+    if len(alive) == len(index):
+        return latents, keep, index
+    rows = torch.tensor(alive, dtype=torch.long, device=latents.device)
+    for cache in caches.values():
+        cache.select(alive)
+    return latents[rows], keep[rows], [index[k] for k in alive]
+
+
+def _guided_velocity(  # type: ignore[no-untyped-def]
+    dit, job: DenoiseJob, packed, positive, negative, keep, sigma, guidance, img_ids, caches
+):
+    """The DiT's velocity for the packed latents [B, T, C*4]; with a negative, classifier-free guided."""
+    velocity = dit_velocity(
+        dit, packed, positive.select(keep), sigma, guidance, img_ids, caches.get("positive")
+    )
+    if negative is None:
+        return velocity
+    v_neg = dit_velocity(dit, packed, negative.select(keep), sigma, guidance, img_ids, caches.get("negative"))
+    return v_neg + job.cfg_scale * (velocity - v_neg)
 
 
 def dit_dtype(dit: torch.nn.Module) -> torch.dtype:

@@ -355,6 +355,7 @@ class NexusGen:
         progress: ProgressCallback | None,
         should_cancel: CancelCallback | None,
     ) -> list[Result]:
+        """Steps 1 (the AR prefix) here, 2 to 5 in `_render`, then each request's provenance."""
         first = requests[0]
         decoder = first.decoder if isinstance(first, EditRequest) else "generation"
         if missing := [c for c in DECODER_NEEDS[decoder] if c not in self.loaded]:
@@ -366,7 +367,6 @@ class NexusGen:
         seeds = [r.seed if r.seed is not None else secrets.randbelow(2**32) for r in requests]
         results = [Result() for _ in requests]
         timings: dict[str, float] = {}
-        cache_stats: dict[str, Any] = {}
         for i in range(len(requests)):
             _notify(progress, i, "encoding")
 
@@ -379,38 +379,11 @@ class NexusGen:
                 "no_image_token",
                 f"no image token in {self.max_prefix_tokens} tokens (the model wrote {prefix_texts[i]!r})",
             )
+        image_tokens, cache_stats = 0, {}
         if ok:
-            # 2. the one-pass 81 image embeddings of the whole batch
-            with _timer(timings, "ar_image_tokens_s", self.device):
-                embeds = self.ar.image_embeddings(_select(enc, ok), [prefixes[i] for i in ok])  # [B', 81, D]
-            # 3. decoder conditioning
-            dit = self.components.gen_dit if decoder == "generation" else self.components.edit_dit
-            vae_scale = vae_scale_factor(self.components.vae)
-            with _timer(timings, "conditioning_s", self.device):
-                positive, negative = self._conditioning(decoder, embeds, [requests[i] for i in ok], vae_scale)
-            # 4. denoise the bucket (canceled requests leave at a step boundary)
-            job = DenoiseJob(
-                ok, [seeds[i] for i in ok], positive, negative,
-                first.width, first.height, first.steps, float(first.cfg_scale), float(first.guidance),
-                float(first.cache_threshold),
-            )  # fmt: skip
-            on_step = None if progress is None else lambda i, s, n: progress(i, "denoising", s, n)
-            channels = self.components.vae.config.latent_channels
-            self._log_first_compile(first, len(ok))
-            with _timer(timings, "denoise_s", self.device):
-                latents, kept = denoise(dit, job, vae_scale, channels, self.device, on_step, should_cancel)
-            # 5. VAE decode
-            for i in kept:
-                _notify(progress, i, "decoding")
-            with _timer(timings, "decode_s", self.device):
-                images = vae_decode(self.components.vae, latents, self.device)
-            for i, image in zip(kept, images, strict=True):
-                results[i].image = image
-            for i in sorted(set(ok) - set(kept)):
-                results[i].error = RequestError("canceled", "canceled during denoising")
-            cache_stats = job.stats
-
-        image_tokens = int(embeds.shape[1]) if ok else 0
+            image_tokens, cache_stats = self._render(
+                decoder, requests, ok, enc, prefixes, seeds, results, timings, progress, should_cancel
+            )
         for i, req in enumerate(requests):
             written = len(prefixes[i] or []) + (image_tokens if prefixes[i] is not None else 0)
             results[i].provenance = self._provenance(
@@ -425,6 +398,54 @@ class NexusGen:
                     "batch_blocks_skipped": cache_stats["blocks_skipped"],
                 }
         return results
+
+    def _render(
+        self,
+        decoder: str,
+        requests: Sequence[GenerateRequest | EditRequest],
+        ok: list[int],
+        enc: Encoded,
+        prefixes: list[list[int] | None],
+        seeds: list[int],
+        results: list[Result],
+        timings: dict[str, float],
+        progress: ProgressCallback | None,
+        should_cancel: CancelCallback | None,
+    ) -> tuple[int, dict[str, Any]]:
+        """Steps 2 to 5 for the rows `ok` (those with a prefix): images or errors into `results`.
+
+        Returns the number of image tokens per row and the step cache's statistics of the bucket.
+        """
+        first = requests[0]
+        # 2. the one-pass 81 image embeddings of the whole batch
+        with _timer(timings, "ar_image_tokens_s", self.device):
+            embeds = self.ar.image_embeddings(_select(enc, ok), [prefixes[i] for i in ok])  # [B', 81, D]
+        # 3. decoder conditioning
+        dit = self.components.gen_dit if decoder == "generation" else self.components.edit_dit
+        vae_scale = vae_scale_factor(self.components.vae)
+        with _timer(timings, "conditioning_s", self.device):
+            positive, negative = self._conditioning(decoder, embeds, [requests[i] for i in ok], vae_scale)
+        # 4. denoise the bucket (canceled requests leave at a step boundary)
+        job = DenoiseJob(
+            ok, [seeds[i] for i in ok], positive, negative,
+            first.width, first.height, first.steps, float(first.cfg_scale), float(first.guidance),
+            float(first.cache_threshold),
+        )  # fmt: skip
+        on_step = None if progress is None else lambda i, s, n: progress(i, "denoising", s, n)
+        channels = self.components.vae.config.latent_channels
+        self._log_first_compile(first, len(ok))
+        with _timer(timings, "denoise_s", self.device):
+            latents, kept = denoise(dit, job, vae_scale, channels, self.device, on_step, should_cancel)
+        # 5. VAE decode
+        for i in kept:
+            _notify(progress, i, "decoding")
+        with _timer(timings, "decode_s", self.device):
+            images = vae_decode(self.components.vae, latents, self.device)
+        for i, image in zip(kept, images, strict=True):
+            results[i].image = image
+        for i in sorted(set(ok) - set(kept)):
+            results[i].error = RequestError("canceled", "canceled during denoising")
+        return int(embeds.shape[1]), job.stats
 
     def _log_first_compile(self, first: GenerateRequest | EditRequest, batch: int) -> None:
         """With regional compilation, the first call of a shape bucket compiles its blocks: say so."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,24 @@ def _service_settings() -> Settings:
     return settings
 
 
+# The batch file format, in `nexusgen --help` and `nexusgen submit --help`; lines after the first are
+# indented as the docstrings' raw text.
+JSONL_EXAMPLE = """{"custom_id": "fox", "task": "generate", "prompt": "a red fox",
+       "params": {"width": 512, "height": 512, "steps": 28, "seed": 1}}
+      {"custom_id": "night", "task": "edit", "instruction": "make it night",
+       "image": "data:image/png;base64,...", "params": {"decoder": "edit"}}
+      {"custom_id": "what", "task": "understand", "instruction": "What is shown?",
+       "image": "upl_..."}"""
+
+
+def _with_jsonl_example(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Put JSONL_EXAMPLE into the docstring (click's help text) where it says {jsonl_example}."""
+    fn.__doc__ = (fn.__doc__ or "").replace("{jsonl_example}", JSONL_EXAMPLE)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@_with_jsonl_example
 def main() -> None:
     """Nexus-Gen V2 batch service: the stack, single services, administration and a client.
 
@@ -51,12 +68,7 @@ def main() -> None:
 
     \b
     A batch file for `submit` is JSONL, one job per line, each with a unique custom_id:
-      {"custom_id": "fox", "task": "generate", "prompt": "a red fox",
-       "params": {"width": 512, "height": 512, "steps": 28, "seed": 1}}
-      {"custom_id": "e1", "task": "edit", "instruction": "make it night",
-       "image": "data:image/png;base64,...", "params": {"decoder": "edit"}}
-      {"custom_id": "u1", "task": "understand", "instruction": "What is shown?",
-       "image": "upl_..."}
+      {jsonl_example}
     """
 
 
@@ -496,6 +508,7 @@ def _api_errors() -> Iterator[None]:
     default=None,
     help="comma list of events for --webhook (default: all but job.progress)",
 )
+@_with_jsonl_example
 def submit(
     file: Path, wait: bool, out_dir: Path | None, webhook_url: str | None, webhook_events: str | None
 ) -> None:
@@ -503,12 +516,7 @@ def submit(
 
     \b
     FILE.jsonl holds one job per line, each with a unique custom_id, e.g.
-      {"custom_id": "fox", "task": "generate", "prompt": "a red fox",
-       "params": {"width": 512, "height": 512, "steps": 28, "seed": 1}}
-      {"custom_id": "night", "task": "edit", "instruction": "make it night",
-       "image": "data:image/png;base64,...", "params": {"decoder": "edit"}}
-      {"custom_id": "what", "task": "understand", "instruction": "What is shown?",
-       "image": "upl_..."}
+      {jsonl_example}
     task: generate (prompt), edit and understand (instruction, image);
     image: an upload id (POST /v1/uploads) or a data URL; params as in POST /v1/jobs.
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from rich.table import Table
@@ -24,6 +24,9 @@ from core.settings import Settings
 from nexusgen.client import Client
 from nexusgen.contact_sheet import RunSummary, seconds_between, task_label, write_contact_sheet
 from nexusgen.progress import console, wait_for_batch
+
+if TYPE_CHECKING:
+    from nexusgen.receiver import WebhookReceiver
 
 
 @dataclass
@@ -193,7 +196,12 @@ def summary_table(
 
 
 def run_demo(settings: Settings, options: DemoOptions) -> int:
-    """Run the demo; return the exit status."""
+    """Run the demo; return the exit status.
+
+    1. start the stack; 2. a tenant with a key, and a webhook receiver verifying its signatures; 3. one
+    batch, its results and its webhooks (`_run_batch`); 4. the contact sheet and the summary
+    (`_report`); 5. stop the stack, whatever happened.
+    """
     from nexusgen.receiver import WebhookReceiver
 
     began = time.monotonic()
@@ -215,53 +223,19 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
         name, secret, key = create_demo_tenant(info["env"]["DATABASE_URL"])
         client = Client(info["api_url"], key)
         with WebhookReceiver(secret, path="/hooks") as receiver:
-            images = make_input_images(options.size)
-            uploads = {label: client.upload(data, f"{label}.png") for label, data in images.items()}
-            options.out_dir.mkdir(parents=True, exist_ok=True)
-            for label, data in images.items():
-                (options.out_dir / f"input-{label}.png").write_bytes(data)
-            jobs = demo_jobs(uploads, options)
-            batch = client.create_batch(jobs, webhook={"url": receiver.url}, metadata={"demo": name})
-            console.print(
-                f"tenant {name}: batch {batch['id']} with {len(jobs)} jobs; webhooks to {receiver.url}"
-            )
-            done = wait_for_batch(client, batch["id"], timeout_s=options.timeout_s)
-            done.sort(key=lambda job: job.get("custom_id") or job["id"])
-            files: dict[str, Path] = {}
-            for job in done:
-                if job["status"] == "succeeded":
-                    files[job["id"]], _ = client.download_result(job, options.out_dir)
-            input_names = {upload_id: f"input-{label}.png" for label, upload_id in uploads.items()}
-            specs = {j["custom_id"]: {**j, "image": input_names.get(j.get("image", ""), "")} for j in jobs}
-            expected = {(j["id"], "job." + j["status"]) for j in done} | {(batch["id"], "batch.completed")}
-
-            def _all_arrived(events: list[Any]) -> bool:
-                seen = {(e.payload["data"]["id"], e.payload["type"]) for e in events}
-                return expected <= seen
-
-            arrived = receiver.wait_for(_all_arrived, timeout_s=60)
-            verified, rejected = receiver.events(), receiver.rejected()
-        finished = client.get_batch(batch["id"])
+            batch = _run_batch(client, receiver, options, name)
         run = RunSummary(
-            batch_id=batch["id"],
+            batch_id=batch.batch_id,
             tenant=name,
-            submitted_at=finished.get("created_at"),
-            completed_at=finished.get("completed_at"),
+            submitted_at=batch.finished.get("created_at"),
+            completed_at=batch.finished.get("completed_at"),
             stack_start_s=stack_start_s,
-            webhooks_verified=len(verified),
-            webhooks_rejected=len(rejected),
-            webhooks_all_arrived=arrived,
+            webhooks_verified=len(batch.verified),
+            webhooks_rejected=len(batch.rejected),
+            webhooks_all_arrived=batch.arrived,
             tiny_model=settings.model_dir is None,
         )
-        sheet = write_contact_sheet(options.out_dir, run, done, files, specs)
-        console.print(summary_table(done, files, specs))
-        succeeded = sum(job["status"] == "succeeded" for job in done)
-        console.print(
-            f"{succeeded}/{len(done)} jobs succeeded; results and contact sheet in {sheet}\n"
-            f"webhooks: {len(verified)} verified, {len(rejected)} rejected, "
-            f"{'all expected events arrived' if arrived else 'some expected events did not arrive'}"
-        )
-        return 0 if succeeded == len(done) and arrived and not rejected else 1
+        return _report(options, run, batch)
     except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:  # ApiError is a RuntimeError
         console.print(f"[red]demo failed:[/red] {exc}")
         return 1
@@ -269,3 +243,61 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
         with console.status("stopping the stack ..."):
             stop_stack(process)
         console.print(f"stack stopped; total {time.monotonic() - began:.0f} s")
+
+
+@dataclass
+class BatchRun:
+    """What the demo's batch gave: its jobs (sorted), their result files, and the webhooks received."""
+
+    batch_id: str
+    finished: dict[str, Any]  # the batch as the API shows it at the end
+    done: list[dict[str, Any]]
+    files: dict[str, Path]
+    specs: dict[str, dict[str, Any]]  # custom id -> the job as submitted, its input image by file name
+    arrived: bool
+    verified: list[Any]
+    rejected: list[Any]
+
+
+def _run_batch(client: Client, receiver: WebhookReceiver, options: DemoOptions, name: str) -> BatchRun:
+    """Upload the inputs (kept beside the outputs), submit one batch with webhooks to `receiver`, wait
+    for it, download its results, then wait for every event the batch should have sent."""
+    images = make_input_images(options.size)
+    uploads = {label: client.upload(data, f"{label}.png") for label, data in images.items()}
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    for label, data in images.items():
+        (options.out_dir / f"input-{label}.png").write_bytes(data)
+    jobs = demo_jobs(uploads, options)
+    batch = client.create_batch(jobs, webhook={"url": receiver.url}, metadata={"demo": name})
+    console.print(f"tenant {name}: batch {batch['id']} with {len(jobs)} jobs; webhooks to {receiver.url}")
+    done = wait_for_batch(client, batch["id"], timeout_s=options.timeout_s)
+    done.sort(key=lambda job: job.get("custom_id") or job["id"])
+    files: dict[str, Path] = {}
+    for job in done:
+        if job["status"] == "succeeded":
+            files[job["id"]], _ = client.download_result(job, options.out_dir)
+    input_names = {upload_id: f"input-{label}.png" for label, upload_id in uploads.items()}
+    specs = {j["custom_id"]: {**j, "image": input_names.get(j.get("image", ""), "")} for j in jobs}
+    expected = {(j["id"], "job." + j["status"]) for j in done} | {(batch["id"], "batch.completed")}
+
+    def _all_arrived(events: list[Any]) -> bool:
+        seen = {(e.payload["data"]["id"], e.payload["type"]) for e in events}
+        return expected <= seen
+
+    arrived = receiver.wait_for(_all_arrived, timeout_s=60)
+    verified, rejected = receiver.events(), receiver.rejected()
+    finished = client.get_batch(batch["id"])
+    return BatchRun(batch["id"], finished, done, files, specs, arrived, verified, rejected)
+
+
+def _report(options: DemoOptions, run: RunSummary, batch: BatchRun) -> int:
+    """Write the contact sheet, print the table and the totals; 0 when every job and webhook was right."""
+    sheet = write_contact_sheet(options.out_dir, run, batch.done, batch.files, batch.specs)
+    console.print(summary_table(batch.done, batch.files, batch.specs))
+    succeeded = sum(job["status"] == "succeeded" for job in batch.done)
+    console.print(
+        f"{succeeded}/{len(batch.done)} jobs succeeded; results and contact sheet in {sheet}\n"
+        f"webhooks: {len(batch.verified)} verified, {len(batch.rejected)} rejected, "
+        f"{'all expected events arrived' if batch.arrived else 'some expected events did not arrive'}"
+    )
+    return 0 if succeeded == len(batch.done) and batch.arrived and not batch.rejected else 1

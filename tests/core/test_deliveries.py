@@ -10,26 +10,17 @@ import pytest
 from sqlalchemy import Engine, RowMapping, func, select, update
 
 from core import deliveries as sm
-from core.ids import new_id
 from core.records import DeliveryStatus
-from core.schema import tenants, webhook_attempts, webhook_deliveries, webhook_endpoints
+from core.schema import webhook_attempts, webhook_deliveries, webhook_endpoints
 from core.sender import SendOutcome
-from core.webhooks import enqueue_event
+from tests.support.webhooks import add_tenant, webhook_event
 
 SCHEDULE = (30.0, 60.0)
 
 
-def _tenant(engine: Engine) -> str:
-    tenant_id = new_id("ten")
-    with engine.begin() as conn:
-        conn.execute(tenants.insert().values(id=tenant_id, name=tenant_id, webhook_secret="whsec_x"))
-    return tenant_id
-
-
 def _events(engine: Engine, tenant_id: str, url: str, n: int = 1) -> None:
-    with engine.begin() as conn:
-        for i in range(n):
-            enqueue_event(conn, tenant_id=tenant_id, event_type="batch.completed", data={"i": i}, url=url)
+    for i in range(n):
+        webhook_event(engine, tenant_id, url, i)
 
 
 def _claim(engine: Engine, limit: int = 8, **kwargs: Any) -> list[RowMapping]:
@@ -73,7 +64,7 @@ def test_next_status_follows_the_outcome_and_the_schedule() -> None:
 
 def test_a_claim_leases_only_due_unleased_pending_deliveries(clean_db: Engine) -> None:
     engine = clean_db
-    tenant = _tenant(engine)
+    tenant = add_tenant(engine)["id"]
     _events(engine, tenant, "http://hooks.test/a", 4)
     ids = sorted(_rows(engine))
     with engine.begin() as conn:  # one not due yet, one already dead
@@ -95,7 +86,7 @@ def test_a_claim_leases_only_due_unleased_pending_deliveries(clean_db: Engine) -
 
 def test_a_claim_takes_tenants_in_turn_within_the_caps(clean_db: Engine) -> None:
     engine = clean_db
-    greedy, other = _tenant(engine), _tenant(engine)
+    greedy, other = add_tenant(engine)["id"], add_tenant(engine)["id"]
     _events(engine, greedy, "http://hooks.test/one", 6)  # older: first in line by age
     _events(engine, greedy, "http://hooks.test/two", 6)
     _events(engine, other, "http://hooks.test/other", 2)
@@ -108,7 +99,7 @@ def test_a_claim_takes_tenants_in_turn_within_the_caps(clean_db: Engine) -> None
 
 def test_the_caps_hold_across_concurrent_claimers(clean_db: Engine) -> None:
     engine = clean_db
-    tenant = _tenant(engine)
+    tenant = add_tenant(engine)["id"]
     for i in range(10):  # ten endpoints: only the tenant cap can bind
         _events(engine, tenant, f"http://hooks.test/{i}")
     second: list[RowMapping] = []
@@ -130,7 +121,7 @@ def test_the_caps_hold_across_concurrent_claimers(clean_db: Engine) -> None:
 
 def test_a_failure_moves_the_delivery_only_under_its_own_lease(clean_db: Engine) -> None:
     engine = clean_db
-    _events(engine, _tenant(engine), "http://hooks.test/a", 2)
+    _events(engine, add_tenant(engine)["id"], "http://hooks.test/a", 2)
     mine, lost = _claim(engine)
     _record(engine, mine, 500, DeliveryStatus.PENDING)
     _lose_lease(engine, lost["id"])
@@ -148,7 +139,7 @@ def test_a_failure_moves_the_delivery_only_under_its_own_lease(clean_db: Engine)
 
 def test_a_2xx_is_final_even_after_the_lease_was_lost_or_the_delivery_died(clean_db: Engine) -> None:
     engine = clean_db
-    _events(engine, _tenant(engine), "http://hooks.test/a", 2)
+    _events(engine, add_tenant(engine)["id"], "http://hooks.test/a", 2)
     late, dead = _claim(engine)
     _lose_lease(engine, late["id"])
     _record(engine, late, 200, DeliveryStatus.SUCCEEDED)
@@ -166,7 +157,7 @@ def test_a_2xx_is_final_even_after_the_lease_was_lost_or_the_delivery_died(clean
 
 def test_a_410_disables_the_endpoint_and_its_pending_deliveries(clean_db: Engine) -> None:
     engine = clean_db
-    tenant = _tenant(engine)
+    tenant = add_tenant(engine)["id"]
     _events(engine, tenant, "http://hooks.test/gone", 3)
     _events(engine, tenant, "http://hooks.test/fine", 1)
     claimed = {d["url"]: d for d in _claim(engine, limit=1)}
@@ -199,7 +190,7 @@ def test_a_410_disables_the_endpoint_and_its_pending_deliveries(clean_db: Engine
 
 def test_a_claimed_delivery_of_a_disabled_endpoint_ends_without_an_attempt(clean_db: Engine) -> None:
     engine = clean_db
-    _events(engine, _tenant(engine), "http://hooks.test/a", 1)
+    _events(engine, add_tenant(engine)["id"], "http://hooks.test/a", 1)
     (delivery,) = _claim(engine)
     with engine.begin() as conn:
         sm.skip_disabled(conn, delivery["id"])
@@ -211,7 +202,7 @@ def test_a_claimed_delivery_of_a_disabled_endpoint_ends_without_an_attempt(clean
 
 def test_redeliver_refuses_while_an_attempt_is_in_flight(clean_db: Engine) -> None:
     engine = clean_db
-    tenant = _tenant(engine)
+    tenant = add_tenant(engine)["id"]
     _events(engine, tenant, "http://hooks.test/a", 1)
     (delivery,) = _claim(engine)
     with engine.begin() as conn, pytest.raises(ValueError, match="in flight"):

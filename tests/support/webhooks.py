@@ -1,5 +1,6 @@
 """Fixtures for webhook tests in every package: loopback receivers, a guard against any non-loopback
-connection, a tenant with a signing secret, and helpers that start and finish a job.
+connection, a tenant with a signing secret, settings for fast deliveries, and helpers that write an event
+and start and finish a job.
 
 A pytest plugin (tests/conftest.py names it); a test module that wants the guard says
 `pytestmark = pytest.mark.usefixtures("outside_connections")`.
@@ -15,11 +16,12 @@ from typing import Any
 import pytest
 
 from core.ids import new_id
-from core.jobs import bucket_key, claim_batch, complete_job
-from core.schema import jobs, tenants
+from core.jobs import claim_batch, complete_job
+from core.schema import tenants
 from core.storage import result_key
-from core.webhooks import new_secret
+from core.webhooks import enqueue_event, new_secret
 from nexusgen.receiver import Behaviour, WebhookReceiver
+from tests.worker.support import insert_job
 
 
 @pytest.fixture
@@ -62,12 +64,35 @@ def make_receiver() -> Iterator[Callable[..., WebhookReceiver]]:
 
 
 @pytest.fixture
+def fast_delivery(settings: Any) -> Any:
+    """Settings with a short retry schedule and timeout, private networks allowed (loopback receivers)."""
+    return settings.with_overrides(
+        webhook_allow_private_networks=True, webhook_timeout_s=1.0, webhook_retry_schedule_s=(30.0, 60.0)
+    )
+
+
+@pytest.fixture
 def webhook_tenant(engine: Any, clean_db: Any) -> dict[str, str]:
     """A tenant with a fresh signing secret, in an emptied database."""
+    return add_tenant(engine)
+
+
+def add_tenant(engine: Any) -> dict[str, str]:
+    """Insert a tenant with a fresh signing secret; return its row."""
     row = {"id": new_id("ten"), "name": f"acme-{new_id('n')}", "webhook_secret": new_secret()}
     with engine.begin() as conn:
         conn.execute(tenants.insert().values(**row))
     return row
+
+
+def webhook_event(engine: Any, tenant_id: str, url: str, n: int = 0) -> str:
+    """Write a batch.completed event (data id `bat_<n>`) with a pending delivery to `url`; its id."""
+    with engine.begin() as conn:
+        event_id = enqueue_event(
+            conn, tenant_id=tenant_id, event_type="batch.completed", data={"id": f"bat_{n}"}, url=url
+        )
+    assert event_id is not None
+    return event_id
 
 
 def start_job(
@@ -80,23 +105,15 @@ def start_job(
     metadata: dict[str, Any] | None = None,
 ) -> tuple[str, int]:
     """Insert a queued generation job and claim it; return (job id, attempt)."""
-    params = {"width": 64, "height": 64, "steps": 2, "cfg_scale": 2.0, "guidance": 3.5, "seed": 1}
-    job_id = new_id("job")
+    columns = {
+        "custom_id": custom_id,
+        "metadata": metadata or {"order": 42},
+        "webhook_url": webhook_url,
+        "webhook_events": webhook_events,
+    }
+    params = {"width": 64, "height": 64, "cfg_scale": 2.0, "seed": 1}
+    job_id, _ = insert_job(engine, tenant_id, "generate", "a red fox", columns=columns, **params)
     with engine.begin() as conn:
-        conn.execute(
-            jobs.insert().values(
-                id=job_id,
-                tenant_id=tenant_id,
-                custom_id=custom_id,
-                task="generate",
-                prompt="a red fox",
-                params=params,
-                bucket=bucket_key("generate", params),
-                metadata=metadata or {"order": 42},
-                webhook_url=webhook_url,
-                webhook_events=webhook_events,
-            )
-        )
         (claimed,) = claim_batch(conn, worker_id="test", tasks=["generate"], max_batch=1, lease_s=60)
     assert claimed.id == job_id
     return job_id, claimed.attempt

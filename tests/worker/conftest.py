@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 
 from core.settings import Settings
 from core.storage import Storage
-from tests.worker.support import WorkerProcess, make_tenant
+from tests.worker.support import WorkerProcess, make_tenant, warm
 
 
 @pytest.fixture(scope="session")
@@ -41,10 +41,13 @@ def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     log_dir = Path(tmp_path_factory.mktemp("workers"))
     started: list[WorkerProcess] = []
 
-    def start(settings: Settings, name: str, **kwargs: Any) -> WorkerProcess:
+    def start(settings: Settings, name: str, preload: bool = False, **kwargs: Any) -> WorkerProcess:
+        """`preload`: send it one ticket, so that it loads the model before the test needs it."""
         worker = WorkerProcess(settings, name, log_dir, **kwargs)
         started.append(worker)
         worker.wait_ready()
+        if preload:
+            warm(settings, worker)
         return worker
 
     yield start

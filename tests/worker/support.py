@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -160,9 +160,10 @@ def insert_job(
     *,
     upload_id: str | None = None,
     priority: int = 0,
+    columns: Mapping[str, Any] | None = None,
     **params: Any,
 ) -> tuple[str, str]:
-    """Insert one queued job (no wake-up); returns (job id, bucket)."""
+    """Insert one queued job (no wake-up), with other `columns` of the row if given; (job id, bucket)."""
     p = job_params(task, **params)
     job_id, bucket = new_id("job"), bucket_key(task, p)
     with transaction(engine) as conn:
@@ -176,6 +177,7 @@ def insert_job(
                 params=p,
                 bucket=bucket,
                 priority=priority,
+                **(columns or {}),
             )
         )
     return job_id, bucket

@@ -6,7 +6,6 @@ loopback receiver; signatures are checked with the standardwebhooks package.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Callable
@@ -16,13 +15,13 @@ import pytest
 from sqlalchemy import Engine, select
 from standardwebhooks import Webhook
 
-from core.auth import create_api_key, create_tenant
 from core.schema import uploads
 from core.settings import Settings
 from core.storage import Storage
 from nexusgen.receiver import WebhookReceiver
-from tests.api.conftest import png_bytes
-from tests.worker.support import WorkerProcess, wait_for, warm
+from tests.support.api import new_tenant
+from tests.support.api import upload as upload_image
+from tests.worker.support import WorkerProcess, wait_for
 from worker.delivery import deliver_due
 
 
@@ -33,9 +32,7 @@ def cfg(settings: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def worker(cfg: Settings, start_worker: Callable[..., WorkerProcess]) -> WorkerProcess:
-    worker = start_worker(cfg, "batch-webhooks")
-    warm(cfg, worker)
-    return worker
+    return start_worker(cfg, "batch-webhooks", preload=True)
 
 
 @pytest.fixture
@@ -53,17 +50,10 @@ def test_jsonl_batch_webhook_gets_every_job_event_and_one_batch_completed(
 ) -> None:
     from api.app import create_app
 
-    with engine.begin() as conn:
-        _, secret = create_tenant(conn, "hooks")
-        key = create_api_key(conn, "hooks")
+    tenant = new_tenant(engine, "hooks")
     client = create_app(cfg).test_client()
-    auth = {"Authorization": f"Bearer {key}"}
-    upload = client.post(
-        "/v1/uploads",
-        data={"file": (io.BytesIO(png_bytes()), "in.png")},
-        headers=auth,
-        content_type="multipart/form-data",
-    ).get_json()["id"]
+    auth = tenant.headers
+    upload = upload_image(client, tenant).get_json()["id"]
     with engine.connect() as conn:
         upload_key = conn.execute(select(uploads.c.object_key).where(uploads.c.id == upload)).scalar_one()
     storage.delete(upload_key)  # the edit job's input is gone: it fails in the worker (job.failed)
@@ -91,7 +81,7 @@ def test_jsonl_batch_webhook_gets_every_job_event_and_one_batch_completed(
         time.sleep(0.2)
     time.sleep(0.5)
     deliver_due(engine, cfg, storage=storage)  # nothing more may come
-    payloads = [Webhook(secret).verify(req.body, req.headers) for req in receiver.received]
+    payloads = [Webhook(tenant.secret).verify(req.body, req.headers) for req in receiver.received]
     assert {req.path for req in receiver.received} == {"/hook"}
     assert len({req.headers["webhook-id"] for req in receiver.received}) == len(receiver.received)
 

@@ -15,20 +15,12 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from core.deliveries import redeliver, retry_delay
 from core.schema import webhook_attempts, webhook_deliveries, webhook_endpoints, webhook_events
 from core.storage import Storage
-from core.webhooks import enqueue_event, rotate_secret, sign_headers
+from core.webhooks import rotate_secret, sign_headers
 from nexusgen.embedded import free_port
-from tests.support.webhooks import start_job, succeed_job
+from tests.support.webhooks import start_job, succeed_job, webhook_event
 from worker.delivery import deliver_due
 
 pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
-
-
-@pytest.fixture
-def fast(settings: Any) -> Any:
-    """Settings with a short retry schedule and timeout, private networks allowed (loopback receivers)."""
-    return settings.with_overrides(
-        webhook_allow_private_networks=True, webhook_timeout_s=1.0, webhook_retry_schedule_s=(30.0, 60.0)
-    )
 
 
 def _deliveries(engine: Any) -> list[Any]:
@@ -55,17 +47,8 @@ def _make_due(engine: Any) -> None:
         )
 
 
-def _event(engine: Any, tenant_id: str, url: str, n: int = 0) -> str:
-    with engine.begin() as conn:
-        event_id = enqueue_event(
-            conn, tenant_id=tenant_id, event_type="batch.completed", data={"id": f"bat_{n}"}, url=url
-        )
-    assert event_id is not None
-    return event_id
-
-
 def test_signed_job_event_verifies_with_standardwebhooks(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver()
     job_id, attempt = start_job(
@@ -73,7 +56,9 @@ def test_signed_job_event_verifies_with_standardwebhooks(
     )
     succeed_job(engine, job_id, attempt, webhook_tenant["id"])
 
-    assert deliver_due(engine, fast, storage=Storage.from_settings(fast)) == {"succeeded": 1}
+    assert deliver_due(engine, fast_delivery, storage=Storage.from_settings(fast_delivery)) == {
+        "succeeded": 1
+    }
     (request,) = receiver.received
     payload = Webhook(webhook_tenant["webhook_secret"]).verify(request.body, request.headers)
     assert payload["type"] == "job.succeeded"
@@ -81,7 +66,7 @@ def test_signed_job_event_verifies_with_standardwebhooks(
     data = payload["data"]
     assert data["id"] == job_id and data["status"] == "succeeded" and data["custom_id"] == "row-1"
     assert data["metadata"] == {"order": 7}
-    assert data["links"]["result"] == f"{fast.public_base_url}/v1/jobs/{job_id}/result"
+    assert data["links"]["result"] == f"{fast_delivery.public_base_url}/v1/jobs/{job_id}/result"
     assert data["result"]["kind"] == "image" and "url" in data["result"] and "expires_at" in data["result"]
     assert datetime.fromisoformat(data["result"]["expires_at"]) > datetime.now(UTC)
     assert b"base64" not in request.body and len(request.body) < 4000  # links, never inline images
@@ -108,15 +93,15 @@ def test_signed_job_event_verifies_with_standardwebhooks(
 
 
 def test_both_secrets_verify_during_rotation_overlap(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver()
     old_secret = webhook_tenant["webhook_secret"]
     with engine.begin() as conn:
         new_secret = rotate_secret(conn, webhook_tenant["id"], overlap_s=3600)
     assert new_secret.startswith("whsec_") and new_secret != old_secret
-    _event(engine, webhook_tenant["id"], receiver.url, 1)
-    deliver_due(engine, fast)
+    webhook_event(engine, webhook_tenant["id"], receiver.url, 1)
+    deliver_due(engine, fast_delivery)
     (request,) = receiver.received
     assert len(request.headers["webhook-signature"].split(" ")) == 2
     assert Webhook(old_secret).verify(request.body, request.headers)["data"]["id"] == "bat_1"
@@ -124,8 +109,8 @@ def test_both_secrets_verify_during_rotation_overlap(
 
     with engine.begin() as conn:  # the overlap ends: only the new secret signs
         newest = rotate_secret(conn, webhook_tenant["id"], overlap_s=0)
-    _event(engine, webhook_tenant["id"], receiver.url, 2)
-    deliver_due(engine, fast)
+    webhook_event(engine, webhook_tenant["id"], receiver.url, 2)
+    deliver_due(engine, fast_delivery)
     last = receiver.received[-1]
     assert len(last.headers["webhook-signature"].split(" ")) == 1
     with pytest.raises(WebhookVerificationError):
@@ -134,22 +119,22 @@ def test_both_secrets_verify_during_rotation_overlap(
 
 
 def test_receiver_down_then_up_same_webhook_id(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     port = free_port()
-    event_id = _event(engine, webhook_tenant["id"], f"http://127.0.0.1:{port}/in")
-    assert deliver_due(engine, fast) == {"pending": 1}
+    event_id = webhook_event(engine, webhook_tenant["id"], f"http://127.0.0.1:{port}/in")
+    assert deliver_due(engine, fast_delivery) == {"pending": 1}
     (delivery,) = _deliveries(engine)
     assert delivery["attempts"] == 1 and "connect" in delivery["last_error"]
     wait = (delivery["next_attempt_at"] - datetime.now(UTC)).total_seconds()
     assert 30 * 0.8 - 2 < wait <= 30 * 1.2  # the first step of the schedule, with jitter
-    assert deliver_due(engine, fast) == {}  # not due yet
+    assert deliver_due(engine, fast_delivery) == {}  # not due yet
 
     receiver = make_receiver(port=port, statuses=[503, 200])
     _make_due(engine)
-    assert deliver_due(engine, fast) == {"pending": 1}
+    assert deliver_due(engine, fast_delivery) == {"pending": 1}
     _make_due(engine)
-    assert deliver_due(engine, fast) == {"succeeded": 1}
+    assert deliver_due(engine, fast_delivery) == {"succeeded": 1}
     assert [r.headers["webhook-id"] for r in receiver.received] == [event_id, event_id]
     for request in receiver.received:
         Webhook(webhook_tenant["webhook_secret"]).verify(request.body, request.headers)
@@ -163,28 +148,28 @@ def test_receiver_down_then_up_same_webhook_id(
 
 
 def test_410_disables_the_endpoint_and_stops_its_deliveries(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver(statuses=[410])
-    _event(engine, webhook_tenant["id"], receiver.url, 1)
-    assert deliver_due(engine, fast) == {"disabled": 1}
+    webhook_event(engine, webhook_tenant["id"], receiver.url, 1)
+    assert deliver_due(engine, fast_delivery) == {"disabled": 1}
     with engine.connect() as conn:
         endpoint = conn.execute(select(webhook_endpoints)).mappings().one()
     assert endpoint["disabled_at"] is not None and "410" in endpoint["disabled_reason"]
-    _event(engine, webhook_tenant["id"], receiver.url, 2)
-    assert deliver_due(engine, fast) == {}
+    webhook_event(engine, webhook_tenant["id"], receiver.url, 2)
+    assert deliver_due(engine, fast_delivery) == {}
     assert [d["status"] for d in _deliveries(engine)] == ["disabled", "disabled"]
     assert len(receiver.received) == 1
 
 
 def test_slow_receiver_times_out_without_blocking_others(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
-    patient = fast.with_overrides(webhook_timeout_s=2.0)
+    patient = fast_delivery.with_overrides(webhook_timeout_s=2.0)
     slow = make_receiver(delay_s=6.0)
     quick = make_receiver()
-    _event(engine, webhook_tenant["id"], slow.url + "/slow", 1)
-    _event(engine, webhook_tenant["id"], quick.url + "/quick", 2)
+    webhook_event(engine, webhook_tenant["id"], slow.url + "/slow", 1)
+    webhook_event(engine, webhook_tenant["id"], quick.url + "/quick", 2)
     t0 = time.monotonic()
     counts = deliver_due(engine, patient)
     elapsed = time.monotonic() - t0
@@ -196,14 +181,14 @@ def test_slow_receiver_times_out_without_blocking_others(
 
 
 def test_dead_after_the_last_retry_then_redelivered(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver(statuses=[500, 500, 500, 200])
-    event_id = _event(engine, webhook_tenant["id"], receiver.url)
+    event_id = webhook_event(engine, webhook_tenant["id"], receiver.url)
     statuses = []
     for _ in range(3):  # the first try and the two retries of the schedule
         _make_due(engine)
-        statuses.append(next(iter(deliver_due(engine, fast))))
+        statuses.append(next(iter(deliver_due(engine, fast_delivery))))
     assert statuses == ["pending", "pending", "dead"]
     (delivery,) = _deliveries(engine)
     assert delivery["status"] == "dead" and delivery["attempts"] == 3 and delivery["last_status_code"] == 500
@@ -212,7 +197,7 @@ def test_dead_after_the_last_retry_then_redelivered(
         row = redeliver(conn, webhook_tenant["id"], delivery["id"])
         assert redeliver(conn, "ten_other", delivery["id"]) is None  # another tenant's delivery: not found
     assert row is not None and row["status"] == "pending" and row["attempts"] == 0
-    assert deliver_due(engine, fast) == {"succeeded": 1}
+    assert deliver_due(engine, fast_delivery) == {"succeeded": 1}
     assert {r.headers["webhook-id"] for r in receiver.received} == {event_id}
     assert len(_attempts(engine, delivery["id"])) == 4
 
@@ -222,9 +207,9 @@ def test_refused_at_delivery_time_is_recorded_without_connecting(
 ) -> None:
     strict = settings.with_overrides(webhook_allow_private_networks=False)
     listener = make_receiver()
-    _event(engine, webhook_tenant["id"], "http://10.0.0.1/hook", 1)
-    _event(engine, webhook_tenant["id"], listener.url + "/hook", 2)
-    _event(engine, webhook_tenant["id"], "http://169.254.169.254/latest/meta-data/", 3)
+    webhook_event(engine, webhook_tenant["id"], "http://10.0.0.1/hook", 1)
+    webhook_event(engine, webhook_tenant["id"], listener.url + "/hook", 2)
+    webhook_event(engine, webhook_tenant["id"], "http://169.254.169.254/latest/meta-data/", 3)
     assert deliver_due(engine, strict) == {"refused": 3}
     errors = sorted(d["last_error"].split(":")[0] for d in _deliveries(engine))
     assert errors == ["loopback_address", "metadata_address", "private_address"]
@@ -242,19 +227,19 @@ def test_retry_schedule_spans_about_three_days(settings: Any) -> None:
 
 
 def test_new_events_are_picked_up_while_a_slow_attempt_is_in_flight(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
-    patient = fast.with_overrides(webhook_timeout_s=2.5)
+    patient = fast_delivery.with_overrides(webhook_timeout_s=2.5)
     slow = make_receiver(delay_s=3.0)
     quick = make_receiver()
-    _event(engine, webhook_tenant["id"], slow.url + "/slow", 1)
+    webhook_event(engine, webhook_tenant["id"], slow.url + "/slow", 1)
     counts: dict[str, int] = {}
     runner = threading.Thread(target=lambda: counts.update(deliver_due(engine, patient, budget_s=6.0)))
     runner.start()  # as the Celery task runs it: claiming goes on while attempts are in flight
     while not slow.received:
         time.sleep(0.02)
     enqueued_at = time.monotonic()
-    _event(engine, webhook_tenant["id"], quick.url + "/quick", 2)
+    webhook_event(engine, webhook_tenant["id"], quick.url + "/quick", 2)
     runner.join(timeout=15)
     assert not runner.is_alive()
     assert quick.received and quick.received[0].at - enqueued_at < 1.8  # before the slow one timed out

@@ -10,46 +10,22 @@ import pytest
 from sqlalchemy import select, update
 
 from core.deliveries import claim_due
-from core.ids import new_id
-from core.schema import tenants, webhook_attempts, webhook_deliveries
+from core.schema import webhook_attempts, webhook_deliveries
 from core.settings import Settings
 from core.ssrf import use_resolver
-from core.webhooks import enqueue_event, new_secret
+from tests.support.webhooks import add_tenant, webhook_event
 from worker.delivery import deliver_due, deliver_one
 
 pytestmark = pytest.mark.usefixtures("outside_connections")  # tests never leave the machine
 
 
-@pytest.fixture
-def fast(settings: Any) -> Any:
-    return settings.with_overrides(
-        webhook_allow_private_networks=True, webhook_timeout_s=1.0, webhook_retry_schedule_s=(30.0, 60.0)
-    )
-
-
-def _event(engine: Any, tenant_id: str, url: str, n: int = 0) -> str:
-    with engine.begin() as conn:
-        event_id = enqueue_event(
-            conn, tenant_id=tenant_id, event_type="batch.completed", data={"id": f"bat_{n}"}, url=url
-        )
-    assert event_id is not None
-    return event_id
-
-
-def _tenant(engine: Any) -> str:
-    tenant_id = new_id("ten")
-    with engine.begin() as conn:
-        conn.execute(tenants.insert().values(id=tenant_id, name=tenant_id, webhook_secret=new_secret()))
-    return tenant_id
-
-
 def test_a_trickling_receiver_is_cut_off_at_the_attempt_deadline(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     trickler = make_receiver(trickle_s=0.25)  # each byte well inside the 1 s read timeout
-    _event(engine, webhook_tenant["id"], trickler.url)
+    webhook_event(engine, webhook_tenant["id"], trickler.url)
     t0 = time.monotonic()
-    counts = deliver_due(engine, fast)
+    counts = deliver_due(engine, fast_delivery)
     elapsed = time.monotonic() - t0
     # Every byte arrives well inside the 1 s read timeout; only a whole-attempt deadline stops it.
     assert elapsed < 2.5, f"one attempt took {elapsed:.1f} s against a 1 s deadline"
@@ -70,39 +46,39 @@ def test_the_claim_lock_outlasts_a_whole_attempt() -> None:
 
 
 def test_a_2xx_that_arrives_after_the_lease_was_lost_is_kept(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
     receiver = make_receiver(statuses=[200, 500])
-    _event(engine, webhook_tenant["id"], receiver.url)
+    webhook_event(engine, webhook_tenant["id"], receiver.url)
     with engine.begin() as conn:
         (claimed,) = claim_due(conn, limit=1, lock_s=60)
     with engine.begin() as conn:  # the lease ran out and another worker claimed the delivery
         conn.execute(
             update(webhook_deliveries).values(locked_until=claimed["locked_until"].replace(year=2099))
         )
-    assert deliver_one(engine, fast, claimed) == "succeeded"
+    assert deliver_one(engine, fast_delivery, claimed) == "succeeded"
     with engine.connect() as conn:
         delivery = conn.execute(select(webhook_deliveries)).mappings().one()
         attempts = conn.execute(select(webhook_attempts)).mappings().all()
     assert delivery["status"] == "succeeded" and delivery["delivered_at"] is not None
     assert delivery["attempts"] == 1 and [a["status_code"] for a in attempts] == [200]
     # The other worker's attempt fails (HTTP 500) and is recorded later: it does not undo the success.
-    assert deliver_one(engine, fast, claimed) == "pending"
+    assert deliver_one(engine, fast_delivery, claimed) == "pending"
     with engine.connect() as conn:
         assert conn.execute(select(webhook_deliveries.c.status)).scalar_one() == "succeeded"
         assert conn.execute(select(webhook_attempts.c.status_code)).scalars().all() == [200, 500]
 
 
 def test_a_tenant_with_slow_receivers_behind_several_urls_leaves_slots_for_others(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
-    patient = fast.with_overrides(webhook_timeout_s=3.0)
+    patient = fast_delivery.with_overrides(webhook_timeout_s=3.0)
     slow = [make_receiver(delay_s=2.0) for _ in range(3)]
     for i in range(12):  # older than the other tenant's event, so first in line by age
-        _event(engine, webhook_tenant["id"], slow[i % 3].url + f"/u{i % 3}", i)
-    other = _tenant(engine)
+        webhook_event(engine, webhook_tenant["id"], slow[i % 3].url + f"/u{i % 3}", i)
+    other = add_tenant(engine)["id"]
     quick = make_receiver()
-    _event(engine, other, quick.url + "/quick", 99)
+    webhook_event(engine, other, quick.url + "/quick", 99)
     t0 = time.monotonic()
     counts = deliver_due(engine, patient, max_parallel=8)
     assert quick.received, "the other tenant's event was never delivered"
@@ -111,7 +87,7 @@ def test_a_tenant_with_slow_receivers_behind_several_urls_leaves_slots_for_other
 
 
 def test_a_stalling_name_lookup_counts_against_the_attempt_deadline(
-    engine: Any, fast: Any, webhook_tenant: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any
 ) -> None:
     release = threading.Event()
 
@@ -119,11 +95,11 @@ def test_a_stalling_name_lookup_counts_against_the_attempt_deadline(
         release.wait(20)  # like a resolver whose server never answers
         return ["127.0.0.1"]
 
-    _event(engine, webhook_tenant["id"], "http://hooks.stalling-dns.example/in")
+    webhook_event(engine, webhook_tenant["id"], "http://hooks.stalling-dns.example/in")
     t0 = time.monotonic()
     try:
         with use_resolver(stall):
-            counts = deliver_due(engine, fast)
+            counts = deliver_due(engine, fast_delivery)
     finally:
         release.set()
     elapsed = time.monotonic() - t0
@@ -136,12 +112,12 @@ def test_a_stalling_name_lookup_counts_against_the_attempt_deadline(
 
 
 def test_the_tenant_cap_holds_across_two_delivery_tasks(
-    engine: Any, fast: Any, webhook_tenant: Any, make_receiver: Any
+    engine: Any, fast_delivery: Any, webhook_tenant: Any, make_receiver: Any
 ) -> None:
-    patient = fast.with_overrides(webhook_timeout_s=3.0)
+    patient = fast_delivery.with_overrides(webhook_timeout_s=3.0)
     slow = [make_receiver(delay_s=1.0) for _ in range(3)]
     for i in range(12):  # twelve endpoints of one tenant: only the tenant cap binds
-        _event(engine, webhook_tenant["id"], slow[i % 3].url + f"/u{i}", i)
+        webhook_event(engine, webhook_tenant["id"], slow[i % 3].url + f"/u{i}", i)
     counts: list[dict[str, int]] = []
     tasks = [threading.Thread(target=lambda: counts.append(deliver_due(engine, patient))) for _ in range(2)]
     for task in tasks:  # two webhook workers, each with 8 slots

@@ -4,7 +4,6 @@ completed; `nexusgen status --watch` follows the stream (idle streams: tests/api
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,12 +11,11 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine, func, select
 
-from core.auth import create_api_key, create_tenant
 from core.schema import job_events
 from core.settings import Settings
 from nexusgen.cli import main as cli
-from nexusgen.client import Client
-from tests.worker.support import WorkerProcess, warm
+from tests.support.api import http_client, serve
+from tests.worker.support import WorkerProcess
 
 STAGES = ["starting", "encoding", "denoising", "decoding", "uploading", "done"]
 
@@ -36,42 +34,23 @@ def cfg(settings: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def worker(cfg: Settings, start_worker: Callable[..., WorkerProcess]) -> WorkerProcess:
-    worker = start_worker(cfg, "events")
-    warm(cfg, worker)
-    return worker
+    return start_worker(cfg, "events", preload=True)
 
 
 @pytest.fixture
 def server(cfg: Settings, engine: Engine, clean_db: Any) -> Iterator[tuple[str, Any]]:
     """The API on a loopback port (threaded, one thread per connection), and its app."""
-    from werkzeug.serving import WSGIRequestHandler, make_server
-
     from api.app import create_app
 
-    class Quiet(WSGIRequestHandler):
-        def log_request(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
     app = create_app(cfg)
-    http = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{http.server_port}", app
-    http.shutdown()
-    thread.join()
-
-
-def _client(engine: Engine, url: str, name: str) -> Client:
-    with engine.begin() as conn:
-        create_tenant(conn, name)
-        key = create_api_key(conn, name)
-    return Client(url, key)
+    with serve(app) as url:
+        yield url, app
 
 
 def test_a_stream_shows_every_stage_in_order_and_resumes_without_repeats(
     engine: Engine, worker: WorkerProcess, server: tuple[str, Any]
 ) -> None:
-    client = _client(engine, server[0], "sse")
+    client = http_client(engine, server[0], "sse")
     job = client.create_job(
         {"task": "generate", "prompt": "a fox", "params": {"width": 256, "height": 256, "steps": 3}}
     )
@@ -106,7 +85,7 @@ def test_a_stream_shows_every_stage_in_order_and_resumes_without_repeats(
 def test_a_batch_stream_shows_each_jobs_stages_and_ends_when_the_batch_completed(
     engine: Engine, worker: WorkerProcess, server: tuple[str, Any]
 ) -> None:
-    client = _client(engine, server[0], "sse-batch")
+    client = http_client(engine, server[0], "sse-batch")
     params = {"width": 256, "height": 256, "steps": 2}
     jobs = [
         {"task": "generate", "prompt": f"a fox {i}", "params": params, "custom_id": f"c{i}"} for i in range(2)

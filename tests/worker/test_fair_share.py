@@ -16,7 +16,7 @@ from core.jobs import bucket_key, cancel_batch
 from core.schema import batches, jobs
 from core.settings import Settings
 from core.submit import JobDraft
-from tests.worker.support import WorkerProcess, job_params, make_tenant, publish, warm
+from tests.worker.support import WorkerProcess, job_params, make_tenant, publish
 
 BACKLOG = 2000
 MAX_BATCH = 8
@@ -50,8 +50,7 @@ def test_a_single_job_starts_within_two_batches_behind_a_2000_job_backlog(
     engine: Engine, tenant: str, settings: Settings, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     cfg = settings.with_overrides(max_batch=MAX_BATCH, batch_window_s=0.2, lease_s=60)
-    worker = start_worker(cfg, "fair")
-    warm(cfg, worker)
+    worker = start_worker(cfg, "fair", preload=True)
     other = make_tenant(engine)
 
     backlog = _submit(engine, cfg, tenant, BACKLOG, "a lighthouse")

@@ -3,28 +3,26 @@ the job keeps its record and provenance and says expired, and its result answers
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
 from sqlalchemy import Engine, update
 
-from core.auth import create_api_key, create_tenant
 from core.jobs import claim_batch, complete_job
 from core.queue import make_publisher
 from core.schema import tenants
 from core.settings import Settings
 from core.storage import Storage, result_key
-from tests.api.conftest import png_bytes
+from tests.support.api import Tenant, new_tenant, png_bytes
+from tests.support.api import upload as upload_image
 from worker.sweeper import sweep
 
 
-def _tenant(engine: Engine, name: str, ttl_s: int | None) -> dict[str, str]:
+def _tenant(engine: Engine, name: str, ttl_s: int | None) -> Tenant:
+    tenant = new_tenant(engine, name)
     with engine.begin() as conn:
-        tenant_id, _ = create_tenant(conn, name)
-        key = create_api_key(conn, name)
-        conn.execute(update(tenants).where(tenants.c.id == tenant_id).values(result_ttl_s=ttl_s))
-    return {"id": tenant_id, "Authorization": f"Bearer {key}"}
+        conn.execute(update(tenants).where(tenants.c.id == tenant.id).values(result_ttl_s=ttl_s))
+    return tenant
 
 
 def _finish_all(engine: Engine, storage: Storage, settings: Settings, task: str) -> list[str]:
@@ -58,13 +56,8 @@ def test_short_ttl_deletes_objects_and_the_result_answers_410(
     publisher = make_publisher(cfg)
     short = _tenant(engine, "short", ttl_s=1)  # the per-tenant override
     kept = _tenant(engine, "kept", ttl_s=None)  # the default: an hour
-    auth = {"Authorization": short["Authorization"]}
-    upload = client.post(
-        "/v1/uploads",
-        data={"file": (io.BytesIO(png_bytes()), "in.png")},
-        headers=auth,
-        content_type="multipart/form-data",
-    ).get_json()["id"]
+    auth = short.headers
+    upload = upload_image(client, short).get_json()["id"]
     job = client.post(
         "/v1/jobs", json={"task": "edit", "instruction": "blue", "image": upload}, headers=auth
     ).get_json()
@@ -74,26 +67,26 @@ def test_short_ttl_deletes_objects_and_the_result_answers_410(
     kept_job = client.post(
         "/v1/jobs",
         json={"task": "generate", "prompt": "a fox"},
-        headers={"Authorization": kept["Authorization"]},
+        headers=kept.headers,
     ).get_json()
     time.sleep(1.5)
 
     # The input is past its retention, but queued jobs use it: it stays.
     counts = sweep(engine, publisher, cfg, storage)
     assert counts["uploads_expired"] == 0
-    assert len(storage.list_keys(f"tenants/{short['id']}/uploads/")) == 1
+    assert len(storage.list_keys(f"tenants/{short.id}/uploads/")) == 1
     assert client.post(f"/v1/jobs/{other['id']}/cancel", headers=auth).status_code == 200
 
     finished = _finish_all(engine, storage, cfg, "edit") + _finish_all(engine, storage, cfg, "generate")
     assert sorted(finished) == sorted([job["id"], kept_job["id"]])
     live = client.get(f"/v1/jobs/{job['id']}", headers=auth).get_json()
     assert live["result"]["expired"] is False and live["result"]["url"]
-    assert len(storage.list_keys(f"tenants/{short['id']}/")) == 2  # the input and the result
+    assert len(storage.list_keys(f"tenants/{short.id}/")) == 2  # the input and the result
     time.sleep(1.5)
 
     counts = sweep(engine, publisher, cfg, storage)
     assert (counts["results_expired"], counts["uploads_expired"], counts["objects_deleted"]) == (1, 1, 2)
-    assert storage.list_keys(f"tenants/{short['id']}/") == []
+    assert storage.list_keys(f"tenants/{short.id}/") == []
     body = client.get(f"/v1/jobs/{job['id']}", headers=auth).get_json()
     assert body["status"] == "succeeded" and body["provenance"]["seed"] == 7
     assert body["result"]["expired"] is True and body["result"]["expired_at"] and "url" not in body["result"]
@@ -103,7 +96,7 @@ def test_short_ttl_deletes_objects_and_the_result_answers_410(
     assert again.status_code == 422 and again.get_json()["error"]["code"] == "upload_expired"
 
     # The other tenant keeps the default retention: its result is still there.
-    assert len(storage.list_keys(f"tenants/{kept['id']}/jobs/")) == 1
-    r = client.get(f"/v1/jobs/{kept_job['id']}/result", headers={"Authorization": kept["Authorization"]})
+    assert len(storage.list_keys(f"tenants/{kept.id}/jobs/")) == 1
+    r = client.get(f"/v1/jobs/{kept_job['id']}/result", headers=kept.headers)
     assert r.status_code == 302
     assert sweep(engine, publisher, cfg, storage)["objects_deleted"] == 0

@@ -22,11 +22,11 @@ from flask.testing import FlaskClient
 from PIL import Image
 from sqlalchemy import Engine
 
-from core.auth import create_api_key, create_tenant
 from core.queue import make_publisher
 from core.settings import Settings
 from core.storage import Storage
-from tests.worker.support import WorkerProcess, job_rows, result_rows, wait_for, warm
+from tests.support.api import new_tenant
+from tests.worker.support import WorkerProcess, job_rows, result_rows, wait_for
 from worker.sweeper import sweep
 
 SMALL = {"width": 256, "height": 256, "steps": 2}
@@ -49,9 +49,7 @@ def cfg(settings: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def tp2(cfg: Settings, start_worker: Callable[..., WorkerProcess]) -> WorkerProcess:
-    worker = start_worker(cfg, "tp2")
-    warm(cfg, worker)
-    return worker
+    return start_worker(cfg, "tp2", preload=True)
 
 
 @pytest.fixture
@@ -60,10 +58,7 @@ def api(cfg: Settings, engine: Engine, clean_db: Any) -> Iterator[tuple[FlaskCli
 
     app = create_app(cfg)
     app.config["TESTING"] = True
-    with engine.begin() as conn:
-        create_tenant(conn, "tp")
-        key = create_api_key(conn, "tp", ("submit", "read"))
-    yield app.test_client(), {"Authorization": f"Bearer {key}"}
+    yield app.test_client(), new_tenant(engine, "tp").headers
 
 
 def upload_picture(client: FlaskClient, headers: dict[str, str]) -> str:

@@ -3,7 +3,6 @@ GET /v1/usage, `nexusgen usage` and the /metrics counters all equal the sums of 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections import defaultdict
@@ -15,12 +14,12 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select
 
-from core.auth import create_api_key, create_tenant
 from core.schema import jobs, usage_records
 from core.settings import Settings
 from nexusgen.cli import main as cli
-from tests.api.conftest import png_bytes
-from tests.worker.support import WorkerProcess, wait_for, warm
+from tests.support.api import new_tenant
+from tests.support.api import upload as upload_image
+from tests.worker.support import WorkerProcess, wait_for
 
 COUNTERS = ("model_seconds", "images", "steps", "pixels", "input_tokens", "output_tokens")
 
@@ -32,9 +31,7 @@ def cfg(settings: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def worker(cfg: Settings, start_worker: Callable[..., WorkerProcess]) -> WorkerProcess:
-    worker = start_worker(cfg, "usage")
-    warm(cfg, worker)
-    return worker
+    return start_worker(cfg, "usage", preload=True)
 
 
 def _sums(records: list[Any]) -> dict[str, Any]:
@@ -46,15 +43,10 @@ def test_usage_sums_equal_the_per_job_records_across_a_mixed_batch(
 ) -> None:
     from api.app import create_app
 
-    with engine.begin() as conn:
-        create_tenant(conn, "usage")
-        key = create_api_key(conn, "usage")
+    tenant = new_tenant(engine, "usage")
     client = create_app(cfg).test_client()
-    auth = {"Authorization": f"Bearer {key}"}
-    upload = client.post(
-        "/v1/uploads", data={"file": (io.BytesIO(png_bytes()), "in.png")}, headers=auth,
-        content_type="multipart/form-data",
-    ).get_json()["id"]  # fmt: skip
+    auth = tenant.headers
+    upload = upload_image(client, tenant).get_json()["id"]
     image = {"width": 256, "height": 256, "steps": 2}
     lines = [
         *({"custom_id": f"g{i}", "task": "generate", "prompt": f"fox {i}", "params": image}

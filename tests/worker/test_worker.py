@@ -25,7 +25,6 @@ from tests.worker.support import (
     result_rows,
     send_tickets,
     wait_for,
-    warm,
 )
 
 PROVENANCE_KEYS = {"params", "checkpoint_hash", "batch_size", "timings", "worker", "attempt", "task"}
@@ -45,9 +44,7 @@ def cfg(settings: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def worker(cfg: Settings, start_worker: Callable[..., WorkerProcess]) -> WorkerProcess:
-    worker = start_worker(cfg, "solo")
-    warm(cfg, worker)
-    return worker
+    return start_worker(cfg, "solo", preload=True)
 
 
 def test_mixed_bulk_submission_runs_in_batches(
