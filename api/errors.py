@@ -110,7 +110,8 @@ def register_error_handlers(app: APIFlask) -> None:
 
     @app.errorhandler(IntegrityError)
     def _integrity(error: IntegrityError) -> Response:
-        if "tenant_id" in str(error.orig):
+        # the job's tenant is gone: a foreign key's message, or the jobs' reference check (migration 0009)
+        if "tenant_id" in str(error.orig) or 'reference to "tenants"' in str(error.orig):
             return _tenant_gone()
         return error_response(409, "conflict", "the request conflicts with the current state; retry it")
 

@@ -20,7 +20,6 @@ from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
 from api.schemas import JobIn, JobListOut, JobListQuery, JobOut, describes_body
-from core.events import queue_position
 from core.ingest import (
     delete_pending_uploads,
     insert_pending_uploads,
@@ -28,6 +27,7 @@ from core.ingest import (
     missing_uploads,
     put_pending_uploads,
 )
+from core.job_view import read_job_view
 from core.jobs import cancel_job
 from core.limits import admit
 from core.records import (
@@ -163,10 +163,14 @@ def get_job(job_id: str) -> Response:
     queue position."""
     principal = current_principal()
     with services().reader.connect() as conn:
-        job = load_job(conn, principal.tenant_id, job_id)
-        body = render_jobs(conn, [job])[0]
-        body["queue_position"] = queue_position(conn, job)
-        return jsonify(body)
+        found = read_job_view(conn, principal.tenant_id, require_id(job_id, "job"))
+    if found is None:
+        fail(404, "not_found", f"no job {job_id!r}")
+    job, result, position = found
+    shown = render_result(result) if job.status is JobStatus.SUCCEEDED else None
+    body = job_payload(job, JOB_API_FIELDS, result=shown)
+    body["queue_position"] = position
+    return jsonify(body)
 
 
 def encode_cursor(created_at: datetime, job_id: str) -> str:

@@ -18,7 +18,9 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(settings: Settings, pool_size: int = 5, *, autocommit: bool = False) -> Engine:
+def make_engine(
+    settings: Settings, pool_size: int = 5, *, autocommit: bool = False, max_overflow: int = 10
+) -> Engine:
     """Create the engine; connections are checked before use so a restarted database is survived.
 
     `autocommit`: for single-statement reads, which then cost one round trip instead of five (the
@@ -31,7 +33,7 @@ def make_engine(settings: Settings, pool_size: int = 5, *, autocommit: bool = Fa
     return create_engine(
         normalize_url(settings.database_url),
         pool_size=pool_size,
-        max_overflow=10,
+        max_overflow=max_overflow,
         pool_pre_ping=not autocommit,
         isolation_level="AUTOCOMMIT" if autocommit else "READ COMMITTED",
         future=True,

@@ -10,13 +10,29 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Insert, RowMapping, and_, func, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Insert,
+    Integer,
+    RowMapping,
+    Select,
+    String,
+    and_,
+    func,
+    literal_column,
+    or_,
+    select,
+)
 
 from core.records import Job, JobStatus
 from core.schema import job_events, jobs
 
 FIELDS = ("status", "stage", "step", "total_steps")
 POSITION_CAP = 100_000  # queue positions are counted up to this, then reported as this
+# 'queued' written into the SQL, not bound: a prepared statement's generic plan can then use the partial
+# indexes on queued jobs (core.schema), and Postgres stops planning the statement again at each execution.
+IS_QUEUED = literal_column(f"'{JobStatus.QUEUED}'", String)
 
 
 def log_states(conn: Connection, changed: Sequence[Job]) -> None:
@@ -80,31 +96,43 @@ def touched_since(conn: Connection, after: int, upto: int) -> set[str]:
     return {r.job_id for r in rows} | {r.batch_id for r in rows if r.batch_id is not None}
 
 
+def runs_before(
+    task: Any, priority: Any, created_at: Any, job_id: Any, jobs_: Any = jobs
+) -> ColumnElement[bool]:
+    """The condition on `jobs_` rows (the table or an alias) for the queued jobs that priority-then-age
+    order puts before a job of these values (plain values, or the columns of a correlated outer row)."""
+    return and_(
+        jobs_.c.status == IS_QUEUED,
+        jobs_.c.task == task,
+        or_(
+            jobs_.c.priority > priority,
+            and_(
+                jobs_.c.priority == priority,
+                or_(
+                    jobs_.c.created_at < created_at,
+                    and_(jobs_.c.created_at == created_at, jobs_.c.id < job_id),
+                ),
+            ),
+        ),
+    )
+
+
+def count_ahead(condition: ColumnElement[bool], jobs_: Any = jobs, *, outer: Any = None) -> Select[int]:
+    """1 + the number of `jobs_` rows meeting `condition`, counted up to POSITION_CAP; `outer`: the table
+    of the enclosing statement the condition refers to (a correlated count)."""
+    ahead = select(jobs_.c.id).where(condition).limit(literal_column(str(POSITION_CAP - 1), Integer))
+    if outer is not None:
+        ahead = ahead.correlate(outer)
+    return select(literal_column("1", Integer) + func.count()).select_from(ahead.subquery())
+
+
 def queue_position(conn: Connection, job: Job) -> int | None:
     """An estimate for a queued job: 1 + the queued jobs of its task that priority-then-age order puts
     first (fair share between tenants may start it sooner); counted up to POSITION_CAP."""
     if job.status is not JobStatus.QUEUED:
         return None
-    ahead = (
-        select(jobs.c.id)
-        .where(
-            jobs.c.status == JobStatus.QUEUED,
-            jobs.c.task == job.task,
-            or_(
-                jobs.c.priority > job.priority,
-                and_(
-                    jobs.c.priority == job.priority,
-                    or_(
-                        jobs.c.created_at < job.created_at,
-                        and_(jobs.c.created_at == job.created_at, jobs.c.id < job.id),
-                    ),
-                ),
-            ),
-        )
-        .limit(POSITION_CAP - 1)
-        .subquery()
-    )
-    return 1 + int(conn.execute(select(func.count()).select_from(ahead)).scalar_one())
+    condition = runs_before(job.task, job.priority, job.created_at, job.id)
+    return int(conn.execute(count_ahead(condition)).scalar_one())
 
 
 def purge_events(conn: Connection, older_than_s: float, limit: int = 5000) -> int:

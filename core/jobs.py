@@ -129,22 +129,9 @@ def count_by_status(conn: Connection, batch_id: str) -> dict[str, int]:
     return {status: int(n) for status, n in rows}
 
 
-def peek_head(
-    conn: Connection,
-    tasks: Sequence[str],
-    bucket: str | None = None,
-    *,
-    full_at: int | None = None,
-    window_s: float = 0.0,
-    default_max_running: int = 0,
-) -> Head | None:
-    """The group the next claim of `tasks` (in `bucket` if given) takes, locking nothing: the most urgent
-    priority, then the tenant whose turn it is (core.fair_share.queue_head), passing over tenants at
-    their max_running. With `full_at`, a group waits for batch mates until its bucket offers `full_at`
-    jobs or its oldest job waited `window_s` (then the longest-waiting group comes back)."""
-    return queue_head(
-        conn, tasks, bucket, full_at=full_at, window_s=window_s, max_running=default_max_running
-    )
+# The peek a claim starts from (the worker peeks, waits for batch mates, then claims with its head): the
+# group the next claim takes, locking nothing. Its query is core.fair_share's, beside the claim's others.
+peek_head = queue_head
 
 
 def claim_batch(
@@ -165,7 +152,7 @@ def claim_batch(
     gets no more jobs started.
     """
     if head is None:
-        head = peek_head(conn, tasks, bucket, default_max_running=default_max_running)
+        head = peek_head(conn, tasks, bucket, max_running=default_max_running)
         if head is None:
             return []
     # A head from a peek knows whether its tenant has a limit: without one, nothing to count or lock.

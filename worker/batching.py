@@ -38,7 +38,7 @@ def gather_and_claim(
                 bucket,
                 full_at=settings.max_batch,
                 window_s=settings.batch_window_s,
-                default_max_running=settings.tenant_max_running,
+                max_running=settings.tenant_max_running,
             )
         if head is None:
             return []

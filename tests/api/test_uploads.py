@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import struct
@@ -111,3 +112,31 @@ def test_decompression_bomb_warning_is_an_error(
     r = upload(client, acme, _bomb_png(width, height))
     assert r.status_code == 422 and r.get_json()["error"]["code"] == "image_too_large"
     assert "too many pixels" in r.get_json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_image_past_the_aspect_ratio_is_refused_up_front(
+    client: Any, acme: Tenant, settings: Any, fmt: str
+) -> None:
+    """Upload or inline: an image whose longer side is more than 200 times its shorter side is a 422 with
+    its own code (the model would refuse it in the worker), and nothing is stored; 200:1 itself is taken."""
+    storage = Storage.from_settings(settings)
+    for size in ((4020, 20), (20, 4020)):
+        data = png_bytes(*size, fmt=fmt)
+        r = upload(client, acme, data)
+        assert r.status_code == 422, r.get_json()
+        assert r.get_json()["error"]["code"] == "image_aspect_ratio_too_large"
+        inline = "data:image/png;base64," + base64.b64encode(data).decode()
+        r = client.post(
+            "/v1/jobs", json={"task": "edit", "instruction": "blue", "image": inline}, headers=acme.headers
+        )
+        assert r.status_code == 422, r.get_json()
+        assert r.get_json()["error"]["code"] == "image_aspect_ratio_too_large"
+    assert storage.list_keys(f"tenants/{acme.id}/") == []
+    r = upload(client, acme, png_bytes(4000, 20, fmt=fmt))
+    assert r.status_code == 201, r.get_json()
+    inline = "data:image/png;base64," + base64.b64encode(png_bytes(20, 4000, fmt=fmt)).decode()
+    r = client.post(
+        "/v1/jobs", json={"task": "understand", "instruction": "what", "image": inline}, headers=acme.headers
+    )
+    assert r.status_code == 201, r.get_json()

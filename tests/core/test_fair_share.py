@@ -52,7 +52,11 @@ def _claim(engine: Engine, max_batch: int = 4, **kw: Any) -> list[str]:
 
 def _owners(engine: Engine, ids: list[str]) -> list[str]:
     with engine.connect() as conn:
-        owner = dict(conn.execute(select(jobs.c.id, tenants.c.name).join(tenants)).all())
+        owner = dict(
+            conn.execute(
+                select(jobs.c.id, tenants.c.name).join(tenants, tenants.c.id == jobs.c.tenant_id)
+            ).all()
+        )
     return [owner[i] for i in ids]
 
 
