@@ -15,7 +15,7 @@ from apiflask.fields import Boolean, DateTime, Dict, File, Float, Integer, List,
 from apiflask.validators import Length, OneOf, Range
 from sqlalchemy import RowMapping
 
-from core.params import DECODERS, DEFAULTS, LANGUAGES, MAX_NEW_TOKENS, SCALES, SIDE, STEPS
+from core.params import DECODERS, DEFAULTS, LANGUAGES, MAX_ASPECT_RATIO, MAX_NEW_TOKENS, SCALES, SIDE, STEPS
 from core.records import TASKS, JobStatus
 from core.submit import MAX_CUSTOM_ID_CHARS, MAX_METADATA_BYTES, PRIORITY_RANGE
 from core.webhooks import ALL_EVENTS
@@ -76,11 +76,16 @@ class WebhookIn(Schema):
     events = List(String(validate=OneOf(list(ALL_EVENTS))))
 
 
+_IMAGE = f"a PNG, JPEG or WebP image whose longer side is at most {MAX_ASPECT_RATIO} times its shorter side"
+
+
 class JobIn(Schema):
     task = String(required=True, validate=OneOf(list(TASKS)))
     prompt = String(metadata={"description": "generate"})
     instruction = String(metadata={"description": "edit and understand"})
-    image = String(metadata={"description": "edit, understand: an upload id (upl_...) or a data URL"})
+    image = String(
+        metadata={"description": f"edit, understand: an upload id (upl_...) or a data URL of {_IMAGE}"}
+    )
     params = Nested(ParamsIn)
     priority = Integer(validate=Range(*PRIORITY_RANGE), metadata={"description": "higher runs first"})
     metadata = Dict(
@@ -107,7 +112,7 @@ class BatchQuery(Schema):
 
 
 class UploadIn(Schema):
-    file = File(required=True, metadata={"description": "a PNG, JPEG or WebP image"})
+    file = File(required=True, metadata={"description": _IMAGE})
 
 
 class JobListQuery(Schema):

@@ -32,6 +32,9 @@ class Bound:
 
 SIDE = Bound(256, 2048, multiple=16)  # output width and height; no model stage uses more of an input image
 STEPS = Bound(1, 100)
+# An input image's longer side over its shorter side; the worker's shrink to SIDE.high never raises it
+# (core.images.shrunk_size), so an image within it stays within the model's bound (model/requests.py)
+MAX_ASPECT_RATIO = 200
 SEED = Bound(0, 2**63 - 1)
 MAX_NEW_TOKENS = Bound(1, 4096)
 SCALES = {  # the float params: a number in the range, stored as a float

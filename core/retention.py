@@ -5,12 +5,19 @@ finished; an upload the same long after it was stored or last named by a job, an
 running job uses it. Expiry is two steps, so object storage is never called inside a transaction: `mark`
 sets `expired_at` (the API answers 410 from then on), `purge` deletes the objects of marked rows and
 clears their `object_key`; a failed delete is retried by the next sweep, so storage cannot grow for good.
+
+Orphans: an input image is stored before the transaction that inserts its row (core.ingest), so an API
+process that dies in between leaves an object no row names. `collect_orphans` walks the bucket a few
+listing pages per sweep, from where the last sweep stopped, and deletes the input objects that have no row
+and are older than NEXUSGEN_ORPHAN_GRACE_S (far longer than any request takes between its put and commit).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import urllib3.exceptions
@@ -18,11 +25,13 @@ from minio.error import MinioException
 from sqlalchemy import ColumnElement, Connection, Engine, Table, exists, func, select, update
 
 from core.schema import jobs, results, tenants, uploads
-from core.storage import Storage
+from core.storage import KEY_ROOT, UPLOADS, Storage
 
 log = logging.getLogger(__name__)
 
 CHUNK = 500  # rows per statement
+ORPHAN_PAGE = 1000  # keys per listing request (S3's page size)
+ORPHAN_PAGES = 4  # listing requests per sweep: its work is bounded, whatever the size of the bucket
 ACTIVE = ("queued", "running")
 
 
@@ -107,8 +116,80 @@ def purge(engine: Engine, storage: Storage, table: Table, limit: int = CHUNK) ->
     return len(done)
 
 
-def expire(engine: Engine, storage: Storage, budget_s: float = 10.0) -> dict[str, int]:
-    """One retention round (the sweeper): mark, then purge, chunk by chunk for at most `budget_s`."""
+@dataclass
+class OrphanWalk:
+    """Where the orphan walk resumes: the last key it looked at ("": the start of the bucket).
+
+    Held by the sweeping process between sweeps; a restarted process starts over, which only repeats work.
+    """
+
+    start_after: str = ""
+
+
+WALK = OrphanWalk()  # the sweeper's
+
+
+def _next_keys(storage: Storage, walk: OrphanWalk, pages: int, page_size: int) -> list[tuple[str, datetime]]:
+    """The input objects (key, last modified) of up to `pages` listing requests from where `walk` stands,
+    which it then passes. Other kinds (results: tenants/<t>/jobs/...) are jumped over, not listed, one
+    request per tenant: a tenant's millions of results do not hold the walk up. At the end of the bucket
+    the walk starts over."""
+    found: list[tuple[str, datetime]] = []
+    for _ in range(pages):
+        page = storage.list_page(KEY_ROOT, walk.start_after, page_size)
+        for key, modified in page:
+            walk.start_after = key
+            parts = key.split("/")
+            if len(parts) > 3 and parts[2] != UPLOADS:  # past every key under tenants/<t>/<kind>/
+                walk.start_after = "/".join(parts[:3]) + chr(ord("/") + 1)
+                break
+            if len(parts) == 4 and parts[3] and modified is not None:
+                found.append((key, modified))
+        else:
+            if len(page) < page_size:
+                walk.start_after = ""
+                break
+    return found
+
+
+def collect_orphans(
+    engine: Engine,
+    storage: Storage,
+    grace_s: float,
+    walk: OrphanWalk = WALK,
+    pages: int = ORPHAN_PAGES,
+    page_size: int = ORPHAN_PAGE,
+) -> int:
+    """Delete the input objects of the walk's next pages that are older than `grace_s` and that no upload
+    row names; return how many. A failed delete is logged; the next pass over the bucket retries it."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=grace_s)
+    listed = _next_keys(storage, walk, pages, page_size)
+    old = {key.rsplit("/", 1)[1]: key for key, modified in listed if modified < cutoff}
+    if not old:
+        return 0
+    with engine.connect() as conn:  # by primary key: an upload id is unique across tenants
+        named = set(conn.execute(select(uploads.c.id).where(uploads.c.id.in_(sorted(old)))).scalars())
+    orphans = [key for upload_id, key in old.items() if upload_id not in named]
+    if not orphans:
+        return 0
+    try:
+        failed = storage.delete_many(orphans)
+    except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        log.warning(
+            "retention: could not delete %d orphaned inputs (%s); retried next pass", len(orphans), exc
+        )
+        return 0
+    if failed:
+        log.warning("retention: could not delete %d orphaned inputs, e.g. %s", len(failed), failed[0])
+    log.info("retention: deleted %d orphaned inputs (no upload row, older than %s s)", len(orphans), grace_s)
+    return len(orphans) - len(failed)
+
+
+def expire(
+    engine: Engine, storage: Storage, budget_s: float = 10.0, orphan_grace_s: float | None = None
+) -> dict[str, int]:
+    """One retention round (the sweeper): mark, then purge, chunk by chunk for at most `budget_s`; then,
+    given `orphan_grace_s`, one bounded step of the orphan walk."""
     deadline = time.monotonic() + budget_s
     counts = {"results_expired": 0, "uploads_expired": 0, "objects_deleted": 0}
     while True:
@@ -119,4 +200,7 @@ def expire(engine: Engine, storage: Storage, budget_s: float = 10.0) -> dict[str
         counts["uploads_expired"] += n_uploads
         counts["objects_deleted"] += deleted
         if (n_results < CHUNK and n_uploads < CHUNK and deleted < CHUNK) or time.monotonic() > deadline:
-            return counts
+            break
+    if orphan_grace_s is not None:
+        counts["orphans_deleted"] = collect_orphans(engine, storage, orphan_grace_s)
+    return counts

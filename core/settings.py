@@ -97,6 +97,9 @@ class Settings:
     presign_ttl_s: int = setting("NEXUSGEN_PRESIGN_TTL_S", 3600)
     idempotency_ttl_s: int = setting("NEXUSGEN_IDEMPOTENCY_TTL_S", 24 * 3600)
     result_ttl_s: int = setting("NEXUSGEN_RESULT_TTL_S", 7 * 24 * 3600, "results, inputs kept after last use")
+    orphan_grace_s: float = setting(
+        "NEXUSGEN_ORPHAN_GRACE_S", 3600.0, "stored inputs with no row this old go"
+    )
     # per-tenant limits unless `nexusgen tenant set-limits` set the tenant's own (0: no limit)
     tenant_max_queued: int = setting("NEXUSGEN_TENANT_MAX_QUEUED", 1_000_000)
     tenant_submit_per_minute: int = setting("NEXUSGEN_TENANT_SUBMIT_PER_MINUTE", 600)
@@ -115,6 +118,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.webhook_timeout_s <= 300:
             raise ValueError(f"WEBHOOK_TIMEOUT_S must be in (0, 300] seconds, got {self.webhook_timeout_s}")
+        if self.orphan_grace_s <= 0:  # 0 would delete an input between its put and its row's commit
+            raise ValueError(f"NEXUSGEN_ORPHAN_GRACE_S must be above 0 seconds, got {self.orphan_grace_s}")
         if self.max_prompt_chars > MAX_PROMPT_CHARS:
             raise ValueError(
                 f"NEXUSGEN_MAX_PROMPT_CHARS must be at most {MAX_PROMPT_CHARS}, got {self.max_prompt_chars}"

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import urlparse
 
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from core.settings import Settings
 
+KEY_ROOT = "tenants/"  # every object of ours: tenants/<tenant id>/<kind>/...
+UPLOADS = "uploads"  # the kind of input images (uploads and inline images)
+
 
 def upload_key(tenant_id: str, upload_id: str) -> str:
-    return f"tenants/{tenant_id}/uploads/{upload_id}"
+    return f"{KEY_ROOT}{tenant_id}/{UPLOADS}/{upload_id}"
 
 
 def result_key(tenant_id: str, job_id: str, ext: str) -> str:
     """One key per job, so a retried or duplicated attempt overwrites instead of adding an object."""
-    return f"tenants/{tenant_id}/jobs/{job_id}/result.{ext}"
+    return f"{KEY_ROOT}{tenant_id}/jobs/{job_id}/result.{ext}"
 
 
 def _client(endpoint_url: str, settings: Settings) -> Minio:
@@ -90,8 +96,25 @@ class Storage:
     def list_keys(self, prefix: str) -> list[str]:
         return [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
 
+    def list_page(
+        self, prefix: str, start_after: str, limit: int = 1000
+    ) -> list[tuple[str, datetime | None]]:
+        """(key, last modified) of at most `limit` keys under `prefix` after `start_after`, in key order:
+        one ListObjectsV2 request while `limit` is at most S3's page size (1000)."""
+        listed = self.client.list_objects(
+            self.bucket, prefix=prefix, recursive=True, start_after=start_after or None
+        )
+        page = itertools.islice(listed, limit)
+        return [(o.object_name, o.last_modified) for o in page if o.object_name is not None]
+
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, key)
+
+    def delete_many(self, keys: Iterable[str]) -> list[str]:
+        """Delete `keys` with DeleteObjects requests (1000 keys each); return the keys that were not deleted
+        (deleting a missing key succeeds)."""
+        errors = self.client.remove_objects(self.bucket, (DeleteObject(key) for key in keys))
+        return [error.name for error in errors if error.name is not None]
 
     def ping(self) -> bool:
         """True when the server answers and the bucket exists (readiness)."""

@@ -25,10 +25,10 @@ from model.config import (
     UNDERSTAND_MAX_PIXELS,
     VISION_PLACEHOLDER,
 )
+from model.requests import MAX_ASPECT_RATIO
 from model.speed import onload
 
 MIN_PIXELS = 3136
-MAX_ASPECT_RATIO = 200
 
 
 # ---- input images (docs/model.md#input-images) -------------------------------------------------------------

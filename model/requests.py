@@ -22,6 +22,7 @@ MAX_CACHE_THRESHOLD = 1.0  # TeaCache's FLUX range: 0.25 ~1.5x, 0.4 ~1.8x, 0.6 ~
 MAX_PROMPT_CHARS = 4000  # prompt, instruction and negative prompt
 MAX_UNDERSTAND_TOKENS = 4096
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 0..2**63-1
+MAX_ASPECT_RATIO = 200  # an input image's longer side over its shorter side (model.ar.smart_resize)
 
 Language = Literal["en", "zh"]
 Decoder = Literal["edit", "generation"]

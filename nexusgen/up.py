@@ -106,6 +106,8 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         child.started_at = time.monotonic()
         if child.launch is not None:
+            if child.server is not None:  # a restart: close the dead server's log (its process is gone)
+                child.server.stop()
             child.server = child.launch()
             child.process, child.log_path = child.server.process, child.server.log_path
             log.info("started embedded %s (pid %d)", child.name, child.process.pid)

@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select
 
 from core import jobs as jobstate
 from core.db import transaction
+from core.images import shrunk_size
 from core.params import SIDE
 from core.records import Job, JobStatus, Task
 from core.schema import uploads
@@ -176,7 +177,9 @@ def decode_input(data: bytes, upload_id: str) -> Image.Image:
                 "RGB", (SIDE.high, SIDE.high)
             )  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that suffices
             upright = ImageOps.exif_transpose(img)
-            upright.thumbnail((SIDE.high, SIDE.high), Image.Resampling.LANCZOS)
+            size = shrunk_size(upright.width, upright.height, SIDE.high)  # keeps the aspect ratio bound
+            if size != upright.size:
+                upright = upright.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)  # as thumbnail
             return upright.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"upload {upload_id} is not a readable image: {exc}") from exc

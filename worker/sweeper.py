@@ -5,7 +5,8 @@ put-backs do not count); then, if it requeued any or a job has waited longer tha
 ticket may be lost), tops every model queue up to one ticket per claimable batch (core.queue.top_up).
 Otherwise it leaves the queues alone: a worker between taking a ticket and claiming its batch would make
 a top-up publish a spare. Also drops Idempotency-Key records past their retention and folds the job
-counters' delta rows, deletes expired results and inputs (core.retention) and old job events.
+counters' delta rows, deletes expired results and inputs (core.retention) and old job events, and walks a
+few pages of the bucket for inputs no row names (core.retention.collect_orphans).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def sweep(
         "job_events_purged": events_purged,
     }
     if storage is not None:
-        counts.update(retention.expire(engine, storage))
+        counts.update(retention.expire(engine, storage, orphan_grace_s=settings.orphan_grace_s))
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts

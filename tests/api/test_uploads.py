@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import struct
@@ -9,7 +10,7 @@ import zlib
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from core.storage import Storage, upload_key
 from tests.api.conftest import Tenant, png_bytes, upload
@@ -42,6 +43,25 @@ def test_upload_round_trip_with_checksum(client: Any, acme: Tenant, settings: An
     assert body["sha256"] == hashlib.sha256(data).hexdigest() and body["size_bytes"] == len(data)
     stored = Storage.from_settings(settings).get_bytes(upload_key(acme.id, body["id"]))
     assert stored == data
+
+
+@pytest.mark.parametrize(
+    ("orientation", "size"), [(None, (64, 32)), (1, (64, 32)), (3, (64, 32)), (6, (32, 64)), (8, (32, 64))]
+)
+def test_upload_records_the_size_as_shown(
+    client: Any, acme: Tenant, orientation: int | None, size: Any
+) -> None:
+    """EXIF orientations 5-8 turn a photo a quarter: the recorded size is the upright one, as the worker
+    and viewers show it; the stored bytes stay as sent."""
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[ExifTags.Base.Orientation] = orientation
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 32), "red").save(buf, fmt, exif=exif.tobytes())
+        r = upload(client, acme, buf.getvalue())
+        assert r.status_code == 201, r.get_json()
+        assert (r.get_json()["width"], r.get_json()["height"]) == size, fmt
 
 
 @pytest.mark.parametrize(
@@ -111,3 +131,31 @@ def test_decompression_bomb_warning_is_an_error(
     r = upload(client, acme, _bomb_png(width, height))
     assert r.status_code == 422 and r.get_json()["error"]["code"] == "image_too_large"
     assert "too many pixels" in r.get_json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_image_past_the_aspect_ratio_is_refused_up_front(
+    client: Any, acme: Tenant, settings: Any, fmt: str
+) -> None:
+    """Upload or inline: an image whose longer side is more than 200 times its shorter side is a 422 with
+    its own code (the model would refuse it in the worker), and nothing is stored; 200:1 itself is taken."""
+    storage = Storage.from_settings(settings)
+    for size in ((4020, 20), (20, 4020)):
+        data = png_bytes(*size, fmt=fmt)
+        r = upload(client, acme, data)
+        assert r.status_code == 422, r.get_json()
+        assert r.get_json()["error"]["code"] == "image_aspect_ratio_too_large"
+        inline = "data:image/png;base64," + base64.b64encode(data).decode()
+        r = client.post(
+            "/v1/jobs", json={"task": "edit", "instruction": "blue", "image": inline}, headers=acme.headers
+        )
+        assert r.status_code == 422, r.get_json()
+        assert r.get_json()["error"]["code"] == "image_aspect_ratio_too_large"
+    assert storage.list_keys(f"tenants/{acme.id}/") == []
+    r = upload(client, acme, png_bytes(4000, 20, fmt=fmt))
+    assert r.status_code == 201, r.get_json()
+    inline = "data:image/png;base64," + base64.b64encode(png_bytes(20, 4000, fmt=fmt)).decode()
+    r = client.post(
+        "/v1/jobs", json={"task": "understand", "instruction": "what", "image": inline}, headers=acme.headers
+    )
+    assert r.status_code == 201, r.get_json()

@@ -53,6 +53,7 @@ def test_bad_values_name_their_variable() -> None:
         ("NEXUSGEN_EDIT_DECODERS", "flux"),
         ("NEXUSGEN_MAX_PROMPT_CHARS", "100000"),
         ("NEXUSGEN_TP_SIZE", "2"),
+        ("NEXUSGEN_ORPHAN_GRACE_S", "0"),
     ):
         with pytest.raises(ValueError, match=var):
             Settings.from_env({var: value})

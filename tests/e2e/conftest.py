@@ -69,10 +69,14 @@ class UpProcess:
 
     def start(self, timeout_s: float = 240) -> dict[str, Any]:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.state_dir / "up-test.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "nexusgen.cli", "up"], cwd=self.cwd, env=self.env, stdout=log, stderr=log
-        )
+        with (self.state_dir / "up-test.log").open("ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "nexusgen.cli", "up"],
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
         info_path = self.state_dir / "up.json"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 from PIL import Image
 
+from core.images import inspect_image
 from core.params import SIDE
+from core.settings import Settings
+from model import EditRequest, NexusGen, UnderstandRequest
 from worker.execute import decode_input
 
 
@@ -40,3 +44,22 @@ def test_a_large_photo_is_bounded_early_and_fast() -> None:
     assert max(image.size) <= SIDE.high and image.mode == "RGB"
     assert abs(image.width / image.height - 8000 / 5000) < 0.01
     assert cpu_s < 1.5, f"decoding a 40 MP JPEG took {cpu_s:.2f} s of CPU"
+
+
+def test_inputs_at_the_aspect_ratio_bound_run_through_the_model(tiny_checkpoint: Path) -> None:
+    """What the API takes (longer side MAX_ASPECT_RATIO times the shorter), shrunk as the worker shrinks
+    it, is edited and understood by the tiny model without an error."""
+    model = NexusGen.from_pretrained(str(tiny_checkpoint), device="cpu", prefix_mode="forced")
+    images = []
+    for size in ((40000, 200), (200, 39400)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 30)).save(buf, "PNG")
+        inspect_image(buf.getvalue(), Settings())
+        images.append(decode_input(buf.getvalue(), "upl_bound"))
+    fast = {"steps": 1, "width": 256, "height": 256}
+    edits = model.edit([EditRequest("make it blue", image, seed=0, **fast) for image in images])
+    assert [r.error for r in edits] == [None, None] and all(r.image.size == (256, 256) for r in edits)
+    answers = model.understand(
+        [UnderstandRequest("what is it?", image, max_new_tokens=2) for image in images]
+    )
+    assert [r.error for r in answers] == [None, None]
