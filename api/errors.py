@@ -21,7 +21,7 @@ from werkzeug.datastructures import Headers
 from core.idempotency import IdempotencyConflict
 from core.images import ImageError
 from core.limits import LimitExceeded, TenantGone
-from core.submit import SubmitError
+from core.submit import SubmitError, SubmitUnavailable
 
 log = logging.getLogger("nexusgen.api")
 
@@ -127,6 +127,11 @@ def register_error_handlers(app: APIFlask) -> None:
     @app.errorhandler(SubmitError)
     def _submit_error(error: SubmitError) -> Response:
         return error_response(error.status, error.code, error.message, error.details)
+
+    @app.errorhandler(SubmitUnavailable)
+    def _submit_unavailable(error: SubmitUnavailable) -> Response:
+        log.warning("submission check unavailable: %s", error.message)
+        return unavailable(error.code, error.message)
 
     @app.errorhandler(LimitExceeded)
     def _limit_exceeded(error: LimitExceeded) -> Response:
