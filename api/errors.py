@@ -104,6 +104,11 @@ def _register_infrastructure(app: APIFlask) -> None:
         log.warning("broker unavailable: %s", str(error)[:300])
         return unavailable("broker_unavailable", "the message broker is unavailable; retry shortly")
 
+    @app.errorhandler(SubmitUnavailable)
+    def _submit_unavailable(error: SubmitUnavailable) -> Response:
+        log.warning("submission check unavailable: %s", error.message)
+        return unavailable(error.code, error.message)
+
 
 def _register_client_errors(app: APIFlask) -> None:
     """What the request got wrong, found below the HTTP layer: the validators, the limits, the database."""
@@ -131,11 +136,6 @@ def _register_client_errors(app: APIFlask) -> None:
     @app.errorhandler(SubmitError)
     def _submit_error(error: SubmitError) -> Response:
         return error_response(error.status, error.code, error.message, error.details)
-
-    @app.errorhandler(SubmitUnavailable)
-    def _submit_unavailable(error: SubmitUnavailable) -> Response:
-        log.warning("submission check unavailable: %s", error.message)
-        return unavailable(error.code, error.message)
 
     @app.errorhandler(LimitExceeded)
     def _limit_exceeded(error: LimitExceeded) -> Response:
