@@ -21,7 +21,7 @@ from werkzeug.datastructures import Headers
 from core.idempotency import IdempotencyConflict
 from core.images import ImageError
 from core.limits import LimitExceeded, TenantGone
-from core.submit import SubmitError
+from core.submit import SubmitError, SubmitUnavailable
 
 log = logging.getLogger("nexusgen.api")
 
@@ -103,6 +103,11 @@ def _register_infrastructure(app: APIFlask) -> None:
     def _broker_down(error: Exception) -> Response:
         log.warning("broker unavailable: %s", str(error)[:300])
         return unavailable("broker_unavailable", "the message broker is unavailable; retry shortly")
+
+    @app.errorhandler(SubmitUnavailable)
+    def _submit_unavailable(error: SubmitUnavailable) -> Response:
+        log.warning("submission check unavailable: %s", error.message)
+        return unavailable(error.code, error.message)
 
 
 def _register_client_errors(app: APIFlask) -> None:
