@@ -21,7 +21,7 @@ from werkzeug.datastructures import Headers
 from core.idempotency import IdempotencyConflict
 from core.images import ImageError
 from core.limits import LimitExceeded, TenantGone
-from core.submit import SubmitError
+from core.submit import SubmitError, SubmitUnavailable
 
 log = logging.getLogger("nexusgen.api")
 
@@ -77,6 +77,15 @@ def unavailable(code: str, message: str) -> Response:
 
 
 def register_error_handlers(app: APIFlask) -> None:
+    """Every error our code or a library raises answers our error object: 503s, 401/409/422s, then HTTP."""
+    _register_infrastructure(app)
+    _register_client_errors(app)
+    _register_http_errors(app)
+
+
+def _register_infrastructure(app: APIFlask) -> None:
+    """An outage of a backing service is a 503 with Retry-After and a code that names the service."""
+
     @app.errorhandler(OperationalError)
     @app.errorhandler(InterfaceError)
     def _database_down(error: Exception) -> Response:
@@ -94,6 +103,15 @@ def register_error_handlers(app: APIFlask) -> None:
     def _broker_down(error: Exception) -> Response:
         log.warning("broker unavailable: %s", str(error)[:300])
         return unavailable("broker_unavailable", "the message broker is unavailable; retry shortly")
+
+    @app.errorhandler(SubmitUnavailable)
+    def _submit_unavailable(error: SubmitUnavailable) -> Response:
+        log.warning("submission check unavailable: %s", error.message)
+        return unavailable(error.code, error.message)
+
+
+def _register_client_errors(app: APIFlask) -> None:
+    """What the request got wrong, found below the HTTP layer: the validators, the limits, the database."""
 
     def _tenant_gone() -> Response:
         # The key's tenant was removed while its lookup was cached: the key no longer exists.
@@ -114,15 +132,6 @@ def register_error_handlers(app: APIFlask) -> None:
         if "tenant_id" in str(error.orig) or 'reference to "tenants"' in str(error.orig):
             return _tenant_gone()
         return error_response(409, "conflict", "the request conflicts with the current state; retry it")
-
-    @app.error_processor
-    def _apiflask_error(error: HTTPError) -> Response:
-        code = (error.extra_data or {}).get("code") or DEFAULT_CODES.get(error.status_code, "error")
-        details = error.detail or None
-        response = error_response(error.status_code, code, str(error.message), details)
-        for name, value in Headers(error.headers or {}).items():
-            response.headers[name] = value
-        return response
 
     @app.errorhandler(SubmitError)
     def _submit_error(error: SubmitError) -> Response:
@@ -147,3 +156,16 @@ def register_error_handlers(app: APIFlask) -> None:
     @app.errorhandler(IdempotencyConflict)
     def _idempotency_conflict(error: IdempotencyConflict) -> Response:
         return error_response(422, "idempotency_conflict", str(error))
+
+
+def _register_http_errors(app: APIFlask) -> None:
+    """apiflask's own errors (routing, method, schema validation, abort) carry our code and headers."""
+
+    @app.error_processor
+    def _apiflask_error(error: HTTPError) -> Response:
+        code = (error.extra_data or {}).get("code") or DEFAULT_CODES.get(error.status_code, "error")
+        details = error.detail or None
+        response = error_response(error.status_code, code, str(error.message), details)
+        for name, value in Headers(error.headers or {}).items():
+            response.headers[name] = value
+        return response

@@ -6,10 +6,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from core.params import MAX_ASPECT_RATIO
 from core.settings import Settings
@@ -37,6 +38,27 @@ def _looks_supported(data: bytes) -> bool:
     return data.startswith((b"\x89PNG", b"\xff\xd8\xff")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
+# EXIF orientations that turn the image a quarter: viewers, and the worker (ImageOps.exif_transpose), show
+# it with width and height swapped.
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is shown, its EXIF orientation applied. Only the EXIF block read with
+    the header is used (`getexif()` would decode a whole PNG to look for a late one)."""
+    width, height = image.size
+    raw = image.info.get("exif")
+    if not raw:
+        return width, height
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except (OSError, SyntaxError, ValueError, TypeError, struct.error):  # an EXIF block PIL cannot parse
+        return width, height
+    turned = exif.get(ExifTags.Base.Orientation) in _QUARTER_TURNS
+    return (height, width) if turned else (width, height)
+
+
 def inspect_image(data: bytes, settings: Settings) -> ImageInfo:
     """Check that `data` is a PNG, JPEG or WebP image within the byte and pixel limits.
 
@@ -56,7 +78,7 @@ def inspect_image(data: bytes, settings: Settings) -> ImageInfo:
         try:
             image = Image.open(io.BytesIO(data))
             fmt = str(image.format)
-            width, height = image.size
+            width, height = upright_size(image)
             if fmt not in IMAGE_FORMATS:
                 raise ImageError(
                     "unsupported_image_format", f"{fmt} images are not accepted; use PNG, JPEG or WebP"

@@ -300,7 +300,18 @@ webhook_deliveries = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("delivered_at", DateTime(timezone=True)),
 )
-Index("ix_webhook_deliveries_due", webhook_deliveries.c.status, webhook_deliveries.c.next_attempt_at)
+# Claims (core.deliveries): each tenant's pending deliveries in due order, and the leased ones (in flight).
+Index(
+    "ix_webhook_deliveries_pending",
+    webhook_deliveries.c.tenant_id,
+    webhook_deliveries.c.next_attempt_at,
+    postgresql_where=text("status = 'pending'"),
+)
+Index(
+    "ix_webhook_deliveries_leased",
+    webhook_deliveries.c.locked_until,
+    postgresql_where=text("status = 'pending' AND locked_until IS NOT NULL"),
+)
 Index("ix_webhook_deliveries_job", webhook_deliveries.c.tenant_id, webhook_deliveries.c.job_id)
 
 webhook_attempts = Table(

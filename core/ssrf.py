@@ -42,6 +42,11 @@ class WebhookURLRefused(ValueError):
         self.reason = reason
 
 
+class LookupTimedOut(WebhookURLRefused):
+    """The host's name lookup gave no answer by the deadline: the resolver's trouble, not a verdict on the
+    URL. Its reason stays `unresolvable_host`, which a delivery retries like any failed attempt."""
+
+
 @dataclass(frozen=True)
 class CheckedURL:
     """A webhook URL split into its parts, with the addresses that passed the check."""
@@ -93,7 +98,7 @@ def _resolve_by(resolver: Resolver, host: str, port: int, deadline: float | None
     thread.start()
     thread.join(max(0.0, deadline - time.monotonic()))
     if not answer:
-        raise TimeoutError("no answer by the attempt's deadline")
+        raise TimeoutError("no answer by the deadline")
     if isinstance(answer[0], Exception):
         raise answer[0]
     return answer[0]
@@ -164,8 +169,9 @@ def resolve_webhook_url(
 ) -> CheckedURL:
     """Resolve the URL's host once and refuse it if ANY address is not public (unless allow_private).
 
-    A lookup still unanswered at `deadline` (time.monotonic(); the delivery attempt's) is refused as
-    `unresolvable_host`, which the delivery retries like any failed attempt.
+    A lookup still unanswered at `deadline` (time.monotonic(): the delivery attempt's, or the submission
+    check's) raises LookupTimedOut, reason `unresolvable_host`, which the delivery retries like any failed
+    attempt and a submission answers 503.
     """
     scheme, host, port = parse_webhook_url(url)
     try:
@@ -177,7 +183,11 @@ def resolve_webhook_url(
     else:
         try:
             found = _resolve_by(resolver or _resolver, host, port, deadline)
-        except (OSError, UnicodeError) as exc:  # TimeoutError is an OSError
+        except TimeoutError as exc:
+            raise LookupTimedOut(
+                "unresolvable_host", f"the webhook host {host!r} does not resolve: {exc}"
+            ) from exc
+        except (OSError, UnicodeError) as exc:
             raise WebhookURLRefused(
                 "unresolvable_host", f"the webhook host {host!r} does not resolve: {exc}"
             ) from exc
@@ -199,6 +209,7 @@ def resolve_webhook_url(
     return CheckedURL(url=url, scheme=scheme, host=host, port=port, addresses=tuple(addresses))
 
 
-def check_webhook_url(url: str, allow_private: bool) -> None:
-    """Raise WebhookURLRefused unless the URL is an http(s) URL whose host resolves to allowed addresses."""
-    resolve_webhook_url(url, allow_private)
+def check_webhook_url(url: str, allow_private: bool, deadline: float | None = None) -> None:
+    """Raise WebhookURLRefused unless the URL is an http(s) URL whose host resolves to allowed addresses
+    (LookupTimedOut if the lookup has not answered by `deadline`, a time.monotonic() value)."""
+    resolve_webhook_url(url, allow_private, deadline=deadline)

@@ -10,6 +10,7 @@ import json
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,13 +32,16 @@ from core.params import (
 )
 from core.records import TASKS
 from core.settings import Settings
-from core.ssrf import WebhookURLRefused, check_webhook_url
+from core.ssrf import LookupTimedOut, WebhookURLRefused, check_webhook_url
 from core.webhooks import ALL_EVENTS
 
 PRIORITY_RANGE = (-100, 100)
 MAX_METADATA_BYTES = 16 * 1024
 MAX_METADATA_DEPTH = 32  # levels of objects and arrays; deeper data cannot be echoed back safely
 MAX_CUSTOM_ID_CHARS = 200
+# A webhook host's name lookup at submission answers within this (or WEBHOOK_TIMEOUT_S if shorter); a
+# resolver that stalls longer is infrastructure trouble, answered 503 (SubmitUnavailable).
+WEBHOOK_LOOKUP_S = 5.0
 SPEC_KEYS = {
     "task",
     "prompt",
@@ -57,6 +61,15 @@ class SubmitError(ValueError):
     def __init__(self, code: str, message: str, details: Any = None, status: int = 422) -> None:
         super().__init__(message)
         self.code, self.message, self.details, self.status = code, message, details, status
+
+
+class SubmitUnavailable(Exception):
+    """A service the check needs did not answer (a stalled DNS resolver): 503 with Retry-After and `code`;
+    nothing is created, and the same request may be sent again shortly."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 @dataclass
@@ -251,9 +264,17 @@ def parse_webhook(
             )
         events = sorted(set(events))
     if url not in checked:
+        bound_s = min(WEBHOOK_LOOKUP_S, settings.webhook_timeout_s)
         try:
-            check_webhook_url(url, settings.webhook_allow_private_networks)
+            check_webhook_url(
+                url, settings.webhook_allow_private_networks, deadline=time.monotonic() + bound_s
+            )
             checked[url] = None
+        except LookupTimedOut as exc:  # not cached: the next request asks the resolver again
+            raise SubmitUnavailable(
+                "webhook_lookup_timeout",
+                f"the webhook host's name lookup did not answer within {bound_s:g} s; retry shortly",
+            ) from exc
         except WebhookURLRefused as exc:
             checked[url] = f"{exc.reason}: {exc}"
     if checked[url] is not None:

@@ -142,6 +142,7 @@ def test_docs_load_only_same_origin_assets_that_answer(client: Any) -> None:
         parts = urlsplit(url)
         assert not parts.scheme and not parts.netloc and url.startswith("/"), f"{url} is not same-origin"
         answer = client.get(url)
+        answer.close()  # a file served by send_file stays open until its response is closed
         assert answer.status_code == 200 and answer.content_length, url
     assert client.get("/docs/assets/index.html").status_code == 404  # only the listed files are served
 

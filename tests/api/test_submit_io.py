@@ -4,6 +4,8 @@ idempotency transaction opens, and the objects of a request that creates nothing
 from __future__ import annotations
 
 import base64
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,6 +82,46 @@ def test_a_refused_webhook_answers_as_before(app: Any, settings: Any, acme: Tena
         r = strict.post("/v1/jobs", json=edit(webhook={"url": "https://in.example/x"}), headers=acme.headers)
     assert r.status_code == 422 and r.get_json()["error"]["code"] == "webhook_url_refused"
     assert "private" in r.get_json()["error"]["message"] and count(engine, jobs) == 0
+
+
+def test_a_stalled_webhook_lookup_answers_503_and_creates_nothing(
+    app: Any, settings: Any, acme: Tenant, engine: Any
+) -> None:
+    """The resolver does not answer: infrastructure trouble, 503 with Retry-After and a code, within the
+    bound (WEBHOOK_TIMEOUT_S here, shorter than 5 s); once it answers, the same request is accepted."""
+    from api.app import create_app
+
+    client = create_app(settings.with_overrides(webhook_timeout_s=0.5)).test_client()
+    release = threading.Event()
+
+    def stall(host: str, port: int) -> list[str]:
+        release.wait(10)  # a resolver that never answers within the request
+        return [PUBLIC_IP]
+
+    hook = {"url": "https://stalled-dns.example/in"}
+    line = b'{"task": "generate", "prompt": "a fox", "custom_id": "%d"}\n'
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("/v1/jobs", {"json": {"task": "generate", "prompt": "a fox", "webhook": hook}}),
+        ("/v1/batches", {"json": {"jobs": [{"task": "generate", "prompt": "a fox"}] * 3, "webhook": hook}}),
+        (
+            f"/v1/batches?webhook_url={hook['url']}",
+            {"data": b"".join(line % i for i in range(3)), "content_type": "application/x-ndjson"},
+        ),
+    ]
+    try:
+        with use_resolver(stall):
+            for path, body in requests:
+                started = time.monotonic()
+                r = client.post(path, headers=acme.headers, **body)
+                assert time.monotonic() - started < 3.0
+                assert r.status_code == 503 and r.headers["Retry-After"].isdigit(), r.get_json()
+                assert r.get_json()["error"]["code"] == "webhook_lookup_timeout"
+    finally:
+        release.set()
+    assert count(engine, jobs) == 0
+    with use_resolver(lambda host, port: [PUBLIC_IP]):
+        for path, body in requests:
+            assert client.post(path, headers=acme.headers, **body).status_code == 201
 
 
 def test_a_failed_request_leaves_no_object(client: Any, app: Any, acme: Tenant, engine: Any) -> None:

@@ -10,7 +10,7 @@ import zlib
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from core.storage import Storage, upload_key
 from tests.api.conftest import Tenant, png_bytes, upload
@@ -43,6 +43,25 @@ def test_upload_round_trip_with_checksum(client: Any, acme: Tenant, settings: An
     assert body["sha256"] == hashlib.sha256(data).hexdigest() and body["size_bytes"] == len(data)
     stored = Storage.from_settings(settings).get_bytes(upload_key(acme.id, body["id"]))
     assert stored == data
+
+
+@pytest.mark.parametrize(
+    ("orientation", "size"), [(None, (64, 32)), (1, (64, 32)), (3, (64, 32)), (6, (32, 64)), (8, (32, 64))]
+)
+def test_upload_records_the_size_as_shown(
+    client: Any, acme: Tenant, orientation: int | None, size: Any
+) -> None:
+    """EXIF orientations 5-8 turn a photo a quarter: the recorded size is the upright one, as the worker
+    and viewers show it; the stored bytes stay as sent."""
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[ExifTags.Base.Orientation] = orientation
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 32), "red").save(buf, fmt, exif=exif.tobytes())
+        r = upload(client, acme, buf.getvalue())
+        assert r.status_code == 201, r.get_json()
+        assert (r.get_json()["width"], r.get_json()["height"]) == size, fmt
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,10 @@ from nexusgen.receiver import WebhookReceiver
 from tests.chaos.receivers import chaos_receiver
 from tests.chaos.stack import ChaosStack
 
+# A 503 is expected while a server is down and for this long after it is back (pools reconnect, the
+# broker connection is re-established); one outside every such window is a failure.
+RECOVERY_S = 10.0
+
 # What each receiver's deliveries must end as once the retry schedule is spent.
 EXPECTED_DELIVERY = {
     "ok": {"succeeded"},
@@ -57,6 +61,7 @@ class Report:
     failed_below_poison: int = 0
     server_errors: int = 0  # 5xx other than 503
     unavailable: int = 0  # 503 (with Retry-After) during outages
+    unavailable_outside: int = 0  # 503 answered to a request that overlapped no outage (nor its recovery)
     repeated_after_2xx: int = 0
     missing_events: int = 0
     deliveries_unfinished: int = 0
@@ -69,6 +74,7 @@ class Report:
             or self.duplicates
             or self.failed_below_poison
             or self.server_errors
+            or self.unavailable_outside
             or self.repeated_after_2xx
             or self.missing_events
             or self.deliveries_unfinished
@@ -77,14 +83,15 @@ class Report:
 
 HEADER = (
     f"{'scenario':<24} {'faults':>6} {'jobs':>5} {'lost':>4} {'dup':>3} {'failed':>6} {'<poison':>7} "
-    f"{'5xx':>3} {'503':>4} {'rep2xx':>6} {'no-evt':>6} {'unfin':>5} {'secs':>5}"
+    f"{'5xx':>3} {'503':>4} {'503 out':>7} {'rep2xx':>6} {'no-evt':>6} {'unfin':>5} {'secs':>5}"
 )
 
 
 def row(r: Report) -> str:
     return (
         f"{r.scenario:<24} {len(r.faults):>6} {r.accepted:>5} {r.lost:>4} {r.duplicates:>3} {r.failed:>6} "
-        f"{r.failed_below_poison:>7} {r.server_errors:>3} {r.unavailable:>4} {r.repeated_after_2xx:>6} "
+        f"{r.failed_below_poison:>7} {r.server_errors:>3} {r.unavailable:>4} {r.unavailable_outside:>7} "
+        f"{r.repeated_after_2xx:>6} "
         f"{r.missing_events:>6} {r.deliveries_unfinished:>5} {r.seconds:>5.0f}"
     )
 
@@ -95,11 +102,13 @@ class Traffic:
     def __init__(self, api_url: str) -> None:
         self.api_url = api_url
         self.statuses: Counter[int] = Counter()
+        self.unavailable: list[tuple[float, float]] = []  # (sent, answered) of each 503
         self.accepted: dict[str, list[str]] = {}  # batch id -> job ids
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
     def _call(self, method: str, path: str, key: str, **kwargs: Any) -> httpx.Response | None:
+        sent = time.monotonic()
         try:
             r = httpx.request(method, self.api_url + path, headers={"Authorization": f"Bearer {key}",
                               **kwargs.pop("headers", {})}, timeout=30, **kwargs)  # fmt: skip
@@ -107,6 +116,8 @@ class Traffic:
             return None  # the API is restarting; a client retries
         with self.lock:
             self.statuses[r.status_code] += 1
+            if r.status_code == 503:
+                self.unavailable.append((sent, time.monotonic()))
         return r
 
     def submit(self, key: str, idempotency_key: str, body: dict[str, Any], give_up_s: float = 120) -> None:
@@ -267,6 +278,14 @@ def drain(engine: Any, traffic: Traffic, timeout_s: float, stall_s: float = 120.
         time.sleep(1.0)
 
 
+def outside_outages(calls: list[tuple[float, float]], outages: list[tuple[float, float]]) -> int:
+    """How many (sent, answered) calls overlapped no outage (down, up), each widened by RECOVERY_S."""
+    windows = [(down, up + RECOVERY_S) for down, up in outages]
+    return sum(
+        1 for sent, answered in calls if not any(sent <= end and answered >= start for start, end in windows)
+    )
+
+
 def check(
     report: Report,
     engine: Any,
@@ -340,4 +359,5 @@ def check(
             report.deliveries_unfinished += 1
     report.server_errors = sum(n for code, n in traffic.statuses.items() if code >= 500 and code != 503)
     report.unavailable = traffic.statuses.get(503, 0)
+    report.unavailable_outside = outside_outages(traffic.unavailable, stack.outages)
     report.repeated_after_2xx = sum(r.repeated_after_2xx() for r in receivers.values())

@@ -50,6 +50,9 @@ class ChaosStack:
         self.supervisor: Supervisor | None = None
         self._watching = threading.Event()
         self.faults: list[tuple[float, str]] = []  # (time.monotonic(), what)
+        self.outages: list[
+            tuple[float, float]
+        ] = []  # (down, back up): time.monotonic() of each server outage
 
     # --- embedded servers -----------------------------------------------------------------------------
 
@@ -179,10 +182,12 @@ class ChaosStack:
 
     def outage(self, name: str, down_s: float, *, kill: bool = True) -> None:
         """Stop an embedded server (kill -9, or a clean stop) for `down_s` seconds, then start it again."""
+        down = time.monotonic()
         self.stop_server(name, kill=kill)
         self.note(f"{name} {'killed' if kill else 'stopped'} for {down_s:.0f} s")
         time.sleep(down_s)
         self.start_server(name)
+        self.outages.append((down, time.monotonic()))
 
 
 def pool_children(pid: int) -> list[int]:

@@ -1,5 +1,6 @@
-"""Chaos runs against real processes: no job lost, none duplicated, no 5xx but 503, no delivery repeated
-after a 2xx, under worker kills, broker, database and storage outages, and hostile receivers.
+"""Chaos runs against real processes: no job lost, none duplicated, no 5xx but a 503 during an outage (or
+its recovery), no delivery repeated after a 2xx, under worker kills, broker, database and storage outages
+and hostile receivers.
 
 `make test` runs the short scenario; `make chaos` (NEXUSGEN_CHAOS=full) runs every scenario and prints
 the table of figures.
@@ -100,6 +101,7 @@ def _assert_clean(report: Report) -> None:
     assert report.duplicates == 0, report
     assert report.failed_below_poison == 0, report
     assert report.server_errors == 0, report
+    assert report.unavailable_outside == 0, report
     assert report.repeated_after_2xx == 0, report
     assert report.missing_events == 0, report
     assert report.deliveries_unfinished == 0, report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -209,3 +210,87 @@ def test_redeliver_refuses_while_an_attempt_is_in_flight(clean_db: Engine) -> No
         sm.redeliver(conn, tenant, delivery["id"])
     with engine.begin() as conn:
         assert sm.redeliver(conn, "ten_someone_else", delivery["id"]) is None
+
+
+def _expected_claim(rows: list[RowMapping], limit: int) -> list[str]:
+    """The claim rule, spelled out over every row: each tenant's due, unleased deliveries ranked by due
+    time (turn), taken turn by turn and then by due time, within the caps counting live leases."""
+    now = datetime.now(UTC)
+    leased = [r for r in rows if r["status"] == "pending" and r["locked_until"] and r["locked_until"] > now]
+    per_endpoint = {r["endpoint_id"]: 0 for r in rows}
+    per_tenant = {r["tenant_id"]: 0 for r in rows}
+    for r in leased:
+        per_endpoint[r["endpoint_id"]] += 1
+        per_tenant[r["tenant_id"]] += 1
+    due = sorted(
+        (
+            r
+            for r in rows
+            if r["status"] == "pending"
+            and r["next_attempt_at"] <= now
+            and (r["locked_until"] is None or r["locked_until"] < now)
+        ),
+        key=lambda r: r["next_attempt_at"],
+    )
+    turns: dict[str, int] = {}
+    ranked = []
+    for r in due:
+        turns[r["tenant_id"]] = turns.get(r["tenant_id"], 0) + 1
+        ranked.append((turns[r["tenant_id"]], r["next_attempt_at"], r))
+    chosen: list[str] = []
+    for _turn, _at, r in sorted(ranked, key=lambda x: (x[0], x[1])):
+        if len(chosen) == limit:
+            break
+        if (
+            per_endpoint[r["endpoint_id"]] >= sm.PER_ENDPOINT_LIMIT
+            or per_tenant[r["tenant_id"]] >= sm.PER_TENANT_LIMIT
+        ):
+            continue
+        per_endpoint[r["endpoint_id"]] += 1
+        per_tenant[r["tenant_id"]] += 1
+        chosen.append(r["id"])
+    return chosen
+
+
+def test_a_claim_takes_what_ranking_every_due_row_would_take(clean_db: Engine) -> None:
+    """Each tenant's first due rows are every candidate the rule needs: claims match the rule spelled
+    out over all rows, with leases live and expired, retries not yet due, finished deliveries, and five
+    tenants at their cap holding the oldest due rows of all (a claim still finds the others)."""
+    engine = clean_db
+    rng = random.Random(7)
+    tenants = [add_tenant(engine)["id"] for _ in range(12)]
+    for t, tenant in enumerate(tenants):
+        for i in range(rng.randint(1, 9)):
+            _events(engine, tenant, f"http://hooks.test/{t}/{i % 3}")
+    capped = tenants[:5]
+    for tenant in capped:
+        for i in range(sm.PER_TENANT_LIMIT):
+            webhook_event(engine, tenant, f"http://hooks.test/in-flight/{tenant}", i)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        urls = dict(conn.execute(select(webhook_endpoints.c.id, webhook_endpoints.c.url)).all())
+        for row in _rows(engine).values():
+            values: dict[str, Any] = {"next_attempt_at": now - timedelta(seconds=rng.uniform(1, 3600))}
+            roll = rng.random()
+            if "/in-flight/" in urls[row["endpoint_id"]]:
+                values["locked_until"] = now + timedelta(minutes=5)
+            elif row["tenant_id"] in capped:
+                values["next_attempt_at"] -= timedelta(days=1)  # first in line by age, but at the cap
+            elif roll < 0.15:
+                values["locked_until"] = now + timedelta(minutes=5)  # in flight
+            elif roll < 0.2:
+                values["locked_until"] = now - timedelta(minutes=5)  # a lease that ran out: due again
+            elif roll < 0.3:
+                values["next_attempt_at"] = now + timedelta(minutes=5)  # a retry, not due yet
+            elif roll < 0.35:
+                values["status"] = "succeeded"
+            conn.execute(
+                update(webhook_deliveries).where(webhook_deliveries.c.id == row["id"]).values(**values)
+            )
+    for limit in (1, 3, 8, 40):
+        expected = _expected_claim(list(_rows(engine).values()), limit)
+        with engine.connect() as conn, conn.begin():
+            got = [d["id"] for d in sm.claim_due(conn, limit=limit, lock_s=60)]
+            conn.rollback()
+        assert expected
+        assert sorted(got) == sorted(expected), limit

@@ -45,6 +45,9 @@ def test_upgrade_matches_metadata_and_downgrade_is_clean(empty_db: Any) -> None:
         indexes = {ix["name"] for ix in inspect(conn).get_indexes("jobs")}
         assert {"ix_jobs_queue", "ix_jobs_queued_since", "ix_jobs_tenant_created", "ix_jobs_lease"} <= indexes
         assert "ix_jobs_claim" not in indexes  # replaced by the partial ix_jobs_queue
+        deliveries = {ix["name"] for ix in inspect(conn).get_indexes("webhook_deliveries")}
+        assert {"ix_webhook_deliveries_pending", "ix_webhook_deliveries_leased"} <= deliveries
+        assert "ix_webhook_deliveries_due" not in deliveries  # 0010: claims read the partial ones
         triggers = conn.execute(
             text("SELECT tgname FROM pg_trigger WHERE tgrelid = 'jobs'::regclass AND NOT tgisinternal")
         ).scalars()
