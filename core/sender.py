@@ -173,23 +173,28 @@ def post_to_checked_url(
                 return SendOutcome.failure(f"timed out: {type(exc).__name__}", started_at, _ms(t0))
             except httpx.HTTPError as exc:
                 return SendOutcome.failure(f"{type(exc).__name__}: {exc}", started_at, _ms(t0))
-            try:
-                latency = _ms(t0)
-                raw, body_error = _read_capped(response, RESPONSE_READ_LIMIT, deadline)
-            finally:
-                response.close()
-            status = response.status_code
-            excerpt = raw.decode("utf-8", errors="replace")[:EXCERPT_CHARS]
-            if body_error:
-                excerpt += f" [body read failed: {body_error}]"
-            failure: str | None = None
-            if 300 <= status < 400:
-                location = response.headers.get("location", "")[:500]
-                failure = f"redirect not followed (HTTP {status}, Location: {location})"
-            elif not 200 <= status < 300:
-                failure = f"HTTP {status}"
-            return SendOutcome(started_at, status, latency, failure, excerpt)
+            return _answer(response, started_at, t0, deadline)
     return SendOutcome.failure(error, started_at, _ms(t0))
+
+
+def _answer(response: httpx.Response, started_at: datetime, t0: float, deadline: float) -> SendOutcome:
+    """The outcome of an answered attempt: its status, an excerpt of its body read by the deadline."""
+    try:
+        latency = _ms(t0)
+        raw, body_error = _read_capped(response, RESPONSE_READ_LIMIT, deadline)
+    finally:
+        response.close()
+    status = response.status_code
+    excerpt = raw.decode("utf-8", errors="replace")[:EXCERPT_CHARS]
+    if body_error:
+        excerpt += f" [body read failed: {body_error}]"
+    failure: str | None = None
+    if 300 <= status < 400:
+        location = response.headers.get("location", "")[:500]
+        failure = f"redirect not followed (HTTP {status}, Location: {location})"
+    elif not 200 <= status < 300:
+        failure = f"HTTP {status}"
+    return SendOutcome(started_at, status, latency, failure, excerpt)
 
 
 def _ms(t0: float) -> float:
