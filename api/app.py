@@ -16,6 +16,8 @@ from core.storage import Storage
 # than the reads in flight opened and closed a Postgres backend every few requests (bench.bench_get:
 # 2 ms of Postgres CPU per GET at 32 connections). More reads than this wait for a connection.
 READ_POOL = 8
+# A read that waits this long for one of them answers 503 database_busy instead of hanging its client.
+READ_POOL_TIMEOUT_S = 5.0
 
 
 def create_app(settings: Settings | None = None) -> APIFlask:
@@ -40,7 +42,9 @@ def create_app(settings: Settings | None = None) -> APIFlask:
     services = Services(
         settings=settings,
         engine=make_engine(settings),
-        reader=make_engine(settings, READ_POOL, autocommit=True, max_overflow=0),
+        reader=make_engine(
+            settings, READ_POOL, autocommit=True, max_overflow=0, pool_timeout_s=READ_POOL_TIMEOUT_S
+        ),
         storage=Storage.from_settings(settings),
     )
     app.extensions["nexusgen"] = services

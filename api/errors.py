@@ -15,6 +15,7 @@ from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as BrokerError
 from minio.error import MinioException
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from urllib3.exceptions import HTTPError as Urllib3Error
 from werkzeug.datastructures import Headers
 
@@ -91,6 +92,13 @@ def _register_infrastructure(app: APIFlask) -> None:
     def _database_down(error: Exception) -> Response:
         log.warning("database unavailable: %s", str(error).splitlines()[0][:300])
         return unavailable("database_unavailable", "the database is unavailable; retry shortly")
+
+    @app.errorhandler(PoolTimeout)
+    def _database_busy(error: Exception) -> Response:
+        log.warning("no free database connection: %s", str(error).splitlines()[0][:300])
+        return unavailable(
+            "database_busy", "every database connection of this process is in use; retry shortly"
+        )
 
     @app.errorhandler(MinioException)
     @app.errorhandler(Urllib3Error)

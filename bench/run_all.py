@@ -11,7 +11,13 @@ import time
 
 # The model benches take the shared --device/--threads/--runs flags; the service benches run with defaults.
 BENCHES = ("bench.bench_image_tokens", "bench.bench_decoders")
-SERVICE_BENCHES = ("bench.bench_ingest", "bench.bench_get", "bench.bench_service", "bench.bench_queue")
+SERVICE_BENCHES = (
+    "bench.bench_ingest",
+    "bench.bench_get",
+    "bench.bench_service",
+    "bench.bench_queue",
+    "bench.bench_deliveries",
+)
 
 
 def main() -> int:

@@ -19,7 +19,12 @@ def normalize_url(url: str) -> str:
 
 
 def make_engine(
-    settings: Settings, pool_size: int = 5, *, autocommit: bool = False, max_overflow: int = 10
+    settings: Settings,
+    pool_size: int = 5,
+    *,
+    autocommit: bool = False,
+    max_overflow: int = 10,
+    pool_timeout_s: float = 30.0,
 ) -> Engine:
     """Create the engine; connections are checked before use so a restarted database is survived.
 
@@ -27,6 +32,7 @@ def make_engine(
     pre-ping, BEGIN, the statement, ROLLBACK); such an engine must not be used for writes that belong
     together. It is not pre-pinged: after a database restart a stale connection fails its statement,
     the pool drops every connection of before the restart, and that request alone answers 503.
+    `pool_timeout_s`: how long a caller waits for a free connection before the pool raises its TimeoutError.
     """
     settings.require("database_url")
     assert settings.database_url is not None
@@ -34,6 +40,7 @@ def make_engine(
         normalize_url(settings.database_url),
         pool_size=pool_size,
         max_overflow=max_overflow,
+        pool_timeout=pool_timeout_s,
         pool_pre_ping=not autocommit,
         isolation_level="AUTOCOMMIT" if autocommit else "READ COMMITTED",
         future=True,

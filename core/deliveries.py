@@ -68,10 +68,11 @@ _IN_FLIGHT = text(
 #   loose index scan: the next tenant_id after the last one), so no row of a tenant's backlog is read;
 # - per tenant (tenants at their cap passed over), its first PER_TENANT_LIMIT due deliveries in due order
 #   (one range of the same index; endpoints at their cap passed over): no claim can take more of one
-#   tenant, so the first rows of each tenant are every candidate a ranking of all due rows would give;
+#   tenant, and an endpoint belongs to one tenant (PER_ENDPOINT_LIMIT >= PER_TENANT_LIMIT: the tenant's
+#   cap binds first), so these are every row that ranking all due rows could give the claim;
 # - `turn`: the delivery's place in its tenant's line; claim order is turn, then due time (round robin);
-# - rows locked by another transaction are skipped; the due conditions are checked again on the row
-#   locked (it may have changed since the statement's snapshot).
+# - the first `limit` in claim order are locked by primary key: a row another transaction holds (one
+#   changing its state) is skipped, and the due conditions are checked again on each row locked.
 # So a claim reads a few rows per tenant with pending deliveries, whatever the number due.
 _CANDIDATES = text(
     """
@@ -127,7 +128,7 @@ def claim_due(
     has in flight: one tenant with slow receivers, even behind several URLs and several webhook
     workers, cannot take every slot. Claims are serialised by a transaction-scoped advisory lock, so the
     count each claim reads includes every claim committed before it; a claim reads the leased rows and a
-    few due rows per tenant (_CANDIDATES), so it takes about a millisecond at any depth.
+    few due rows per tenant (_CANDIDATES): a couple of milliseconds of database time at any depth.
     `exclude` skips deliveries already tried by the caller.
     """
     conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(_CLAIM_LOCK, 0))))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, exists, func, literal, select, text
+from sqlalchemy import BindParameter, Connection, Select, and_, bindparam, exists, func, literal, select, text
 from sqlalchemy.dialects.postgresql import Insert, insert
 
 from core.schema import job_counts, jobs, tenant_turns
@@ -211,9 +211,31 @@ def fill_order(conn: Connection, head: Group) -> list[Group]:
     return sorted(others, key=lambda g: (-g.priority, g.tenant_id != head.tenant_id))
 
 
-def oldest_ids(group: Group, limit: int) -> Select[tuple[str]]:
-    """Up to `limit` of the group's oldest queued jobs, locked, skipping those other claims hold:
-    one range of ix_jobs_queue."""
+def group_slots() -> Group:
+    """A Group of bind parameters (`group_values` gives a group's), for a statement built once and run for
+    any group: building the claim statement anew took 7 ms of CPU per claim, its run 1 ms."""
+    slot: Any = bindparam
+    return Group(slot("g_task"), slot("g_bucket"), slot("g_priority"), slot("g_tenant_id"), 0)
+
+
+def group_values(group: Group) -> dict[str, Any]:
+    """The values of `group_slots` for `group`."""
+    return {
+        "g_task": group.task,
+        "g_bucket": group.bucket,
+        "g_priority": group.priority,
+        "g_tenant_id": group.tenant_id,
+    }
+
+
+def _value(value: Any) -> Any:
+    """A literal, or the bind parameter it already is (group_slots)."""
+    return value if isinstance(value, BindParameter) else literal(value)
+
+
+def oldest_ids(group: Group, limit: Any) -> Select[tuple[str]]:
+    """Up to `limit` (a number or a bind parameter) of the group's oldest queued jobs, locked, skipping
+    those other claims hold: one range of ix_jobs_queue."""
     return (
         select(jobs.c.id)
         .where(
@@ -235,7 +257,7 @@ def turn_taken(group: Group, claimed: Any) -> Insert:
     (a statement's CTE of claimed rows) holds any row."""
     stmt = insert(tenant_turns).from_select(
         ["task", "tenant_id", "served_at"],
-        select(literal(group.task), literal(group.tenant_id), func.clock_timestamp()).where(
+        select(_value(group.task), _value(group.tenant_id), func.clock_timestamp()).where(
             exists(select(claimed.c.id))
         ),
     )

@@ -14,12 +14,12 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, RowMapping, select
 
-from core.ids import new_id
+from core.ids import new_id, new_ids
 from core.retention import keep_uploads, retained_until
 from core.schema import uploads
 from core.settings import Settings
 from core.storage import Storage, upload_key
-from core.submit import JobDraft, PendingUpload, SubmitError, parse_json, validate_job
+from core.submit import JobDraft, ParamsCache, PendingUpload, SubmitError, parse_json, validate_job
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,16 @@ def validate_many(
     errors: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     cache: dict[str, str | None] = {}
+    params_cache: ParamsCache = {}  # lines repeat a few params objects: each is checked once
     for number, spec in items:
         try:
-            draft = validate_job(spec, settings, webhook_cache=cache, require_custom_id=require_custom_id)
+            draft = validate_job(
+                spec,
+                settings,
+                webhook_cache=cache,
+                require_custom_id=require_custom_id,
+                params_cache=params_cache,
+            )
         except SubmitError as exc:
             errors.append({position: number, "code": exc.code, "message": exc.message})
             continue
@@ -204,6 +211,24 @@ def job_row(
     }
 
 
+# The columns COPY writes, in job_row's order (one tuple a row, without job_row's dict per row).
+_COPY_COLUMNS = (
+    "id",
+    "tenant_id",
+    "batch_id",
+    "custom_id",
+    "task",
+    "prompt",
+    "upload_id",
+    "params",
+    "bucket",
+    "priority",
+    "metadata",
+    "webhook_url",
+    "webhook_events",
+)
+
+
 def insert_jobs(
     conn: Connection,
     tenant_id: str,
@@ -214,13 +239,30 @@ def insert_jobs(
     (task, bucket) pairs to wake. COPY took 0.45 s for 10,000 rows where pipelined INSERTs took 2 s."""
     if not drafts:
         return set()
-    # Sorted ids follow the submission order, so listings and result streams keep the lines' order.
-    ids = sorted(new_id("job") for _ in drafts)
-    columns = list(job_row(tenant_id, batch_id, drafts[0]))
+    # Ids follow the submission order, so listings and result streams keep the lines' order.
+    ids = new_ids("job", len(drafts))
+    columns = list(job_row(tenant_id, batch_id, drafts[0], ids[0]))
+    assert columns == list(_COPY_COLUMNS)
     driver = conn.connection.driver_connection  # the psycopg connection, inside the same transaction
     assert driver is not None
     with driver.cursor() as cursor, cursor.copy(f"COPY jobs ({', '.join(columns)}) FROM STDIN") as copy:
         for draft, job_id in zip(drafts, ids, strict=True):
-            row = job_row(tenant_id, batch_id, draft, job_id)
-            copy.write_row([_json_text(row[c]) if c in _JSONB_COLUMNS else row[c] for c in columns])
+            meta = draft.metadata
+            copy.write_row(  # in the order of job_row's keys (`columns`)
+                (
+                    job_id,
+                    tenant_id,
+                    batch_id,
+                    draft.custom_id,
+                    draft.task,
+                    draft.prompt,
+                    draft.upload_id,
+                    _json_text(draft.params),
+                    draft.bucket,
+                    draft.priority,
+                    _json_text(meta) if meta else "{}",
+                    draft.webhook_url,
+                    draft.webhook_events,
+                )
+            )
     return {(d.task, d.bucket) for d in drafts}

@@ -8,15 +8,38 @@ Every terminal transition writes its outbox event in the same transaction.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, Select, and_, exists, func, select, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    Interval,
+    RowMapping,
+    Select,
+    String,
+    and_,
+    bindparam,
+    exists,
+    func,
+    select,
+    update,
+)
 
 from core.counts import queued_tasks
 from core.events import log_claimed, log_states
-from core.fair_share import Group, Head, fill_order, oldest_ids, queue_head, turn_taken
+from core.fair_share import (
+    Group,
+    Head,
+    fill_order,
+    group_slots,
+    group_values,
+    oldest_ids,
+    queue_head,
+    turn_taken,
+)
 from core.ids import new_id
 from core.limits import running_room
 from core.records import (
@@ -176,14 +199,15 @@ def claim_batch(
     return rows
 
 
-def _claim_group(
-    conn: Connection, group: Group, limit: int, worker_id: str, lease_s: float, turn: bool = True
-) -> list[Job]:
-    """One statement: claim the group's oldest free jobs, log their new state and, if `turn`, record the
-    tenant's turn."""
+@functools.cache
+def _claim_statement(turn: bool) -> Select[Any]:
+    """The statement of _claim_group, built once (bind parameters: group_slots, g_limit, worker_id,
+    lease)."""
     # MATERIALIZED: evaluated once. As a plain IN (subquery) it may be re-run, and each run under
     # SKIP LOCKED finds other free rows: more than `limit` jobs.
-    picked = oldest_ids(group, limit).cte("picked").prefix_with("MATERIALIZED")
+    slots = group_slots()
+    limit = bindparam("g_limit", type_=Integer)
+    picked = oldest_ids(slots, limit).cte("picked").prefix_with("MATERIALIZED")
     claimed = (
         update(jobs)
         .where(jobs.c.id.in_(select(picked.c.id)), jobs.c.status == JobStatus.QUEUED)
@@ -192,8 +216,8 @@ def _claim_group(
             stage="starting",
             step=None,
             attempt=jobs.c.attempt + 1,
-            lease_owner=worker_id,
-            lease_expires_at=func.now() + timedelta(seconds=lease_s),
+            lease_owner=bindparam("worker_id", type_=String),
+            lease_expires_at=func.now() + bindparam("lease", type_=Interval),
             started_at=func.coalesce(jobs.c.started_at, func.now()),
             updated_at=func.now(),
         )
@@ -202,8 +226,22 @@ def _claim_group(
     )
     stmt = select(claimed).add_cte(log_claimed(claimed).cte("logged"))
     if turn:
-        stmt = stmt.add_cte(turn_taken(group, claimed).cte("turn"))
-    rows = conn.execute(stmt).mappings().all()
+        stmt = stmt.add_cte(turn_taken(slots, claimed).cte("turn"))
+    return stmt
+
+
+def _claim_group(
+    conn: Connection, group: Group, limit: int, worker_id: str, lease_s: float, turn: bool = True
+) -> list[Job]:
+    """One statement: claim the group's oldest free jobs, log their new state and, if `turn`, record the
+    tenant's turn."""
+    values = {
+        **group_values(group),
+        "g_limit": limit,
+        "worker_id": worker_id,
+        "lease": timedelta(seconds=lease_s),
+    }
+    rows = conn.execute(_claim_statement(turn), values).mappings().all()
     return sorted((Job.from_row(r) for r in rows), key=lambda job: (job.created_at, job.id))
 
 

@@ -94,6 +94,28 @@ def test_database_down_is_503_with_retry_after(settings: Any, engine: Any, clean
         assert int(r.headers["Retry-After"]) > 0
 
 
+def test_reads_beyond_the_pool_wait_then_answer_503_database_busy(
+    settings: Any, clean_db: Any, make_tenant: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import api.app
+    from api.app import create_app
+
+    monkeypatch.setattr(api.app, "READ_POOL_TIMEOUT_S", 0.3)
+    tenant = make_tenant("acme")
+    app = create_app(settings)
+    reader = app.extensions["nexusgen"].reader
+    held = [reader.connect() for _ in range(api.app.READ_POOL)]  # every connection of the read pool
+    try:
+        r = app.test_client().get("/v1/jobs/job_x", headers=tenant.headers)
+        assert r.status_code == 503, (r.status_code, r.get_data()[:300])
+        assert r.get_json()["error"]["code"] == "database_busy"
+        assert int(r.headers["Retry-After"]) > 0
+    finally:
+        for conn in held:
+            conn.close()
+    assert app.test_client().get("/v1/jobs/job_x", headers=tenant.headers).status_code == 404
+
+
 def test_storage_down_is_503_with_retry_after(
     settings: Any, engine: Any, clean_db: Any, make_tenant: Any
 ) -> None:

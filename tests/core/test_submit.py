@@ -125,6 +125,66 @@ def test_validate_many_collects_every_error() -> None:
     ]
 
 
+# Params objects that lines of a batch repeat, and ones that only look alike: each line of a batch must
+# come out as validate_job makes it alone (the batch checks a repeated params object once).
+_LOOKALIKES: list[Any] = [
+    None,
+    {},
+    {"width": 768, "height": 512, "steps": 20},
+    {"steps": 20, "height": 512, "width": 768},
+    {"cfg_scale": 3},
+    {"cfg_scale": 3.0},
+    {"cfg_scale": True},
+    {"guidance": 0.0},
+    {"guidance": -0.0},
+    {"guidance": float("nan")},
+    {"steps": 20, "seed": 7},
+    {"steps": 20, "seed": None},
+    {"steps": 20, "seed": -1},
+    {"steps": 20, "seed": 2**63},
+    {"steps": 20, "seed": True},
+    {"width": 520, "seed": -1},
+    {"widht": 512, "seed": 1},
+    {"language": "zh", "negative_prompt": "blur\n\\"},
+    {"negative_prompt": ["x"]},
+    {"max_new_tokens": 5},
+    "big",
+]
+
+
+def _outcome(task: str, params: Any, draft: Any) -> Any:
+    if isinstance(draft, dict):  # an error of validate_many
+        return (draft["code"], draft["message"])
+    drawn = isinstance(params, dict) and params.get("seed") is not None
+    seedless = {k: v for k, v in draft.params.items() if drawn or k != "seed"}
+    return (list(seedless.items()), [repr(v) for v in seedless.values()], draft.bucket)
+
+
+def test_a_batch_validates_each_line_as_alone() -> None:
+    specs = [
+        {"task": task, "params": params}
+        | ({"prompt": "p"} if task == "generate" else {"instruction": "i", "image": "upl_x"})
+        for _ in range(3)
+        for task in ("generate", "edit", "understand")
+        for params in _LOOKALIKES
+    ]
+    drafts, errors = validate_many(
+        list(enumerate(specs)), SETTINGS, position="index", require_custom_id=False
+    )
+    batch: dict[int, Any] = dict(drafts) | {e["index"]: e for e in errors}
+    for n, spec in enumerate(specs):
+        try:
+            alone: Any = validate_job(spec, SETTINGS)
+        except SubmitError as exc:
+            alone = {"code": exc.code, "message": exc.message}
+        assert _outcome(spec["task"], spec.get("params"), batch[n]) == _outcome(
+            spec["task"], spec.get("params"), alone
+        ), spec
+    seeds = [d.params["seed"] for _, d in drafts if d.task == "generate" and d.params["steps"] == 50]
+    assert len(set(seeds)) == len(seeds) > 10  # drawn per line, not once per params object
+    assert all(0 <= s < 2**32 for s in seeds)
+
+
 def test_insert_jobs_is_set_based(engine: Any, clean_db: Any) -> None:
     drafts = [validate_job({"task": "generate", "prompt": str(i)}, SETTINGS) for i in range(2500)]
     statements: list[str] = []
