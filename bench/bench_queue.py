@@ -7,9 +7,10 @@ over 20 buckets and 3 priorities). At each depth it times: a claim of 8 jobs of 
 head-of-queue peek across buckets (core.jobs.peek_head), each beside the same done with the queries of
 before the queue rollups (bench.queue_before, taking turns on the same data), the sweep's queries
 (worker.sweeper.sweep_database) and a whole sweep with its wake-ups to the broker (worker.sweeper.sweep), one
-GET /metrics, and reports the ingestion rate of the fill POSTs that reached the depth. Before timing, it
-runs ANALYZE (what autovacuum does within a minute of a bulk load) and one sweep (which folds the
-counters' delta rows, as beat does every 15 s).
+GET /metrics, the read behind GET /v1/jobs/{id} of random queued jobs (core.job_view, beside the
+statement of before the position rule, bench.position_before), and reports the ingestion rate of the
+fill POSTs that reached the depth. Before timing, it runs ANALYZE (what autovacuum does within a minute
+of a bulk load) and one sweep (which folds the counters' delta rows, as beat does every 15 s).
 Run: `python -m bench.bench_queue [--depths 10000,100000,1000000]`; writes bench/results/queue.json.
 """
 
@@ -122,6 +123,7 @@ def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: in
     from sqlalchemy import text, update
 
     from bench import queue_before
+    from core.db import make_engine
     from core.jobs import bucket_key, claim_batch, peek_head
     from core.queue import make_publisher
     from core.schema import jobs
@@ -156,6 +158,37 @@ def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: in
         with engine.connect() as conn:
             assert queue_before.peek(conn, ["generate"], full_at=8, window_s=0.2) is not None
 
+    from bench import position_before
+    from core.job_view import read_job_view
+
+    picks = iter(range(10**9))
+    reader = make_engine(settings, 1, autocommit=True, max_overflow=0)
+    sample: list[Any] = []
+
+    def pick() -> Any:
+        if not sample:  # queued jobs spread over the queue (tenants, priorities, depths), after the claims
+            with engine.connect() as conn:
+                sample.extend(
+                    conn.execute(
+                        text(
+                            "SELECT tenant_id, id FROM jobs WHERE status = 'queued'"
+                            " ORDER BY random() LIMIT 200"
+                        )
+                    ).all()
+                )
+        return sample[next(picks) % len(sample)]
+
+    def get() -> None:
+        tenant_id, job_id = pick()
+        with reader.connect() as conn:
+            found = read_job_view(conn, tenant_id, job_id, 8)
+            assert found is not None and found[2] is not None
+
+    def get_before() -> None:
+        tenant_id, job_id = pick()
+        with reader.connect() as conn:
+            assert position_before.read_job_view(conn, tenant_id, job_id)[-1] is not None
+
     publisher = make_publisher(settings)
     metrics = httpx.Client(base_url=base_url, timeout=60)
 
@@ -169,6 +202,7 @@ def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: in
         "plans": plans(engine),
         **interleaved({"claim_before": claim_before, "claim": claim}, samples),
         **interleaved({"peek_before": peek_before, "peek": peek}, samples),
+        **interleaved({"get_before": get_before, "get": get}, samples),
         "sweep": timings(lambda: sweep_database(engine, settings), scrapes),
         "sweep_with_wakeups": timings(lambda: sweep(engine, publisher, settings), scrapes),
         "metrics": timings(scrape, scrapes),
@@ -180,6 +214,7 @@ def measure(engine: Any, settings: Any, base_url: str, samples: int, scrapes: in
             .values(status="queued", stage="queued", lease_owner=None, lease_expires_at=None, attempt=0)
         )
     metrics.close()
+    reader.dispose()
     return result
 
 
@@ -227,7 +262,8 @@ def main() -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
         client.close()
-        columns = ("claim_before", "claim", "peek_before", "peek", "sweep", "sweep_with_wakeups", "metrics")
+        columns = ("claim_before", "claim", "peek_before", "peek", "get_before", "get", "sweep",
+                   "sweep_with_wakeups", "metrics")  # fmt: skip
         header = ["queued", *(f"{c} med/p99 ms" for c in columns), "ingest jobs/s", "load 1m"]
         rows = [
             [
