@@ -26,7 +26,7 @@ from api.auth import auth, current_principal
 from api.context import services
 from api.errors import fail
 from api.jobs import load_owned
-from core.events import events_after, last_event_id, queue_position, touched_since
+from core.events import events_after, last_event_id, queue_position, queue_positions, touched_since
 from core.records import Job, JobStatus
 from core.schema import batches, jobs
 
@@ -49,12 +49,13 @@ class EventHub:
 
     One thread per API process does every database read a waiting stream needs: the newest event id (an
     index probe) every POLL_S and, every POSITION_EVERY_S, the positions of the queued jobs streams
-    watch (one count per distinct job, however many streams watch it). Idle streams read nothing.
+    watch (one statement for all of them, core.events.queue_positions). Idle streams read nothing.
     """
 
-    def __init__(self, engine: Engine, max_streams: int) -> None:
+    def __init__(self, engine: Engine, max_streams: int, batch: int) -> None:
         self.engine = engine
         self.max_streams = max_streams
+        self.batch = batch  # the jobs a claim takes: the position rule depends on it (core.events)
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
         self._open = 0
@@ -110,12 +111,7 @@ class EventHub:
         """Recount the positions of the queued jobs streams watch; return those that moved."""
         with self._lock:
             watched = sorted(k for k in self._waiters if k.startswith("job_"))
-        queued = conn.execute(select(jobs).where(jobs.c.id.in_(watched), jobs.c.status == JobStatus.QUEUED))
-        counted = {}
-        for row in queued.mappings():
-            position = queue_position(conn, Job.from_row(row))
-            if position is not None:
-                counted[row["id"]] = position
+        counted = queue_positions(conn, watched, self.batch)
         with self._lock:
             moved = {
                 k for k in set(counted) | set(self._positions) if counted.get(k) != self._positions.get(k)
@@ -156,7 +152,7 @@ def hub() -> EventHub:
     svc = services()
     with _hub_lock:
         if svc.event_hub is None:
-            svc.event_hub = EventHub(svc.engine, svc.settings.max_event_streams)
+            svc.event_hub = EventHub(svc.engine, svc.settings.max_event_streams, svc.settings.max_batch)
         found: EventHub = svc.event_hub
     return found
 
@@ -259,7 +255,7 @@ def job_events(job_id: str) -> Response:
             logged = events_after(conn, last, job_id=job_id)
             now_at = None
             if job.status is JobStatus.QUEUED:  # the hub's count, or one of our own on the first read
-                now_at = event_hub.position(job_id) or queue_position(conn, job)
+                now_at = event_hub.position(job_id) or queue_position(conn, job, event_hub.batch)
         chunks = [_sse("state", _state(row), str(row["id"])) for row in logged]
         last = logged[-1]["id"] if logged else last
         if now_at is not None and now_at != position:

@@ -162,8 +162,9 @@ def get_job(job_id: str) -> Response:
     """A job: status, stage, progress, result link, provenance and error; a queued job's estimated
     queue position."""
     principal = current_principal()
-    with services().reader.connect() as conn:
-        found = read_job_view(conn, principal.tenant_id, require_id(job_id, "job"))
+    svc = services()
+    with svc.reader.connect() as conn:
+        found = read_job_view(conn, principal.tenant_id, require_id(job_id, "job"), svc.settings.max_batch)
     if found is None:
         fail(404, "not_found", f"no job {job_id!r}")
     job, result, position = found

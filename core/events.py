@@ -11,17 +11,15 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Connection,
     Insert,
-    Integer,
     RowMapping,
-    Select,
     String,
-    and_,
+    case,
     func,
     literal_column,
-    or_,
     select,
 )
 
@@ -29,7 +27,6 @@ from core.records import Job, JobStatus
 from core.schema import job_events, jobs
 
 FIELDS = ("status", "stage", "step", "total_steps")
-POSITION_CAP = 100_000  # queue positions are counted up to this, then reported as this
 # 'queued' written into the SQL, not bound: a prepared statement's generic plan can then use the partial
 # indexes on queued jobs (core.schema), and Postgres stops planning the statement again at each execution.
 IS_QUEUED = literal_column(f"'{JobStatus.QUEUED}'", String)
@@ -96,43 +93,111 @@ def touched_since(conn: Connection, after: int, upto: int) -> set[str]:
     return {r.job_id for r in rows} | {r.batch_id for r in rows if r.batch_id is not None}
 
 
-def runs_before(
-    task: Any, priority: Any, created_at: Any, job_id: Any, jobs_: Any = jobs
-) -> ColumnElement[bool]:
-    """The condition on `jobs_` rows (the table or an alias) for the queued jobs that priority-then-age
-    order puts before a job of these values (plain values, or the columns of a correlated outer row)."""
-    return and_(
-        jobs_.c.status == IS_QUEUED,
-        jobs_.c.task == task,
-        or_(
-            jobs_.c.priority > priority,
-            and_(
-                jobs_.c.priority == priority,
-                or_(
-                    jobs_.c.created_at < created_at,
-                    and_(jobs_.c.created_at == created_at, jobs_.c.id < job_id),
-                ),
-            ),
-        ),
+# Own jobs ahead of a queued job (same task, tenant and priority) are counted up to this many, and so are
+# those behind it; beyond both, the rank is interpolated (docs/queue_position.md).
+EXACT_UP_TO = 1000
+_N = EXACT_UP_TO
+_OWN = (
+    "own.status = 'queued' AND own.task = jobs.task AND own.tenant_id = jobs.tenant_id"
+    " AND own.priority = jobs.priority"
+)
+# When an id was made: `job_` + 12 hex digits of milliseconds + 4 of sequence (core.ids); NULL otherwise.
+_MADE = "CASE WHEN {0} ~ '^job_[0-9a-f]{{24}}$' THEN ('x' || substr({0}, 5, 16))::bit(64)::bigint::float8 END"
+
+
+def _bounded(direction: str) -> str:
+    """Own queued jobs before ('<') or after ('>') the outer job in claim order, counted up to _N: one
+    range of ix_jobs_queue_tenant, read from the job outwards (the order keeps the planner on the index)."""
+    order = "DESC" if direction == "<" else "ASC"
+    return (
+        f"(SELECT count(*) AS n FROM (SELECT 1 FROM jobs AS own WHERE {_OWN}"
+        f" AND (own.created_at, own.id) {direction} (jobs.created_at, jobs.id)"
+        f" ORDER BY own.created_at {order}, own.id {order} LIMIT {_N}) AS x)"
     )
 
 
-def count_ahead(condition: ColumnElement[bool], jobs_: Any = jobs, *, outer: Any = None) -> Select[int]:
-    """1 + the number of `jobs_` rows meeting `condition`, counted up to POSITION_CAP; `outer`: the table
-    of the enclosing statement the condition refers to (a correlated count)."""
-    ahead = select(jobs_.c.id).where(condition).limit(literal_column(str(POSITION_CAP - 1), Integer))
-    if outer is not None:
-        ahead = ahead.correlate(outer)
-    return select(literal_column("1", Integer) + func.count()).select_from(ahead.subquery())
+def _end(order: str) -> str:
+    """The id of the tenant's oldest ('ASC') or newest ('DESC') queued job of the task and priority."""
+    return (
+        f"(SELECT own.id FROM jobs AS own WHERE {_OWN}"
+        f" ORDER BY own.created_at {order}, own.id {order} LIMIT 1)"
+    )
 
 
-def queue_position(conn: Connection, job: Job) -> int | None:
-    """An estimate for a queued job: 1 + the queued jobs of its task that priority-then-age order puts
-    first (fair share between tenants may start it sooner); counted up to POSITION_CAP."""
+# k: the outer job's tenant's queued jobs of its task and priority that go before it. Exact when fewer
+# than _N are ahead, or fewer than _N behind (then k = the tenant's count from the rollup - 1 - behind);
+# otherwise interpolated on when the ids were made between the tenant's oldest and newest such job.
+_OWN_AHEAD = f"""CASE WHEN a.n < {_N} THEN a.n ELSE (
+    SELECT CASE WHEN b.n < {_N} THEN greatest({_N}, mine.q - 1 - b.n)
+        ELSE least(greatest({_N}, round((mine.q - 1) * coalesce(least(1.0, greatest(0.0,
+                 ({_MADE.format("jobs.id")} - e.first) / nullif(e.last - e.first, 0))), 0.5))::bigint),
+             greatest({_N}, mine.q - 1 - {_N})) END
+    FROM {_bounded(">")} AS b,
+         (SELECT CAST(coalesce(sum(n), 0) AS bigint) AS q FROM queue_tenants WHERE task = jobs.task
+          AND priority = jobs.priority AND tenant_id = jobs.tenant_id) AS mine,
+         (SELECT {_MADE.format("ends.first")} AS first, {_MADE.format("ends.last")} AS last
+          FROM (SELECT {_end("ASC")} AS first, {_end("DESC")} AS last) AS ends) AS e
+) END"""
+
+
+def position_sql(batch: int) -> str:
+    """The SQL of a queued job's estimated queue position, correlated to an outer `jobs` row (NULL-safe
+    only for queued rows: the caller guards with status = 'queued'). `batch`: the jobs a claim takes
+    (NEXUSGEN_MAX_BATCH). Costs the same at any depth: two bounded index ranges (up to _N entries each),
+    two index probes, and the task's rows of the queue_tenants rollup (tenants x priorities).
+
+    1 + H + k + sum over the other tenants t at the job's priority of min(q_t, B * (k div B + d_t)):
+    H the task's queued jobs of higher priorities (they all go first), k the tenant's own jobs ahead, q_t
+    another tenant's queued jobs at the priority, B the batch, and d_t 1 when t's turn comes before the
+    job's tenant's (tenants with higher-priority work are served, so go to the back: first those without
+    any, then by how many batches of it they have, then round-robin order). docs/queue_position.md
+    derives it and states its error."""
+    b, b1 = int(batch), int(batch) - 1
+    assert b >= 1
+    return f"""(SELECT CAST(1 + me.k + coalesce(sum(t.h), 0) + coalesce(sum(least(t.q, {b} * (me.k / {b}
+        + CASE
+        WHEN (t.h > 0, (t.h + {b1}) / {b}, coalesce(s.served_at, '-infinity'), t.tenant_id)
+           < (me.h > 0, (me.h + {b1}) / {b}, me.served, jobs.tenant_id) THEN 1 ELSE 0 END)))
+        FILTER (WHERE t.tenant_id <> jobs.tenant_id), 0) AS bigint)
+    FROM (
+        SELECT {_OWN_AHEAD} AS k,
+            (SELECT CAST(coalesce(sum(n), 0) AS bigint) FROM queue_tenants WHERE task = jobs.task
+             AND tenant_id = jobs.tenant_id AND priority > jobs.priority) AS h,
+            coalesce((SELECT served_at FROM tenant_turns WHERE task = jobs.task
+                      AND tenant_id = jobs.tenant_id), '-infinity') AS served
+        FROM {_bounded("<")} AS a
+    ) AS me LEFT JOIN (
+        (SELECT tenant_id, CAST(coalesce(sum(n) FILTER (WHERE priority > jobs.priority), 0) AS bigint) AS h,
+                CAST(coalesce(sum(n) FILTER (WHERE priority = jobs.priority), 0) AS bigint) AS q
+         FROM queue_tenants WHERE task = jobs.task AND priority >= jobs.priority GROUP BY tenant_id) AS t
+        LEFT JOIN tenant_turns AS s ON s.task = jobs.task AND s.tenant_id = t.tenant_id
+    ) ON true
+    GROUP BY me.k)"""
+
+
+def position_column(batch: int) -> ColumnElement[int]:
+    """A queued job's estimated position as a column of a statement over `jobs` (NULL for other jobs)."""
+    return case((jobs.c.status == IS_QUEUED, literal_column(position_sql(batch), BigInteger)))
+
+
+def queue_positions(conn: Connection, job_ids: Sequence[str], batch: int) -> dict[str, int]:
+    """{job id: estimated queue position} for those of `job_ids` that are queued: one statement."""
+    if not job_ids:
+        return {}
+    rows = conn.execute(
+        select(jobs.c.id, position_column(batch)).where(
+            jobs.c.id.in_(list(job_ids)), jobs.c.status == IS_QUEUED
+        )
+    ).all()
+    return {job_id: int(position) for job_id, position in rows if position is not None}
+
+
+def queue_position(conn: Connection, job: Job, batch: int) -> int | None:
+    """An estimate for a queued job (None for any other): how many queued jobs of its task claims take
+    before it, plus 1, under priorities and fair share (position_sql)."""
     if job.status is not JobStatus.QUEUED:
         return None
-    condition = runs_before(job.task, job.priority, job.created_at, job.id)
-    return int(conn.execute(count_ahead(condition)).scalar_one())
+    return queue_positions(conn, [job.id], batch).get(job.id)
 
 
 def purge_events(conn: Connection, older_than_s: float, limit: int = 5000) -> int:

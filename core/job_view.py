@@ -1,48 +1,48 @@
 """The read behind GET /v1/jobs/{id}: the job, its result and a queued job's position in ONE statement.
 
 Three statements (job, result, position) cost three round trips and three trips through SQLAlchemy's
-execution and result machinery; this is one, built once at import, with a LEFT JOIN for the result and
-a correlated count (core.events' priority-then-age rule, capped the same) for the position.
+execution and result machinery; this is one, built once per batch size, with a LEFT JOIN for the result
+and core.events' position rule (bounded index ranges and the queue rollups: the same cost at any depth).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Select, bindparam, case, select
+from sqlalchemy import Connection, Select, bindparam, select
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 
-from core.events import IS_QUEUED, count_ahead, runs_before
+from core.events import position_column
 from core.records import Job, JobResult
 from core.schema import jobs, results
 
 _RESULT = (
     "result_"  # the result's columns come labelled with this prefix (ids and times clash with the job's)
 )
-_ahead = jobs.alias("ahead")
-_position = count_ahead(
-    runs_before(jobs.c.task, jobs.c.priority, jobs.c.created_at, jobs.c.id, _ahead), _ahead, outer=jobs
-).scalar_subquery()
-JOB_VIEW: Select[Any] = (
-    select(
-        jobs,
-        *(column.label(_RESULT + column.name) for column in results.c),
-        case((jobs.c.status == IS_QUEUED, _position)).label("queue_position"),
+
+
+@functools.cache
+def job_view(batch: int) -> tuple[Select[Any], str, tuple[str, ...]]:
+    """The statement for claims of `batch` jobs (NEXUSGEN_MAX_BATCH; the position's rule depends on it), the
+    same as psycopg takes it, and the names of its columns in order."""
+    statement = (
+        select(
+            jobs,
+            *(column.label(_RESULT + column.name) for column in results.c),
+            position_column(batch).label("queue_position"),
+        )
+        .select_from(jobs.outerjoin(results, results.c.job_id == jobs.c.id))
+        .where(jobs.c.id == bindparam("job_id"), jobs.c.tenant_id == bindparam("tenant_id"))
     )
-    .select_from(jobs.outerjoin(results, results.c.job_id == jobs.c.id))
-    .where(jobs.c.id == bindparam("job_id"), jobs.c.tenant_id == bindparam("tenant_id"))
-)
-
-
-# The statement as psycopg takes it, and the names of its columns in order.
-_SQL = JOB_VIEW.compile(dialect=psycopg_dialect()).string
-_NAMES = tuple(JOB_VIEW.selected_columns.keys())
+    sql = statement.compile(dialect=psycopg_dialect()).string
+    return statement, sql, tuple(statement.selected_columns.keys())
 
 
 def read_job_view(
-    conn: Connection, tenant_id: str, job_id: str
+    conn: Connection, tenant_id: str, job_id: str, batch: int
 ) -> tuple[Job, JobResult | None, int | None] | None:
     """(job, its result or None, its queue position when queued), or None when the tenant has no such job.
 
@@ -52,20 +52,21 @@ def read_job_view(
     through SQLAlchemy, whose handling then applies: the error wrapped (an outage answers 503) and, after
     a disconnect, the pool's connections of before it dropped.
     """
+    statement, sql, names = job_view(batch)
     params = {"job_id": job_id, "tenant_id": tenant_id}
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
     try:
-        values: Sequence[Any] | None = driver.execute(_SQL, params, prepare=True).fetchone()
+        values: Sequence[Any] | None = driver.execute(sql, params, prepare=True).fetchone()
     except psycopg.Error:
-        values = conn.execute(JOB_VIEW, params).first()
+        values = conn.execute(statement, params).first()
     if values is None:
         return None
-    row = dict(zip(_NAMES, values, strict=True))
+    row = dict(zip(names, values, strict=True))
     job = Job.from_row(row)
     result = None
     if row[_RESULT + "job_id"] is not None:
         result = JobResult.from_row(
-            {name[len(_RESULT) :]: row[name] for name in _NAMES if name.startswith(_RESULT)}
+            {name[len(_RESULT) :]: row[name] for name in names if name.startswith(_RESULT)}
         )
     return job, result, row["queue_position"]

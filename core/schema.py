@@ -154,6 +154,17 @@ Index(
 )
 # The sweeper's search for forgotten jobs and the oldest-queued-job gauge: queued jobs by wait.
 Index("ix_jobs_queued_since", jobs.c.task, jobs.c.enqueued_at, postgresql_where=QUEUED)
+# A queued job's position: its tenant's queued jobs of its task and priority ahead of (and behind) it, one
+# bounded range (core.events.position_sql).
+Index(
+    "ix_jobs_queue_tenant",
+    jobs.c.task,
+    jobs.c.tenant_id,
+    jobs.c.priority,
+    jobs.c.created_at,
+    jobs.c.id,
+    postgresql_where=QUEUED,
+)
 Index("ix_jobs_tenant_created", jobs.c.tenant_id, jobs.c.created_at, jobs.c.id)
 Index("ix_jobs_batch", jobs.c.batch_id, jobs.c.status)
 Index("ix_jobs_lease", jobs.c.lease_expires_at, postgresql_where=text("status = 'running'"))

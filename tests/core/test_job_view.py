@@ -10,7 +10,7 @@ from sqlalchemy import Engine, select, text, update
 from core import jobs as sm
 from core.db import make_engine
 from core.events import queue_position
-from core.job_view import JOB_VIEW, read_job_view
+from core.job_view import job_view, read_job_view
 from core.records import Job, JobResult, JobStatus
 from core.schema import jobs, results
 from tests.core.test_jobs import _jobs, _tenant
@@ -38,13 +38,14 @@ def test_one_statement_reads_what_the_separate_reads_do(engine: Engine, clean_db
         for job_id in (urgent, done, failed, first, second):
             job = Job.from_row(conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one())
             row = conn.execute(select(results).where(results.c.job_id == job_id)).mappings().first()
-            expected = (job, JobResult.from_row(row) if row else None, queue_position(conn, job))
-            assert read_job_view(conn, tenant, job_id) == expected, job_id
-        assert [read_job_view(conn, tenant, i)[2] for i in (first, second)] == [1, 2]  # type: ignore[index]
-        assert read_job_view(conn, tenant, done)[0].status is JobStatus.SUCCEEDED  # type: ignore[index]
-        assert read_job_view(conn, tenant, elsewhere) is None  # another tenant's job is not found
-        assert read_job_view(conn, other, elsewhere)[2] == 3  # type: ignore[index]  # after first, second
-        assert read_job_view(conn, tenant, "job_missing") is None
+            expected = (job, JobResult.from_row(row) if row else None, queue_position(conn, job, 8))
+            assert read_job_view(conn, tenant, job_id, 8) == expected, job_id
+        # fair share: the other tenant, never served, takes its turn before this one's next
+        assert [read_job_view(conn, tenant, i, 8)[2] for i in (first, second)] == [2, 3]  # type: ignore[index]
+        assert read_job_view(conn, tenant, done, 8)[0].status is JobStatus.SUCCEEDED  # type: ignore[index]
+        assert read_job_view(conn, tenant, elsewhere, 8) is None  # another tenant's job is not found
+        assert read_job_view(conn, other, elsewhere, 8)[2] == 1  # type: ignore[index]
+        assert read_job_view(conn, tenant, "job_missing", 8) is None
 
 
 def test_postgres_keeps_one_plan_for_the_read(settings: Any, engine: Engine, clean_db: Any) -> None:
@@ -59,13 +60,13 @@ def test_postgres_keeps_one_plan_for_the_read(settings: Any, engine: Engine, cle
     try:
         with reader.connect() as conn:
             for i in range(20):  # psycopg prepares a statement on its 5th execution
-                assert read_job_view(conn, tenant, ids[i % 3]) is not None
+                assert read_job_view(conn, tenant, ids[i % 3], 8) is not None
             plans = conn.execute(
                 text(
                     "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
                     "WHERE statement LIKE :start"
                 ),
-                {"start": str(JOB_VIEW.compile(dialect=reader.dialect))[:60] + "%"},
+                {"start": str(job_view(8)[0].compile(dialect=reader.dialect))[:60] + "%"},
             ).one()
     finally:
         reader.dispose()
