@@ -43,6 +43,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--depths", default="10000,100000,1000000", help="queued jobs at each measurement")
     parser.add_argument("--samples", type=int, default=100, help="timed claims and peeks per depth")
     parser.add_argument("--scrapes", type=int, default=20, help="timed sweeps and /metrics scrapes per depth")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run the API of git revision REF on the same servers; the fill POSTs take turns between "
+        "the two, and each one's ingestion rate is reported",
+    )
     return parser.parse_args()
 
 
@@ -223,7 +229,7 @@ def main() -> int:
     depths = [int(d) for d in args.depths.split(",")]
     root = bench_root("nexusgen-bench-queue-")
     settings, servers = start_services(root)
-    api = None
+    api = before_api = None
     results: list[dict[str, Any]] = []
     try:
         from core.auth import create_api_key, create_tenant
@@ -237,9 +243,19 @@ def main() -> int:
                 keys.append(create_api_key(conn, f"tenant-{t:02d}"))
         base_url, api = start_gunicorn(settings, 2, 4, root / "api.log")
         client = httpx.Client(base_url=base_url, timeout=600)
+        fillers = {"now": client}
+        if args.baseline:
+            from bench.bench_get import extract_revision
+
+            commit = extract_revision(args.baseline, root / "baseline")
+            before_url, before_api = start_gunicorn(
+                settings, 2, 4, root / "api-before.log", root / "baseline"
+            )
+            fillers[commit] = httpx.Client(base_url=before_url, timeout=600)
         queued, batch_no = 0, 0
         for depth in depths:
             rates = []
+            rates_of: dict[str, list[float]] = {name: [] for name in fillers}
             while queued < depth:
                 lines = min(LINES, depth - queued)
                 body = jsonl(batch_no, lines)
@@ -247,9 +263,12 @@ def main() -> int:
                     "Authorization": f"Bearer {keys[batch_no % TENANTS]}",
                     "Content-Type": "application/x-ndjson",
                 }
+                name = list(fillers)[batch_no % len(fillers)]  # the two APIs take turns
                 started = time.perf_counter()
-                client.post("/v1/batches", content=body, headers=headers).raise_for_status()
-                rates.append(lines / (time.perf_counter() - started))
+                fillers[name].post("/v1/batches", content=body, headers=headers).raise_for_status()
+                rates_of[name].append(lines / (time.perf_counter() - started))
+                if name == "now":
+                    rates.append(rates_of[name][-1])
                 queued += lines
                 batch_no += 1
             load_before = os.getloadavg()
@@ -257,11 +276,13 @@ def main() -> int:
             row.update(
                 depth=queued,
                 ingest_jobs_per_s=round(statistics.median(rates[-5:]), 1),
+                ingest_by_api={n: round(statistics.median(r[-5:]), 1) for n, r in rates_of.items() if r},
                 loadavg=[round(x, 2) for x in (*load_before, *os.getloadavg())],
             )
             results.append(row)
             print(json.dumps(row), flush=True)
-        client.close()
+        for filler in fillers.values():
+            filler.close()
         columns = ("claim_before", "claim", "peek_before", "peek", "get_before", "get", "sweep",
                    "sweep_with_wakeups", "metrics")  # fmt: skip
         header = ["queued", *(f"{c} med/p99 ms" for c in columns), "ingest jobs/s", "load 1m"]
@@ -275,6 +296,14 @@ def main() -> int:
             for r in results
         ]
         print(table(rows, header))
+        if args.baseline:
+            names = list(dict.fromkeys(n for r in results for n in r["ingest_by_api"]))
+            print(
+                table(
+                    [[r["depth"], *(r["ingest_by_api"].get(n, "") for n in names)] for r in results],
+                    ["queued", *(f"ingest jobs/s, {n}" for n in names)],
+                )
+            )
         cells = [
             [
                 name,
@@ -295,6 +324,9 @@ def main() -> int:
             },
         )
     finally:
+        if before_api is not None:
+            before_api.terminate()
+            before_api.wait(15)
         stop_all(root, servers, api)
     return 0
 

@@ -48,18 +48,23 @@ def start_services(root: Path, **overrides: Any) -> tuple[Settings, list[Any]]:
     return settings, [s3, redis, pg]
 
 
-def start_gunicorn(settings: Settings, workers: int, threads: int, log_path: Path) -> tuple[str, Any]:
-    """The real API (`api.app:create_app()`, gthread workers) on a free loopback port: (base URL, process)."""
+def start_gunicorn(
+    settings: Settings, workers: int, threads: int, log_path: Path, code: Path = REPO
+) -> tuple[str, Any]:
+    """The real API (`api.app:create_app()`, gthread workers) on a free loopback port: (base URL, process).
+
+    `code`: the source tree it runs (another revision's, for a comparison on the same servers)."""
     from nexusgen import embedded
 
     port = embedded.free_port()
     env = dict(os.environ)
     env.update(settings.to_env())
+    env["PYTHONPATH"] = str(code)
     argv = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-k", "gthread", "--threads", str(threads),
             "-b", f"127.0.0.1:{port}", "--timeout", "120", "api.app:create_app()"]  # fmt: skip
     log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it until it stops
     proc = subprocess.Popen(
-        argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        argv, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     embedded.wait_for_port(port, 60, proc, "gunicorn")
     return f"http://127.0.0.1:{port}", proc
