@@ -35,7 +35,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, RowMapping, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 
-from bench.bench_ingest import percentile
+from bench.bench_get import percentile
 from bench.common import table, write_result
 from core import deliveries
 from core.records import DeliveryStatus

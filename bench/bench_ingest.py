@@ -12,17 +12,14 @@ import argparse
 import json
 import os
 import platform
-import random
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
+from bench.bench_get import run_reader
 from bench.services import REPO, bench_root, start_gunicorn, start_services, stop_all
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ingest.json"
@@ -59,57 +56,12 @@ def jsonl_body(n: int) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def run_reader(base_url: str, key: str, ids: list[str], requests: int, concurrency: int) -> dict[str, Any]:
-    """GET random jobs over `concurrency` keep-alive connections; latency in ms per request."""
-    latencies: list[float] = []
-    errors = 0
-    lock = threading.Lock()
-    per_thread = [
-        requests // concurrency + (1 if i < requests % concurrency else 0) for i in range(concurrency)
-    ]
-
-    def worker(count: int, seed: int) -> None:
-        nonlocal errors
-        rng = random.Random(seed)
-        with httpx.Client(
-            base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
-        ) as client:
-            for _ in range(count):
-                started = time.perf_counter()
-                response = client.get(f"/v1/jobs/{rng.choice(ids)}")
-                elapsed = (time.perf_counter() - started) * 1000
-                with lock:
-                    latencies.append(elapsed)
-                    errors += response.status_code != 200
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(n, i)) for i, n in enumerate(per_thread)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    return {
-        "requests": len(latencies),
-        "errors": errors,
-        "concurrency": concurrency,
-        "median_ms": round(statistics.median(latencies), 2),
-        "p99_ms": round(percentile(latencies, 0.99), 2),
-        "max_ms": round(max(latencies), 2),
-        "requests_per_s": round(len(latencies) / wall, 1),
-    }
-
-
 def main() -> int:
     args = parse_args()
     if args.reader:  # the second process
         ids = json.loads(Path(args.ids_file).read_text())
-        print(json.dumps(run_reader(*args.reader, ids, args.requests, args.concurrency)))
+        paths = [f"/v1/jobs/{job_id}" for job_id in ids]
+        print(json.dumps(run_reader(*args.reader, paths, args.requests, args.concurrency, "httpx")))
         return 0
 
     root = bench_root("nexusgen-bench-ingest-")
@@ -165,7 +117,7 @@ def main() -> int:
         latency = json.loads(reader.stdout.strip().splitlines()[-1])
         print(
             f"GET /v1/jobs/{{id}}: median {latency['median_ms']} ms, p99 {latency['p99_ms']} ms over "
-            f"{latency['requests']} requests ({latency['concurrency']} connections, "
+            f"{latency['requests']} requests ({latency['connections']} connections, "
             f"{latency['errors']} errors, {latency['requests_per_s']} req/s)",
             flush=True,
         )

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from bench.bench_ingest import percentile
+from bench.bench_get import percentile
 from bench.common import table, write_result
 from bench.services import bench_root, start_gunicorn, start_services, stop_all
 
