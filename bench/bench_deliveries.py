@@ -28,7 +28,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Collection
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from bench.bench_get import percentile
 from bench.common import table, write_result
 from core import deliveries
 from core.records import DeliveryStatus
-from core.schema import webhook_deliveries, webhook_endpoints, webhook_events
+from core.schema import webhook_deliveries
 
 TENANTS = 50
 ENDPOINTS_PER_TENANT = 4
@@ -103,42 +102,8 @@ def _ranked_before_query(limit: int, exclude: Collection[str]) -> Any:
 def claim_before(conn: Connection, limit: int, lock_s: float, exclude: Collection[str]) -> list[RowMapping]:
     conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(deliveries._CLAIM_LOCK, 0))))
     per_endpoint, per_tenant = _in_flight_before(conn)
-    chosen: list[str] = []
-    for delivery_id, endpoint_id, tenant_id in conn.execute(_ranked_before_query(limit, exclude)).all():
-        if len(chosen) >= limit:
-            break
-        if (
-            per_endpoint[endpoint_id] >= deliveries.PER_ENDPOINT_LIMIT
-            or per_tenant[tenant_id] >= deliveries.PER_TENANT_LIMIT
-        ):
-            continue
-        per_endpoint[endpoint_id] += 1
-        per_tenant[tenant_id] += 1
-        chosen.append(delivery_id)
-    if not chosen:
-        return []
-    conn.execute(
-        update(webhook_deliveries)
-        .where(webhook_deliveries.c.id.in_(chosen))
-        .values(locked_until=func.now() + timedelta(seconds=lock_s))
-    )
-    return list(
-        conn.execute(
-            select(
-                webhook_deliveries,
-                webhook_events.c.payload,
-                webhook_events.c.type.label("event_type"),
-                webhook_endpoints.c.url,
-                webhook_endpoints.c.disabled_at,
-            )
-            .join(webhook_events, webhook_events.c.id == webhook_deliveries.c.event_id)
-            .join(webhook_endpoints, webhook_endpoints.c.id == webhook_deliveries.c.endpoint_id)
-            .where(webhook_deliveries.c.id.in_(chosen))
-            .order_by(webhook_deliveries.c.next_attempt_at)
-        )
-        .mappings()
-        .all()
-    )
+    candidates = conn.execute(_ranked_before_query(limit, exclude)).all()
+    return deliveries.lease(conn, deliveries.within_caps(candidates, per_endpoint, per_tenant, limit), lock_s)
 
 
 def setup_tenants(engine: Engine) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -143,6 +143,15 @@ def claim_due(
             "limit": limit * 4,
         },
     ).all()
+    chosen = within_caps(candidates, per_endpoint, per_tenant, limit)
+    return lease(conn, chosen, lock_s)
+
+
+def within_caps(
+    candidates: Iterable[Sequence[Any]], per_endpoint: Counter[str], per_tenant: Counter[str], limit: int
+) -> list[str]:
+    """The first `limit` of (delivery id, endpoint id, tenant id) candidates that keep their endpoint and
+    tenant within PER_ENDPOINT_LIMIT and PER_TENANT_LIMIT, counting those in flight; updates the counts."""
     chosen: list[str] = []
     for delivery_id, endpoint_id, tenant_id in candidates:
         if len(chosen) >= limit:
@@ -152,6 +161,11 @@ def claim_due(
         per_endpoint[endpoint_id] += 1
         per_tenant[tenant_id] += 1
         chosen.append(delivery_id)
+    return chosen
+
+
+def lease(conn: Connection, chosen: list[str], lock_s: float) -> list[RowMapping]:
+    """Lease the `chosen` deliveries for `lock_s`; them with their event and endpoint, oldest due first."""
     if not chosen:
         return []
     conn.execute(
