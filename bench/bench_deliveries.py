@@ -35,7 +35,7 @@ from sqlalchemy import Connection, Engine, RowMapping, func, or_, select, text, 
 from sqlalchemy.dialects import postgresql
 
 from bench.bench_get import percentile
-from bench.common import table, write_result
+from bench.common import plans_table, table, write_result
 from core import deliveries
 from core.records import DeliveryStatus
 from core.schema import webhook_deliveries
@@ -306,14 +306,7 @@ def main() -> int:
             for r in results
         ]
         print(table(rows, ["due", "before med/p99 ms", "now med/p99 ms", "same choice", "load 1m"]))
-        cells = [
-            [
-                name,
-                *(f"{r['plans'][name]['server_ms']} ms, {r['plans'][name]['pages']} pages" for r in results),
-            ]
-            for name in results[0]["plans"]
-        ]
-        print(table(cells, ["EXPLAIN (ANALYZE, BUFFERS)", *(str(r["due"]) for r in results)]))
+        print(plans_table(results, "due"))
         write_result(
             "deliveries",
             {"bench": "deliveries", "tenants": TENANTS, "endpoints": TENANTS * ENDPOINTS_PER_TENANT,

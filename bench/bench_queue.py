@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from bench.bench_get import percentile
-from bench.common import table, write_result
+from bench.common import plans_table, table, write_result
 from bench.services import bench_root, start_gunicorn, start_services, stop_all
 
 TENANTS = 50
@@ -304,14 +304,7 @@ def main() -> int:
                     ["queued", *(f"ingest jobs/s, {n}" for n in names)],
                 )
             )
-        cells = [
-            [
-                name,
-                *(f"{r['plans'][name]['server_ms']} ms, {r['plans'][name]['pages']} pages" for r in results),
-            ]
-            for name in results[0]["plans"]
-        ]
-        print(table(cells, ["EXPLAIN (ANALYZE, BUFFERS)", *(str(r["depth"]) for r in results)]))
+        print(plans_table(results, "depth"))
         write_result(
             "queue",
             {

@@ -112,3 +112,12 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def plans_table(results: list[dict[str, Any]], column: str) -> str:
+    """EXPLAIN (ANALYZE, BUFFERS) figures of each result's `plans`, one column per result's `column` value."""
+    cells = [
+        [name, *(f"{r['plans'][name]['server_ms']} ms, {r['plans'][name]['pages']} pages" for r in results)]
+        for name in results[0]["plans"]
+    ]
+    return table(cells, ["EXPLAIN (ANALYZE, BUFFERS)", *(str(r[column]) for r in results)])
