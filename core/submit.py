@@ -307,11 +307,9 @@ def validate_job(
     task = _task(spec)
     text = _text(spec, task, settings.max_prompt_chars)
     upload_id, pending = _image(spec.get("image"), task, settings)
-    if params_cache is None:
-        params = normalize_params(task, spec.get("params"))
-        bucket = bucket_key(task, params)
-    else:
-        params, bucket = normalize_params_cached(task, spec.get("params"), params_cache)
+    params, bucket = normalize_params_cached(
+        task, spec.get("params"), params_cache if params_cache is not None else {}
+    )
     priority = _priority(spec.get("priority", 0))
     metadata = check_metadata(spec.get("metadata"))
     url, events = parse_webhook(
