@@ -19,6 +19,7 @@ from api.jobs import load_owned, parse_json_body, render_jobs, require_content_t
 from api.schemas import BatchIn, BatchOut, BatchQuery, describes_body
 from core.ids import new_id
 from core.ingest import (
+    cyclic_gc_paused,
     delete_pending_uploads,
     insert_jobs,
     insert_pending_uploads,
@@ -200,7 +201,8 @@ def create_batch(query: dict[str, Any]) -> Response:
     fingerprint = request.get_data(cache=True)
     if request.query_string:
         fingerprint = request.query_string + b"\0" + fingerprint
-    return create_idempotently(principal.tenant_id, fingerprint, prepare, work, discard)
+    with cyclic_gc_paused():
+        return create_idempotently(principal.tenant_id, fingerprint, prepare, work, discard)
 
 
 @bp.get("/v1/batches/<batch_id>")

@@ -6,9 +6,12 @@ opens (api.idempotency), rows in it; wake-ups are published by the caller after 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -25,6 +28,38 @@ log = logging.getLogger(__name__)
 
 INSERT_CHUNK = 1000
 _JSONB_COLUMNS = frozenset({"params", "metadata"})
+
+
+# How many requests hold the cyclic collector off (cyclic_gc_paused), and whether it ran before the first.
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Hold Python's cyclic garbage collector off while a bulk request holds its jobs in memory.
+
+    A 10,000-line batch keeps about 60,000 containers (parsed lines, drafts, their params) alive for the
+    whole request: their allocation started the collector over and over, and its full collections scanned
+    every object of the app too, 66 of the request's 216 ms of CPU (median, in process, at 1M queued).
+    They form no cycles and go by reference counting when the request ends: the collector frees nothing
+    of them. The switch is process-wide: while any such request runs, other threads' cycles wait for the
+    next collection after the last one ends.
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def parse_jsonl(body: bytes) -> tuple[list[tuple[int, Any]], list[dict[str, Any]]]:

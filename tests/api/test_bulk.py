@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import threading
 import time
 from typing import Any
 
@@ -73,6 +75,28 @@ def test_ten_thousand_jobs_in_few_statements_then_one_ticket_per_batch(
     # three buckets (sizes) of 3334, 3333 and 3333 jobs make more batches than a request publishes
     # tickets for: it sends its share, finished batches and the sweeper send the rest
     assert broker.llen(MODEL_QUEUES["generate"]) == TOP_UP_MAX_PUBLISH
+
+
+def test_a_bulk_request_runs_no_cyclic_collection(client: Any, acme: Tenant) -> None:
+    # 2,000 lines keep about 12,000 containers alive, the collector's first threshold 17 times over: without
+    # the pause (core.ingest.cyclic_gc_paused) it ran 32 times in this request; with it, only before and after
+    me = threading.get_ident()
+    collections: list[int] = []
+
+    def record(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start" and threading.get_ident() == me:
+            collections.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        r = client.post(
+            "/v1/batches", data=_body(2000), headers={**acme.headers, "Content-Type": "application/x-ndjson"}
+        )
+    finally:
+        gc.callbacks.remove(record)
+    assert r.status_code == 201, r.get_json()
+    assert len(collections) <= 3, collections
+    assert gc.isenabled()
 
 
 def test_broker_down_the_jobs_stay_queued_and_the_request_succeeds(

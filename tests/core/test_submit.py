@@ -12,7 +12,7 @@ from sqlalchemy import event, select
 
 from core.auth import create_tenant
 from core.images import ImageError, decode_data_url, inspect_image
-from core.ingest import insert_jobs, parse_jsonl, validate_many
+from core.ingest import cyclic_gc_paused, insert_jobs, parse_jsonl, validate_many
 from core.jobs import bucket_key
 from core.schema import jobs
 from core.settings import Settings
@@ -205,6 +205,30 @@ def test_insert_jobs_is_set_based(engine: Any, clean_db: Any) -> None:
     with engine.connect() as conn:
         prompts = conn.execute(select(jobs.c.prompt).order_by(jobs.c.id)).scalars().all()
     assert prompts == [str(i) for i in range(2500)]  # ids follow the submission order
+
+
+def test_cyclic_gc_stays_paused_until_the_last_bulk_request_ends() -> None:
+    import gc
+
+    assert gc.isenabled()
+    first, second = cyclic_gc_paused(), cyclic_gc_paused()
+    first.__enter__()
+    assert not gc.isenabled()
+    second.__enter__()  # a concurrent request (another thread)
+    first.__exit__(None, None, None)
+    assert not gc.isenabled()  # the other one still holds its jobs
+    second.__exit__(None, None, None)
+    assert gc.isenabled()
+    with pytest.raises(SubmitError), cyclic_gc_paused():
+        raise SubmitError("invalid_job", "x")
+    assert gc.isenabled()  # an error answer resumes it too
+    gc.disable()  # whoever switched it off before keeps it off
+    try:
+        with cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_inspecting_a_large_image_reads_its_header_only() -> None:
