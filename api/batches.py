@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from apiflask import APIBlueprint
@@ -19,6 +19,8 @@ from api.jobs import load_owned, parse_json_body, render_jobs, require_content_t
 from api.schemas import BatchIn, BatchOut, BatchQuery, describes_body
 from core.ids import new_id
 from core.ingest import (
+    checks_offline,
+    copy_validated,
     cyclic_gc_paused,
     delete_pending_uploads,
     insert_jobs,
@@ -29,7 +31,7 @@ from core.ingest import (
     validate_many,
 )
 from core.jobs import cancel_batch, count_by_status
-from core.limits import admit
+from core.limits import LimitExceeded, admit
 from core.records import JOB_RESULT_LINE_FIELDS, Batch, Job, JobStatus, batch_payload
 from core.schema import batches, jobs
 from core.settings import Settings
@@ -72,7 +74,8 @@ def batch_options(query: dict[str, Any]) -> tuple[dict[str, Any] | None, Any]:
 @dataclass
 class ParsedBatch:
     """A batch body validated before the transaction opens; `errors` are raised in it, together with the
-    upload ids that only the database can find missing."""
+    upload ids that only the database can find missing. Or, when no line's checks need I/O, its lines
+    still `unchecked`: the transaction checks them as it copies them (core.ingest.copy_validated)."""
 
     drafts: list[tuple[int, JobDraft]]
     errors: list[dict[str, Any]]
@@ -80,6 +83,7 @@ class ParsedBatch:
     webhook: tuple[str | None, list[str] | None]
     jsonl: bool
     total: int
+    unchecked: list[tuple[int, Any]] = field(default_factory=list)
 
     @property
     def position(self) -> str:
@@ -98,7 +102,8 @@ class ParsedBatch:
 
 def _parse_batch(settings: Settings, query: dict[str, Any]) -> ParsedBatch:
     """Validate the whole body (webhook URLs resolved here, before any transaction), collecting the bad
-    lines; raise a SubmitError at once for a problem of the batch itself."""
+    lines, or leave its lines to copy_validated when none needs I/O to be checked; raise a SubmitError at
+    once for a problem of the batch itself."""
     jsonl = request.mimetype in JSONL_TYPES
     position = "line" if jsonl else "index"
     raw_webhook, raw_metadata = batch_options(query)
@@ -129,6 +134,8 @@ def _parse_batch(settings: Settings, query: dict[str, Any]) -> ParsedBatch:
         raise SubmitError(
             "too_many_jobs", f"a batch takes at most {settings.max_batch_jobs} jobs", status=413
         )
+    if not errors and all(checks_offline(spec) for _, spec in items):
+        return ParsedBatch([], [], metadata, webhook, jsonl, total, unchecked=items)
     numbered, invalid = validate_many(
         items, settings, position=position, require_custom_id=jsonl, inherited_webhook=webhook
     )
@@ -163,9 +170,12 @@ def create_batch(query: dict[str, Any]) -> Response:
         return parsed
 
     def work(conn: Connection, parsed: ParsedBatch) -> Created:
-        ttl_s = svc.settings.result_ttl_s
-        parsed.raise_errors(missing_uploads(conn, principal.tenant_id, parsed.drafts, parsed.position, ttl_s))
+        settings = svc.settings
+        parsed.raise_errors(
+            missing_uploads(conn, principal.tenant_id, parsed.drafts, parsed.position, settings.result_ttl_s)
+        )
         drafts = [draft for _, draft in parsed.drafts]
+        count = len(parsed.unchecked) or len(drafts)
         url, events = parsed.webhook
         row = (
             conn.execute(
@@ -176,20 +186,47 @@ def create_batch(query: dict[str, Any]) -> Response:
                     metadata=parsed.metadata,
                     webhook_url=url,
                     webhook_events=events,
-                    total_jobs=len(drafts),
+                    total_jobs=count,
                 )
                 .returning(*batches.c)
             )
             .mappings()
             .one()
         )
-        insert_pending_uploads(conn, principal.tenant_id, (d.pending_upload for d in drafts), ttl_s)
-        # all or nothing; locks the tenant row, so no network I/O after this
-        admission = admit(conn, principal.tenant_id, len(drafts), svc.settings)
-        wakeups = insert_jobs(conn, principal.tenant_id, row["id"], drafts)
+        insert_pending_uploads(
+            conn, principal.tenant_id, (d.pending_upload for d in drafts), settings.result_ttl_s
+        )
+        try:  # all or nothing; locks the tenant row, so no network I/O after this
+            admission = admit(conn, principal.tenant_id, count, settings)
+        except LimitExceeded:
+            if parsed.unchecked:  # a bad line answers 422 before a limit's 429, as when checked first
+                parsed.raise_errors(
+                    validate_many(
+                        parsed.unchecked,
+                        settings,
+                        position=parsed.position,
+                        require_custom_id=parsed.jsonl,
+                        inherited_webhook=parsed.webhook,
+                    )[1]
+                )
+            raise
+        if parsed.unchecked:  # Postgres inserts the lines sent while the next ones are checked
+            wakeups, errors = copy_validated(
+                conn,
+                principal.tenant_id,
+                row["id"],
+                parsed.unchecked,
+                settings,
+                position=parsed.position,
+                require_custom_id=parsed.jsonl,
+                inherited_webhook=parsed.webhook,
+            )
+            parsed.raise_errors(errors)
+        else:
+            wakeups = insert_jobs(conn, principal.tenant_id, row["id"], drafts)
         return Created(
             201,
-            batch_payload(Batch.from_row(row), {JobStatus.QUEUED: len(drafts)}),
+            batch_payload(Batch.from_row(row), {JobStatus.QUEUED: count}),
             wakeups,
             admission.headers(),
         )

@@ -1,7 +1,9 @@
 """Bulk ingestion: parse JSONL, validate many specs collecting EVERY error, store inline images, COPY jobs.
 
 Used by POST /v1/jobs, /v1/batches and /v1/uploads: validation and object puts before the transaction
-opens (api.idempotency), rows in it; wake-ups are published by the caller after the commit.
+opens (api.idempotency), rows in it; wake-ups are published by the caller after the commit. A batch whose
+lines need no I/O to be checked (no image, no webhook of their own) is checked in the transaction instead,
+line by line as its COPY takes the lines (copy_validated), so Postgres inserts while Python checks.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import orjson
+from psycopg import Copy
 from sqlalchemy import Connection, RowMapping, select
 
 from core.ids import new_id, new_ids
@@ -103,8 +106,30 @@ def validate_many(
     inherited_webhook: tuple[str | None, list[str] | None] = (None, None),
 ) -> tuple[list[tuple[int, JobDraft]], list[dict[str, Any]]]:
     """Validate every item and collect EVERY error (not just the first), with its line or index."""
-    drafts: list[tuple[int, JobDraft]] = []
     errors: list[dict[str, Any]] = []
+    drafts = list(
+        iter_validated(
+            items,
+            settings,
+            errors,
+            position=position,
+            require_custom_id=require_custom_id,
+            inherited_webhook=inherited_webhook,
+        )
+    )
+    return drafts, errors
+
+
+def iter_validated(
+    items: Iterable[tuple[int, Any]],
+    settings: Settings,
+    errors: list[dict[str, Any]],
+    *,
+    position: str,
+    require_custom_id: bool,
+    inherited_webhook: tuple[str | None, list[str] | None] = (None, None),
+) -> Iterator[tuple[int, JobDraft]]:
+    """validate_many one item at a time: yield each good (number, draft) in order, append each error."""
     seen: dict[str, int] = {}
     cache: dict[str, str | None] = {}
     params_cache: ParamsCache = {}  # lines repeat a few params objects: each is checked once
@@ -133,8 +158,13 @@ def validate_many(
             seen[draft.custom_id] = number
         if draft.webhook_url is None:
             draft.webhook_url, draft.webhook_events = inherited_webhook
-        drafts.append((number, draft))
-    return drafts, errors
+        yield number, draft
+
+
+def checks_offline(spec: Any) -> bool:
+    """Whether validate_job checks this spec without I/O or the database: no image (an inline one is
+    stored first, an upload id looked up) and no webhook of its own (its host's name is resolved)."""
+    return not isinstance(spec, dict) or (spec.get("image") is None and spec.get("webhook") is None)
 
 
 def missing_uploads(
@@ -276,28 +306,86 @@ def insert_jobs(
         return set()
     # Ids follow the submission order, so listings and result streams keep the lines' order.
     ids = new_ids("job", len(drafts))
-    columns = list(job_row(tenant_id, batch_id, drafts[0], ids[0]))
-    assert columns == list(_COPY_COLUMNS)
-    driver = conn.connection.driver_connection  # the psycopg connection, inside the same transaction
-    assert driver is not None
-    with driver.cursor() as cursor, cursor.copy(f"COPY jobs ({', '.join(columns)}) FROM STDIN") as copy:
+    assert list(job_row(tenant_id, batch_id, drafts[0], ids[0])) == list(_COPY_COLUMNS)
+    with _copy_jobs(conn) as copy:
         for draft, job_id in zip(drafts, ids, strict=True):
-            meta = draft.metadata
-            copy.write_row(  # in the order of job_row's keys (`columns`)
-                (
-                    job_id,
-                    tenant_id,
-                    batch_id,
-                    draft.custom_id,
-                    draft.task,
-                    draft.prompt,
-                    draft.upload_id,
-                    _json_text(draft.params),
-                    draft.bucket,
-                    draft.priority,
-                    _json_text(meta) if meta else "{}",
-                    draft.webhook_url,
-                    draft.webhook_events,
-                )
-            )
+            copy.write_row(_copy_row(job_id, tenant_id, batch_id, draft))
     return {(d.task, d.bucket) for d in drafts}
+
+
+class _BadLines(Exception):
+    """Aborts a COPY of copy_validated: some lines are invalid."""
+
+
+def copy_validated(
+    conn: Connection,
+    tenant_id: str,
+    batch_id: str,
+    items: Sequence[tuple[int, Any]],
+    settings: Settings,
+    *,
+    position: str,
+    require_custom_id: bool,
+    inherited_webhook: tuple[str | None, list[str] | None],
+) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
+    """validate_many and insert_jobs at once, for items that checks_offline: each line is checked, then
+    written to ONE COPY, so Postgres inserts the lines already sent while the next are checked.
+
+    Returns the (task, bucket) pairs to wake and the errors (validate_many's, every bad line). With any
+    error nothing more is written after the first, the rest are still checked, and the COPY is aborted:
+    the caller's transaction is then failed and must end without a commit.
+    """
+    ids = new_ids("job", len(items))  # one per line: with no bad line, each line is a job, in order
+    errors: list[dict[str, Any]] = []
+    wakeups: set[tuple[str, str]] = set()
+    drafts = iter_validated(
+        items,
+        settings,
+        errors,
+        position=position,
+        require_custom_id=require_custom_id,
+        inherited_webhook=inherited_webhook,
+    )
+    try:
+        with _copy_jobs(conn) as copy:
+            for job_id, (_, draft) in zip(ids, drafts):  # noqa: B905 - fewer drafts than ids after a bad line
+                if errors:
+                    break
+                copy.write_row(_copy_row(job_id, tenant_id, batch_id, draft))
+                wakeups.add((draft.task, draft.bucket))
+            for _ in drafts:  # after a bad line: only collect the errors of the rest
+                pass
+            if errors:
+                raise _BadLines
+    except _BadLines:
+        return set(), errors
+    return wakeups, errors
+
+
+@contextmanager
+def _copy_jobs(conn: Connection) -> Iterator[Copy]:
+    """A `COPY jobs (_COPY_COLUMNS) FROM STDIN` in the caller's transaction (its psycopg connection)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(f"COPY jobs ({', '.join(_COPY_COLUMNS)}) FROM STDIN") as copy:
+        yield copy
+
+
+def _copy_row(job_id: str, tenant_id: str, batch_id: str | None, draft: JobDraft) -> tuple[Any, ...]:
+    """One COPY row, in the order of _COPY_COLUMNS (job_row's keys)."""
+    meta = draft.metadata
+    return (
+        job_id,
+        tenant_id,
+        batch_id,
+        draft.custom_id,
+        draft.task,
+        draft.prompt,
+        draft.upload_id,
+        _json_text(draft.params),
+        draft.bucket,
+        draft.priority,
+        _json_text(meta) if meta else "{}",
+        draft.webhook_url,
+        draft.webhook_events,
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from core.schema import batches, jobs, uploads
+from core.schema import batches, job_counts, jobs, uploads
 from tests.api.conftest import Tenant, png_bytes, upload
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -176,6 +176,25 @@ def test_invalid_jsonl_names_every_bad_line_and_creates_nothing(
     ]
     assert all(e["message"] for e in error["details"]["errors"])
     assert _count(engine, jobs) == 0 and _count(engine, batches) == 0
+
+
+def test_bad_lines_after_thousands_of_copied_ones_create_nothing(
+    client: Any, acme: Tenant, engine: Any
+) -> None:
+    # no line needs I/O to be checked, so lines are copied while the next are checked
+    # (core.ingest.copy_validated): the first 3,000 are sent to Postgres before the bad ones are read
+    good = [{"task": "generate", "prompt": f"p{i}", "custom_id": f"c{i}"} for i in range(3000)]
+    lines = [*good, {"task": "generate", "prompt": "x", "custom_id": "c0"}, good[0] | {"custom_id": "z"}]
+    lines += [{"task": "generate", "prompt": "y", "custom_id": "w", "params": {"width": 100}}]
+    r = client.post("/v1/batches", data=_jsonl(lines), headers={**acme.headers, **NDJSON})
+    assert r.status_code == 422, r.get_json()
+    assert r.get_json()["error"]["message"] == "2 of 3003 jobs are invalid; nothing was created"
+    got = [(e["line"], e["code"]) for e in r.get_json()["error"]["details"]["errors"]]
+    assert got == [(3001, "duplicate_custom_id"), (3003, "invalid_size")]
+    assert _count(engine, jobs) == 0 and _count(engine, batches) == 0 and _count(engine, job_counts) == 0
+    r = client.post("/v1/batches", data=_jsonl(good), headers={**acme.headers, **NDJSON})
+    assert r.status_code == 201 and r.get_json()["total_jobs"] == 3000
+    assert _count(engine, jobs) == 3000
 
 
 def test_invalid_json_batch_names_indexes(client: Any, acme: Tenant, engine: Any) -> None:

@@ -110,6 +110,10 @@ def test_a_batch_over_the_queued_limit_is_refused_whole(
     assert (
         client.post("/v1/batches", data=_jsonl(3, 20), headers={**acme.headers, **NDJSON}).status_code == 201
     )
+    # a bad line is named before the limit, as the whole batch is refused for either
+    bad = _jsonl(2, 40) + json.dumps({**JOB, "params": {"steps": 0}, "custom_id": "bad"}).encode()
+    r = client.post("/v1/batches", data=bad, headers={**acme.headers, **NDJSON})
+    assert r.status_code == 422 and r.get_json()["error"]["details"]["errors"][0]["line"] == 3
     # the admin lifts the limit
     set_limits(acme, "--default", "max_queued")
     r = client.post("/v1/batches", data=_jsonl(5, 30), headers={**acme.headers, **NDJSON})

@@ -12,9 +12,16 @@ from sqlalchemy import event, select
 
 from core.auth import create_tenant
 from core.images import ImageError, decode_data_url, inspect_image
-from core.ingest import cyclic_gc_paused, insert_jobs, parse_jsonl, validate_many
+from core.ingest import (
+    checks_offline,
+    copy_validated,
+    cyclic_gc_paused,
+    insert_jobs,
+    parse_jsonl,
+    validate_many,
+)
 from core.jobs import bucket_key
-from core.schema import jobs
+from core.schema import batches, jobs
 from core.settings import Settings
 from core.submit import SubmitError, normalize_params, validate_job
 
@@ -205,6 +212,66 @@ def test_insert_jobs_is_set_based(engine: Any, clean_db: Any) -> None:
     with engine.connect() as conn:
         prompts = conn.execute(select(jobs.c.prompt).order_by(jobs.c.id)).scalars().all()
     assert prompts == [str(i) for i in range(2500)]  # ids follow the submission order
+
+
+def _batch_rows(conn: Any, batch_id: str) -> list[tuple[Any, ...]]:
+    rows = conn.execute(
+        select(
+            jobs.c.custom_id,
+            jobs.c.task,
+            jobs.c.prompt,
+            jobs.c.params,
+            jobs.c.bucket,
+            jobs.c.priority,
+            jobs.c.metadata,
+            jobs.c.webhook_url,
+            jobs.c.webhook_events,
+            jobs.c.status,
+        )
+        .where(jobs.c.batch_id == batch_id)
+        .order_by(jobs.c.id)
+    ).all()
+    # seeds are drawn per line: all else is the same
+    return [(*row[:3], {k: v for k, v in row[3].items() if k != "seed"}, *row[4:]) for row in rows]
+
+
+def test_copy_validated_writes_what_insert_jobs_writes(engine: Any, clean_db: Any) -> None:
+    specs = [
+        {"task": task, "prompt": f"p{i}", "custom_id": f"c{i}", "params": params}
+        | ({"priority": i % 3 - 1} if i % 2 else {"metadata": {"row": i, "tag": "ü"}})
+        for i, (task, params) in enumerate(
+            [("generate", {"width": 768, "steps": 12})] * 3
+            + [("generate", None), ("generate", {"seed": 7, "guidance": 2})] * 2
+        )
+    ]
+    specs += [{"task": "understand", "instruction": "what", "custom_id": "u"}]  # no image: refused
+    good, items = specs[:-1], list(enumerate(specs[:-1], start=1))
+    assert all(checks_offline(spec) for spec in specs)
+    assert not checks_offline({**good[0], "webhook": {"url": "http://127.0.0.1:9/"}})
+    assert not checks_offline({"task": "edit", "instruction": "x", "image": "upl_x"})
+    webhook = ("http://127.0.0.1:9/batch", ["batch.completed"])
+    checks: dict[str, Any] = {"position": "line", "require_custom_id": True, "inherited_webhook": webhook}
+    with engine.begin() as conn:
+        tenant_id, _ = create_tenant(conn, "acme")
+        for batch_id in ("bat_checked_first", "bat_copied"):
+            conn.execute(batches.insert().values(id=batch_id, tenant_id=tenant_id, total_jobs=len(good)))
+        drafts, errors = validate_many(items, SETTINGS, **checks)
+        assert errors == []
+        wakeups = insert_jobs(conn, tenant_id, "bat_checked_first", [d for _, d in drafts])
+        assert copy_validated(conn, tenant_id, "bat_copied", items, SETTINGS, **checks) == (wakeups, [])
+        assert _batch_rows(conn, "bat_copied") == _batch_rows(conn, "bat_checked_first")
+        assert len(_batch_rows(conn, "bat_copied")) == len(good)
+    # bad lines after good ones: validate_many's errors, and the COPY aborted (the caller rolls back)
+    items = list(enumerate(specs + good[:1] + [{**good[1], "params": {"steps": 0}}], start=1))
+    expected = validate_many(items, SETTINGS, **checks)[1]
+    assert [e["code"] for e in expected] == ["invalid_image", "duplicate_custom_id", "invalid_steps"]
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(batches.insert().values(id="bat_bad", tenant_id=tenant_id, total_jobs=len(items)))
+        assert copy_validated(conn, tenant_id, "bat_bad", items, SETTINGS, **checks) == (set(), expected)
+        transaction.rollback()
+    with engine.connect() as conn:
+        assert conn.execute(select(jobs.c.id).where(jobs.c.batch_id == "bat_bad")).all() == []
 
 
 def test_cyclic_gc_stays_paused_until_the_last_bulk_request_ends() -> None:
