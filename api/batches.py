@@ -22,16 +22,18 @@ from core.ingest import (
     checks_offline,
     copy_validated,
     cyclic_gc_paused,
-    delete_pending_uploads,
     insert_jobs,
-    insert_pending_uploads,
-    missing_uploads,
     parse_jsonl,
-    put_pending_uploads,
     validate_many,
 )
 from core.jobs import cancel_batch, count_by_status
 from core.limits import LimitExceeded, admit
+from core.pending_uploads import (
+    delete_pending_uploads,
+    insert_pending_uploads,
+    missing_uploads,
+    put_pending_uploads,
+)
 from core.records import JOB_RESULT_LINE_FIELDS, Batch, Job, JobStatus, batch_payload
 from core.schema import batches, jobs
 from core.settings import Settings

@@ -20,16 +20,16 @@ from api.context import services
 from api.errors import fail
 from api.idempotency import Created, create_idempotently
 from api.schemas import JobIn, JobListOut, JobListQuery, JobOut, describes_body
-from core.ingest import (
-    delete_pending_uploads,
-    insert_pending_uploads,
-    job_row,
-    missing_uploads,
-    put_pending_uploads,
-)
+from core.ingest import job_row
 from core.job_view import read_job_view
 from core.jobs import cancel_job
 from core.limits import admit
+from core.pending_uploads import (
+    delete_pending_uploads,
+    insert_pending_uploads,
+    missing_uploads,
+    put_pending_uploads,
+)
 from core.records import (
     JOB_API_FIELDS,
     RESULT_API_IMAGE,

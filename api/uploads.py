@@ -15,7 +15,7 @@ from api.idempotency import Created, create_idempotently
 from api.schemas import UploadIn, UploadOut, describes_body, upload_json
 from core.ids import new_id
 from core.images import inspect_image
-from core.ingest import delete_pending_uploads, insert_pending_uploads, put_pending_uploads
+from core.pending_uploads import delete_pending_uploads, insert_pending_uploads, put_pending_uploads
 from core.submit import PendingUpload
 
 bp = APIBlueprint("uploads", __name__, tag="Uploads")

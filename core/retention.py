@@ -6,8 +6,8 @@ running job uses it. Expiry is two steps, so object storage is never called insi
 sets `expired_at` (the API answers 410 from then on), `purge` deletes the objects of marked rows and
 clears their `object_key`; a failed delete is retried by the next sweep, so storage cannot grow for good.
 
-Orphans: an input image is stored before the transaction that inserts its row (core.ingest), so an API
-process that dies in between leaves an object no row names. `collect_orphans` walks the bucket a few
+Orphans: an input image is stored before the transaction that inserts its row (core.pending_uploads), so
+an API process that dies in between leaves an object no row names. `collect_orphans` walks the bucket a few
 listing pages per sweep, from where the last sweep stopped, and deletes the input objects that have no row
 and are older than NEXUSGEN_ORPHAN_GRACE_S (far longer than any request takes between its put and commit).
 """

@@ -75,7 +75,7 @@ class SubmitUnavailable(Exception):
 @dataclass
 class PendingUpload:
     """An image that came inline (data URL): put into object storage before the jobs' transaction opens
-    (core.ingest.put_pending_uploads), its upload row inserted in it."""
+    (core.pending_uploads.put_pending_uploads), its upload row inserted in it."""
 
     id: str
     data: bytes

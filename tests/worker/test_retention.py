@@ -13,8 +13,8 @@ from sqlalchemy import Engine, update
 from core import retention
 from core.ids import new_id
 from core.images import ImageInfo
-from core.ingest import insert_pending_uploads, put_pending_uploads
 from core.jobs import claim_batch, complete_job
+from core.pending_uploads import insert_pending_uploads, put_pending_uploads
 from core.queue import make_publisher
 from core.schema import tenants
 from core.settings import Settings
