@@ -19,7 +19,7 @@ from core.records import SignedLink
 from core.settings import Settings
 
 # How long one presigned link is handed out again: a tenth of its lifetime, at most a minute. Signing a
-# link cost about 0.1 ms of the API's CPU, a tenth of a whole GET of a succeeded job (bench/bench_get.py).
+# link cost about 0.15 ms of the API's CPU, an eighth of a GET of a succeeded job (py-spy, bench_get's load).
 PRESIGN_MAX_WINDOW_S = 60
 PRESIGN_CACHE_SIZE = 4096
 

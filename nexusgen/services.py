@@ -96,7 +96,8 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
 class AccessLogger(glogging.Logger):  # type: ignore[misc]
     """gunicorn's logger, writing the access line of its default format without building its dict of every
     request header, response header and environ variable for each request (which only a custom
-    `access_log_format` can use): about a tenth of the API's CPU for a GET of a job, by py-spy."""
+    `access_log_format` can use). Sampled by py-spy under bench/bench_get.py's load, gunicorn's own took
+    11% of a worker's CPU and this one takes 6.5%, most of it in the logging module."""
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
         if self.cfg.access_log_format != DEFAULT_ACCESS_LOG_FORMAT:
