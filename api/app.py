@@ -8,6 +8,7 @@ from apiflask import APIFlask
 
 from api.context import Services
 from api.errors import ERROR_SCHEMA, register_error_handlers
+from api.json_provider import OrjsonProvider
 from core.db import make_engine
 from core.settings import Settings
 from core.storage import Storage
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> APIFlask:
     app = APIFlask(
         "nexusgen", title="Nexus-Gen batch API", version="1", docs_path="/docs", spec_path="/openapi.json"
     )
+    app.json = OrjsonProvider(app)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         # Every error answer, validation errors included, has the shape {"error": {code, message, details}}.

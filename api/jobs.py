@@ -258,4 +258,4 @@ def get_result(job_id: str) -> BaseResponse:
         fail(410, "result_expired", f"the result was deleted at {result.expired_at.isoformat()} (retention)")
     if result.kind is ResultKind.TEXT or result.object_key is None:
         return Response(result.text or "", content_type="text/plain; charset=utf-8")
-    return redirect(svc.storage.presign_get(result.object_key, svc.settings.presign_ttl_s), code=302)
+    return redirect(svc.storage.presign_get(result.object_key, svc.settings.presign_ttl_s).url, code=302)

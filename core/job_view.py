@@ -25,9 +25,14 @@ _RESULT = (
 
 
 @functools.cache
-def job_view(batch: int) -> tuple[Select[Any], str, tuple[str, ...]]:
+def job_view(batch: int) -> tuple[Select[Any], str, tuple[str, ...], tuple[str, ...]]:
     """The statement for claims of `batch` jobs (NEXUSGEN_MAX_BATCH; the position's rule depends on it), the
-    same as psycopg takes it, and the names of its columns in order."""
+    same in PostgreSQL's own `$n` placeholders, the names of those parameters in order, and the names of
+    its columns in order.
+
+    psycopg rewrites `%(name)s` placeholders into `$n` for every execution of a statement longer than
+    4 KiB (shorter ones it caches); this one is longer, so it is written with `$n` once, here, and run by a
+    raw cursor, which takes it as it is."""
     statement = (
         select(
             jobs,
@@ -37,8 +42,9 @@ def job_view(batch: int) -> tuple[Select[Any], str, tuple[str, ...]]:
         .select_from(jobs.outerjoin(results, results.c.job_id == jobs.c.id))
         .where(jobs.c.id == bindparam("job_id"), jobs.c.tenant_id == bindparam("tenant_id"))
     )
-    sql = statement.compile(dialect=psycopg_dialect()).string
-    return statement, sql, tuple(statement.selected_columns.keys())
+    compiled = statement.compile(dialect=psycopg_dialect(paramstyle="numeric_dollar"))
+    assert compiled.positiontup is not None
+    return statement, compiled.string, tuple(compiled.positiontup), tuple(statement.selected_columns.keys())
 
 
 def read_job_view(
@@ -52,12 +58,15 @@ def read_job_view(
     through SQLAlchemy, whose handling then applies: the error wrapped (an outage answers 503) and, after
     a disconnect, the pool's connections of before it dropped.
     """
-    statement, sql, names = job_view(batch)
+    statement, sql, order, names = job_view(batch)
     params = {"job_id": job_id, "tenant_id": tenant_id}
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
     try:
-        values: Sequence[Any] | None = driver.execute(sql, params, prepare=True).fetchone()
+        with psycopg.RawCursor(driver) as cursor:
+            values: Sequence[Any] | None = cursor.execute(
+                sql, [params[name] for name in order], prepare=True
+            ).fetchone()
     except psycopg.Error:
         values = conn.execute(statement, params).first()
     if values is None:

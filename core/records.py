@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol, Self
+from typing import Any, NamedTuple, Protocol, Self
 
 
 class Task(StrEnum):
@@ -74,10 +74,17 @@ class ResultKind(StrEnum):
     TEXT = "text"
 
 
+class SignedLink(NamedTuple):
+    """A presigned GET link and the moment it stops working."""
+
+    url: str
+    expires_at: datetime
+
+
 class Presigner(Protocol):
     """What rendering an image result needs from object storage (core.storage.Storage)."""
 
-    def presign_get(self, key: str, ttl_s: int) -> str: ...
+    def presign_get(self, key: str, ttl_s: int) -> SignedLink: ...
 
 
 def _from_row(cls: type[Any], row: Mapping[Any, Any], **converted: Any) -> Any:
@@ -152,8 +159,8 @@ def result_payload(
     if result.expired_at is not None:
         return {name: full[name] for name in RESULT_EXPIRED}
     if result.kind is ResultKind.IMAGE and storage is not None and result.object_key:
-        full["expires_at"] = (datetime.now(UTC) + timedelta(seconds=ttl_s)).isoformat()
-        full["url"] = storage.presign_get(result.object_key, ttl_s)
+        link = storage.presign_get(result.object_key, ttl_s)
+        full["url"], full["expires_at"] = link.url, link.expires_at.isoformat()
     names = fields[0] if result.kind is ResultKind.TEXT else fields[1]
     return {name: full[name] for name in names if name in full}
 

@@ -43,8 +43,9 @@ class WebhookURLRefused(ValueError):
 
 
 class LookupTimedOut(WebhookURLRefused):
-    """The host's name lookup gave no answer by the deadline: the resolver's trouble, not a verdict on the
-    URL. Its reason stays `unresolvable_host`, which a delivery retries like any failed attempt."""
+    """The host's name lookup gave no verdict: no answer by the deadline, or the resolver's "try again"
+    (EAI_AGAIN, its upstream servers unreachable). The resolver's trouble, not a verdict on the URL. Its
+    reason stays `unresolvable_host`, which a delivery retries like any failed attempt."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,14 @@ def resolve_webhook_url(
         except TimeoutError as exc:
             raise LookupTimedOut(
                 "unresolvable_host", f"the webhook host {host!r} does not resolve: {exc}"
+            ) from exc
+        except socket.gaierror as exc:
+            if exc.errno != socket.EAI_AGAIN:  # the name does not exist, or cannot: a verdict
+                raise WebhookURLRefused(
+                    "unresolvable_host", f"the webhook host {host!r} does not resolve: {exc}"
+                ) from exc
+            raise LookupTimedOut(
+                "unresolvable_host", f"the webhook host {host!r} could not be looked up now: {exc}"
             ) from exc
         except (OSError, UnicodeError) as exc:
             raise WebhookURLRefused(

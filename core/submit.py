@@ -273,7 +273,8 @@ def parse_webhook(
         except LookupTimedOut as exc:  # not cached: the next request asks the resolver again
             raise SubmitUnavailable(
                 "webhook_lookup_timeout",
-                f"the webhook host's name lookup did not answer within {bound_s:g} s; retry shortly",
+                f"the webhook host's name lookup did not answer within {bound_s:g} s or failed for the "
+                "time being; retry shortly",
             ) from exc
         except WebhookURLRefused as exc:
             checked[url] = f"{exc.reason}: {exc}"

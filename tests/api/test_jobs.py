@@ -56,6 +56,30 @@ def test_generate_job_gets_defaults_and_a_recorded_seed(client: Any, acme: Tenan
     assert again.status_code == 200 and again.get_json()["params"]["seed"] == params["seed"]
 
 
+def test_metadata_and_text_come_back_exactly_as_sent(client: Any, acme: Tenant) -> None:
+    """Values that the fast JSON paths (orjson, reading jsonb and writing answers) would get wrong or refuse
+    come back unchanged: integers beyond 64 bits, non-ASCII text, deep lists, floats at the edges."""
+    metadata = {
+        "big": 123456789012345678901234567890,
+        "negative_big": -(2**70),
+        "edge": [2**63 - 1, -(2**63), 2**64],
+        "name": "café \u2603 \U0001f600",
+        "floats": [0.1, 1e-300, -2.5e-7],
+        "deep": [[[[{"k": "v"}]]]],
+    }
+    r = client.post(
+        "/v1/jobs",
+        json={"task": "generate", "prompt": "ein Fuchs, ½", "metadata": metadata},
+        headers=acme.headers,
+    )
+    assert r.status_code == 201, r.get_json()
+    assert r.get_json()["metadata"] == metadata
+    again = client.get(f"/v1/jobs/{r.get_json()['id']}", headers=acme.headers).get_json()
+    assert again["metadata"] == metadata
+    listed = client.get("/v1/jobs", headers=acme.headers).get_json()["data"]
+    assert [job["metadata"] for job in listed if job["id"] == again["id"]] == [metadata]
+
+
 def test_edit_job_defaults_and_bucket(client: Any, acme: Tenant, engine: Any) -> None:
     upload_id = upload(client, acme).get_json()["id"]
     r = client.post(

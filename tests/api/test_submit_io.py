@@ -4,6 +4,7 @@ idempotency transaction opens, and the objects of a request that creates nothing
 from __future__ import annotations
 
 import base64
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -118,6 +119,23 @@ def test_a_stalled_webhook_lookup_answers_503_and_creates_nothing(
                 assert r.get_json()["error"]["code"] == "webhook_lookup_timeout"
     finally:
         release.set()
+    assert count(engine, jobs) == 0
+
+    def try_again(host: str, port: int) -> list[str]:  # what getaddrinfo raises when DNS is unreachable
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    def no_such_host(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with use_resolver(try_again):
+        for path, body in requests:
+            r = client.post(path, headers=acme.headers, **body)
+            assert r.status_code == 503 and r.headers["Retry-After"].isdigit(), r.get_json()
+            assert r.get_json()["error"]["code"] == "webhook_lookup_timeout"
+    with use_resolver(no_such_host):
+        for path, body in requests:
+            r = client.post(path, headers=acme.headers, **body)
+            assert r.status_code == 422 and "webhook_url_refused" in r.get_data(as_text=True), r.get_json()
     assert count(engine, jobs) == 0
     with use_resolver(lambda host, port: [PUBLIC_IP]):
         for path, body in requests:

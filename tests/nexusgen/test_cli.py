@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -172,6 +174,44 @@ def test_service_logs_are_json_lines_with_job_and_batch_ids(capsys: pytest.Captu
     record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert record["message"] == "claimed" and record["level"] == "INFO"
     assert (record["service"], record["job_id"], record["batch_id"]) == ("worker-model", "job_1", "bat_1")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"HTTP_REFERER": "https://example.com/a", "HTTP_USER_AGENT": "curl/8.5", "QUERY_STRING": "a=1"},
+        {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"ops:pw").decode()},
+    ],
+)
+def test_the_api_access_line_is_gunicorns_own(extra: dict[str, str], tmp_path: Path) -> None:
+    """AccessLogger writes, for the default format, the very line gunicorn's Logger writes."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from nexusgen.services import AccessLogger
+
+    environ = {"REQUEST_METHOD": "GET", "RAW_URI": "/v1/jobs/job_1?a=1", "PATH_INFO": "/v1/jobs/job_1",
+               "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "10.0.0.7", **extra}  # fmt: skip
+
+    for cls, sent in ((Logger, 610), (AccessLogger, 610), (Logger, None), (AccessLogger, None)):
+        cfg = Config()
+        cfg.set("accesslog", str(tmp_path / "access.log"))
+        logger = cls(cfg)
+        resp = SimpleNamespace(status="200 OK", sent=sent, headers=[("Content-Type", "application/json")])
+        req = SimpleNamespace(headers=[("HOST", "api")])
+        logger.access(resp, req, environ, timedelta(microseconds=2500))
+        for handler in logger.access_log.handlers:
+            handler.close()
+        logger.access_log.handlers.clear()
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert len(lines) == 4
+    plain = [re.sub(r"\[[^]]+\]", "[time]", line) for line in lines]  # the two may straddle a second
+    assert plain[0] == plain[1] and plain[2] == plain[3], plain
+    assert '"GET /v1/jobs/job_1?a=1 HTTP/1.1" 200 610' in plain[0] and '" 200 - "' in plain[2]
 
 
 @pytest.fixture
