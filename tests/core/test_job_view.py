@@ -1,5 +1,5 @@
-"""GET's one-statement read against a real PostgreSQL: the same job, result and queue position as the
-separate reads, and a plan Postgres keeps instead of planning the statement again at each execution."""
+"""GET's read against a real PostgreSQL: the same job, result and queue position as the separate reads,
+and a plan Postgres keeps instead of planning the position again at each execution."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from sqlalchemy import Engine, select, text, update
 from core import jobs as sm
 from core.db import make_engine
 from core.events import queue_position
-from core.job_view import job_view, read_job_view
+from core.job_view import position_view, read_job_view
 from core.records import Job, JobResult, JobStatus
 from core.schema import jobs, results
 from tests.core.test_jobs import _jobs, _tenant
 
 
-def test_one_statement_reads_what_the_separate_reads_do(engine: Engine, clean_db: Any) -> None:
+def test_the_read_gives_what_the_separate_reads_do(engine: Engine, clean_db: Any) -> None:
     with engine.begin() as conn:
         tenant, other = _tenant(conn), _tenant(conn)
         done, failed, first, second = _jobs(conn, tenant, 4)
@@ -49,8 +49,9 @@ def test_one_statement_reads_what_the_separate_reads_do(engine: Engine, clean_db
 
 
 def test_postgres_keeps_one_plan_for_the_read(settings: Any, engine: Engine, clean_db: Any) -> None:
-    """The prepared statement's generic plan can use the partial indexes on queued jobs, so Postgres adopts
-    it after its five trial plans; with 'queued' bound as a parameter it planned every execution again."""
+    """The position's prepared statement has a generic plan that can use the partial indexes on queued jobs,
+    so Postgres adopts it after its five trial plans; with 'queued' bound as a parameter it planned every
+    execution again."""
     with engine.begin() as conn:  # a table big enough for the plans' costs to differ: few jobs queued
         tenant = _tenant(conn)
         ids = _jobs(conn, tenant, 3000)
@@ -66,7 +67,7 @@ def test_postgres_keeps_one_plan_for_the_read(settings: Any, engine: Engine, cle
                     "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
                     "WHERE statement LIKE :start"
                 ),
-                {"start": str(job_view(8)[0].compile(dialect=reader.dialect))[:60] + "%"},
+                {"start": position_view(8).sql[:60] + "%"},
             ).one()
     finally:
         reader.dispose()
