@@ -36,8 +36,8 @@ class Prepared:
     and the names of its columns in order.
 
     psycopg rewrites `%(name)s` placeholders into `$n` at every execution of a statement longer than 4 KiB
-    (shorter ones it caches); these are written with `$n` once, here, and run by a raw cursor, which takes
-    them as they are."""
+    (shorter ones it caches; the position's rule is close to that); these are written with `$n` once,
+    here, and run by a raw cursor, which takes them as they are."""
 
     statement: Select[Any]
     sql: str
