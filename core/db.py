@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-import orjson
 from sqlalchemy import Connection, Engine, create_engine
 
+from core import fast_json
 from core.settings import Settings
 
 
@@ -20,23 +17,6 @@ def normalize_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
-
-
-# A number of 19 digits or more may not fit orjson's 64-bit integers, which it would read as a float.
-_LONG_NUMBER = re.compile(rb"\d{19}")
-
-
-def loads_json(document: bytes | str) -> Any:
-    """A json/jsonb column's value: by orjson (a quarter of `json.loads`' CPU), except a document with a
-    number that may exceed 64 bits (a tenant's metadata may hold one), which the standard library reads
-    exactly, as it does whatever orjson refuses."""
-    data = document.encode() if isinstance(document, str) else bytes(document)
-    if _LONG_NUMBER.search(data) is None:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(data)
 
 
 def make_engine(
@@ -64,7 +44,7 @@ def make_engine(
         pool_timeout=pool_timeout_s,
         pool_pre_ping=not autocommit,
         isolation_level="AUTOCOMMIT" if autocommit else "READ COMMITTED",
-        json_deserializer=loads_json,
+        json_deserializer=fast_json.loads,
         future=True,
     )
 

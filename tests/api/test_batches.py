@@ -272,3 +272,14 @@ def test_upload_of_another_tenant_is_not_found(client: Any, acme: Tenant, globex
         r.status_code == 422 and r.get_json()["error"]["details"]["errors"][0]["code"] == "upload_not_found"
     )
     assert client.post("/v1/jobs", json=job, headers=acme.headers).status_code == 201
+
+
+def test_jsonl_lines_keep_long_integers_exact(client: Any, acme: Tenant) -> None:
+    """A JSONL line is parsed by orjson, which reads an integer past 64 bits as a float: such lines are
+    read by the standard library, so metadata comes back as it was sent, JSON and JSONL alike."""
+    metadata = {"big": 123456789012345678901234567890, "edges": [2**64, -(2**63) - 1, 2**63 - 1], "f": 0.1}
+    line = {"task": "generate", "prompt": "a", "custom_id": "a", "metadata": metadata}
+    r = client.post("/v1/batches", data=_jsonl([line]), headers={**acme.headers, **NDJSON})
+    assert r.status_code == 201, r.get_json()
+    listed = client.get(f"/v1/jobs?batch_id={r.get_json()['id']}", headers=acme.headers).get_json()["data"]
+    assert [job["metadata"] for job in listed] == [metadata]
