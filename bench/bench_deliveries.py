@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, func, or_, select, text, update
-from sqlalchemy.dialects import postgresql
 
 from bench.bench_get import percentile
-from bench.common import plans_table, table, write_result
+from bench.common import explain, inline_sql, plans_table, table, write_result
 from core import deliveries
 from core.records import DeliveryStatus
 from core.schema import webhook_deliveries
@@ -195,9 +194,6 @@ def set_leases(engine: Engine) -> None:
 def plans(engine: Engine, exclude: list[str]) -> dict[str, dict[str, float]]:
     """EXPLAIN (ANALYZE, BUFFERS) of each claim's reads, before and now: server ms and pages touched."""
 
-    def inline(stmt: Any) -> str:
-        return str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
-
     params = {
         "exclude": exclude,
         "full_tenants": [],
@@ -206,20 +202,13 @@ def plans(engine: Engine, exclude: list[str]) -> dict[str, dict[str, float]]:
         "limit": LIMIT * 4,
     }
     queries: dict[str, tuple[str, dict[str, Any]]] = {
-        "in flight before": (inline(_in_flight_before_query()), {}),
+        "in flight before": (inline_sql(_in_flight_before_query()), {}),
         "in flight now": (deliveries._IN_FLIGHT.text, {}),
-        "candidates before (ranking)": (inline(_ranked_before_query(LIMIT, exclude)), {}),
+        "candidates before (ranking)": (inline_sql(_ranked_before_query(LIMIT, exclude)), {}),
         "candidates now (heads)": (deliveries._CANDIDATES.text, params),
     }
-    out = {}
     with engine.begin() as conn:
-        for name, (sql, bind) in queries.items():
-            plan = conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"), bind).scalar_one()[0]
-            top = plan["Plan"]
-            out[name] = {
-                "server_ms": round(plan["Execution Time"], 3),
-                "pages": top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0),
-            }
+        out = {name: explain(conn, sql, bind) for name, (sql, bind) in queries.items()}
         conn.rollback()
     return out
 

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from bench.bench_get import percentile
-from bench.common import plans_table, table, write_result
+from bench.common import explain, inline_sql, plans_table, table, write_result
 from bench.services import bench_root, start_gunicorn, start_services, stop_all
 
 TENANTS = 50
@@ -91,36 +91,22 @@ def interleaved(fns: dict[str, Callable[[], Any]], n: int) -> dict[str, dict[str
 def plans(engine: Any) -> dict[str, dict[str, float]]:
     """EXPLAIN (ANALYZE, BUFFERS) of the queries behind claim, peek, sweep and /metrics, before and now:
     server time and pages touched, which do not move with the machine's load as wall times do."""
-    from sqlalchemy import text
-    from sqlalchemy.dialects import postgresql
-
     from bench import queue_before
     from core.fair_share import _PEEK_ANY, oldest_ids, queue_head
     from core.jobs import find_unclaimed_query
 
-    def inline(stmt: Any) -> str:
-        return str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
-
-    out = {}
     with engine.begin() as conn:
         head = queue_head(conn, ["generate"])
         assert head is not None
         peek = {"tasks": ["generate"], "bucket": None, "first": 1, "last": 1, "max_running": 0}
         before = dict(peek, last=queue_before.TURNS_PER_READ)
-        queries: dict[str, tuple[Any, dict[str, Any]]] = {
-            "claim pick (8 of one group)": (text(inline(oldest_ids(head, 8))), {}),
-            "peek before: counters (4 turns)": (queue_before._URGENT, before),
-            "peek now: one statement (1 turn)": (_PEEK_ANY, peek),
-            "sweep search": (text(inline(find_unclaimed_query("generate", 30, 100))), {}),
+        queries: dict[str, tuple[str, dict[str, Any]]] = {
+            "claim pick (8 of one group)": (inline_sql(oldest_ids(head, 8)), {}),
+            "peek before: counters (4 turns)": (queue_before._URGENT.text, before),
+            "peek now: one statement (1 turn)": (_PEEK_ANY.text, peek),
+            "sweep search": (inline_sql(find_unclaimed_query("generate", 30, 100)), {}),
         }
-        for name, (sql, params) in queries.items():
-            explain = text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql.text}")
-            plan = conn.execute(explain, params).scalar_one()[0]
-            top = plan["Plan"]
-            out[name] = {
-                "server_ms": round(plan["Execution Time"], 3),
-                "pages": top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0),
-            }
+        out = {name: explain(conn, sql, params) for name, (sql, params) in queries.items()}
         conn.rollback()
     return out
 

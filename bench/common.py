@@ -121,3 +121,23 @@ def plans_table(results: list[dict[str, Any]], column: str) -> str:
         for name in results[0]["plans"]
     ]
     return table(cells, ["EXPLAIN (ANALYZE, BUFFERS)", *(str(r[column]) for r in results)])
+
+
+def inline_sql(statement: Any) -> str:
+    """A SQLAlchemy statement as PostgreSQL text with its parameters written in (for EXPLAIN)."""
+    from sqlalchemy.dialects import postgresql
+
+    return str(statement.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+
+
+def explain(conn: Any, sql: str, params: dict[str, Any]) -> dict[str, float]:
+    """EXPLAIN (ANALYZE, BUFFERS) of `sql` (plain text, run for real): server ms and pages touched, which do
+    not move with the machine's load as wall times do. The caller rolls back what it changed."""
+    from sqlalchemy import text
+
+    plan = conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"), params).scalar_one()[0]
+    top = plan["Plan"]
+    return {
+        "server_ms": round(plan["Execution Time"], 3),
+        "pages": top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0),
+    }
