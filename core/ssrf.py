@@ -188,15 +188,11 @@ def resolve_webhook_url(
             raise LookupTimedOut(
                 "unresolvable_host", f"the webhook host {host!r} does not resolve: {exc}"
             ) from exc
-        except socket.gaierror as exc:
-            if exc.errno != socket.EAI_AGAIN:  # the name does not exist, or cannot: a verdict
-                raise WebhookURLRefused(
-                    "unresolvable_host", f"the webhook host {host!r} does not resolve: {exc}"
-                ) from exc
-            raise LookupTimedOut(
-                "unresolvable_host", f"the webhook host {host!r} could not be looked up now: {exc}"
-            ) from exc
         except (OSError, UnicodeError) as exc:
+            if isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN:  # "try again": no verdict
+                raise LookupTimedOut(
+                    "unresolvable_host", f"the webhook host {host!r} could not be looked up now: {exc}"
+                ) from exc
             raise WebhookURLRefused(
                 "unresolvable_host", f"the webhook host {host!r} does not resolve: {exc}"
             ) from exc
