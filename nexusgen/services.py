@@ -24,7 +24,7 @@ DEFAULT_ACCESS_LOG_FORMAT = AccessLogFormat.default
 def json_formatter_config(service: str) -> dict[str, Any]:
     """A logging.config formatter entry: JSON lines, with `extra=` fields (job_id, batch_id) kept."""
     return {
-        "()": "pythonjsonlogger.orjson.OrjsonFormatter",  # the library's fast path: a quarter less CPU a line
+        "()": "pythonjsonlogger.orjson.OrjsonFormatter",  # the library's fast path: a fifth less CPU a line
         "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
         "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
         "static_fields": {"service": service},
